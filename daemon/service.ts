@@ -1,0 +1,156 @@
+/**
+ * A device served from a data-plane worker, seen from the main thread: it owns the listening
+ * socket (checked before anything starts), the worker, and the shutdown eventfd.
+ *
+ * @module
+ */
+
+import { createEventFd, signalEventFd } from "../sys/event.ts";
+import { closeQuietly } from "../sys/libc.ts";
+import { listenUnix, probeSocketPath } from "../sys/socket.ts";
+import { UsageError } from "../devices/blk/image.ts";
+import type { LogSettings } from "./log.ts";
+import type { WorkerInit, WorkerReport } from "./worker.ts";
+
+/** What to serve and where. */
+export interface ServiceOptions {
+  /** Path of the vhost-user socket to listen on. */
+  socket: string;
+  /** URL of the device module (exports `createDevice`). */
+  module: string | URL;
+  /** Options for `createDevice` (structured-clonable). */
+  options: unknown;
+  /** Device name, for logs. */
+  name: string;
+  /** Logging settings for the worker. */
+  log: LogSettings;
+  /** Socket file mode; default 0o600. */
+  socketMode?: number;
+  /** User ids allowed to connect. */
+  allowUids?: number[];
+}
+
+/**
+ * Binds `path`: a live socket is never taken over, a stale one is replaced, and anything that is
+ * not a socket is left alone.
+ */
+export function bindSocket(path: string, mode = 0o600): number {
+  const state = probeSocketPath(path);
+  if (state === "live") {
+    throw new UsageError(`socket ${path} is in use by a running back-end`);
+  }
+  if (state === "not-a-socket") {
+    throw new UsageError(`${path} exists and is not a socket; refusing to replace it`);
+  }
+  if (state === "stale") Deno.removeSync(path);
+  let fd: number;
+  try {
+    fd = listenUnix(path);
+  } catch (e) {
+    throw new UsageError(`cannot listen on ${path}: ${(e as Error).message}`);
+  }
+  Deno.chmodSync(path, mode);
+  return fd;
+}
+
+/** One running device. */
+export class DeviceService {
+  /** The options it was started with. */
+  readonly options: ServiceOptions;
+  /** Settles when the worker has stopped (resolves) or died (rejects). */
+  readonly done: Promise<void>;
+  readonly #worker: Worker;
+  readonly #listenFd: number;
+  readonly #shutdownFd: number;
+  #stopped = false;
+
+  private constructor(
+    options: ServiceOptions,
+    worker: Worker,
+    listenFd: number,
+    shutdownFd: number,
+    done: Promise<void>,
+  ) {
+    this.options = options;
+    this.#worker = worker;
+    this.#listenFd = listenFd;
+    this.#shutdownFd = shutdownFd;
+    this.done = done;
+  }
+
+  /** Binds the socket, starts the worker and waits until the device is built. */
+  static async start(options: ServiceOptions): Promise<DeviceService> {
+    const listenFd = bindSocket(options.socket, options.socketMode);
+    const shutdownFd = createEventFd();
+    const worker = new Worker(new URL("./worker.ts", import.meta.url).href, { type: "module" });
+    let onReady!: () => void, onFail!: (e: Error) => void;
+    const ready = new Promise<void>((res, rej) => [onReady, onFail] = [res, rej]);
+    let onDone!: () => void, onDead!: (e: Error) => void;
+    const done = new Promise<void>((res, rej) => [onDone, onDead] = [res, rej]);
+    done.catch(() => {});
+    worker.onmessage = (e: MessageEvent<WorkerReport>) => {
+      const r = e.data;
+      if (r.type === "ready") onReady();
+      else if (r.type === "failed") {
+        const err = new Error(`${options.name}: ${r.message}`);
+        onFail(err);
+        onDead(err);
+      } else onDone();
+    };
+    worker.onerror = (e) => {
+      e.preventDefault();
+      const err = new Error(`${options.name}: worker crashed: ${e.message}`);
+      onFail(err);
+      onDead(err);
+    };
+    const init: WorkerInit = {
+      moduleUrl: new URL(options.module).href,
+      options: options.options,
+      listenFd,
+      shutdownFd,
+      log: options.log,
+      name: options.name,
+      allowUids: options.allowUids,
+    };
+    worker.postMessage(init);
+    const service = new DeviceService(options, worker, listenFd, shutdownFd, done);
+    try {
+      await ready;
+    } catch (e) {
+      service.#cleanup();
+      throw e;
+    }
+    return service;
+  }
+
+  /** Asks the worker to finish, waits up to `timeoutMs`, then removes the socket. */
+  async stop(timeoutMs = 10_000): Promise<void> {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    signalEventFd(this.#shutdownFd);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<void>((res) => timer = setTimeout(res, timeoutMs));
+    try {
+      await Promise.race([this.done.catch(() => {}), timeout]);
+    } finally {
+      clearTimeout(timer);
+      this.#cleanup();
+    }
+  }
+
+  /** Removes the socket file now (for an immediate exit). */
+  removeSocket(): void {
+    try {
+      Deno.removeSync(this.options.socket);
+    } catch {
+      // already gone
+    }
+  }
+
+  #cleanup(): void {
+    this.#worker.terminate();
+    this.removeSocket();
+    closeQuietly(this.#listenFd);
+    closeQuietly(this.#shutdownFd);
+  }
+}

@@ -1,0 +1,58 @@
+/**
+ * The contract between vhostd's protocol, memory and ring handling and a device.
+ *
+ * A device says what it is (virtio id, features, queue count, config space) and processes its
+ * queues when the driver kicks them. Everything else (the vhost-user conversation, guest memory
+ * mapping, descriptor parsing and bounds checks, notification suppression) is done for it.
+ *
+ * @module
+ */
+
+import type { Virtqueue } from "../ring/split_queue.ts";
+
+export type { Virtqueue };
+export type { DescriptorChain } from "../ring/descriptor_chain.ts";
+
+/** A virtio device served over vhost-user. Optional members have sensible defaults. */
+export interface VirtioDevice {
+  /** virtio device id (1 net, 2 block, 3 console, 4 entropy, ...). */
+  readonly deviceId: number;
+  /** Short name used in logs and metrics, e.g. `"blk"`. */
+  readonly name: string;
+  /** Number of queues offered (GET_QUEUE_NUM). */
+  readonly numQueues: number;
+  /** Largest queue size accepted; default 1024. */
+  readonly maxQueueSize?: number;
+  /**
+   * Device-specific feature bits. vhostd adds the transport bits itself (VERSION_1,
+   * INDIRECT_DESC, EVENT_IDX and vhost-user's PROTOCOL_FEATURES).
+   */
+  readonly features: bigint;
+  /** Extra vhost-user protocol feature bits (CONFIG is added when {@link getConfig} exists). */
+  readonly protocolFeatures?: bigint;
+
+  /** Reads `size` bytes of the config space from `offset` (bytes past its end read as zero). */
+  getConfig?(offset: number, size: number): Uint8Array;
+  /** Writes to the config space; returns false to refuse (e.g. a read-only field). */
+  setConfig?(offset: number, data: Uint8Array, fromMigration: boolean): boolean;
+  /** Told the features the driver acknowledged (SET_FEATURES). */
+  setFeatures?(features: bigint): void;
+  /**
+   * Processes what the driver made available on `queue`: pop chains, handle them, push them back.
+   * vhostd calls it after a kick and handles notification suppression and interrupts around it.
+   */
+  processQueue(queue: Virtqueue): void;
+  /** The device was reset or the front-end disconnected: forget per-session state. */
+  reset?(): void;
+  /** The daemon is shutting down: make everything durable and release resources. */
+  close?(): void;
+}
+
+/**
+ * What a device module exports so that vhostd can build the device inside a data-plane worker:
+ * `export function createDevice(options) { ... }`.
+ */
+export interface DeviceModule<Options = unknown> {
+  /** Builds the device from options that survived structured cloning. */
+  createDevice(options: Options): VirtioDevice | Promise<VirtioDevice>;
+}

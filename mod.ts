@@ -1,0 +1,17 @@
+/**
+ * vhostd: virtio devices served to QEMU over vhost-user, in TypeScript.
+ *
+ * Write a device by implementing {@link VirtioDevice} in a module that exports `createDevice`,
+ * then serve it with {@link serveDevice}. The protocol, guest memory and rings are handled for you.
+ *
+ * @module
+ */
+
+export type { DeviceModule, VirtioDevice, Virtqueue } from "./devices/device.ts";
+export { DescriptorChain } from "./ring/descriptor_chain.ts";
+export { GuestMemory, MemoryRegion, type MemoryRegionInfo } from "./ring/guest_memory.ts";
+export { SplitQueue } from "./ring/split_queue.ts";
+export { runServices, serveDevice, type ServeDeviceOptions } from "./daemon/serve.ts";
+export type { LogSettings } from "./daemon/log.ts";
+export { BlkDevice, type BlkOptions } from "./devices/blk/device.ts";
+export * as vhostUser from "./vhost-user/mod.ts";

@@ -1,0 +1,348 @@
+/**
+ * The split virtqueue (virtio 1.x §2.7), device side.
+ *
+ * State follows the vhost-user ring life cycle: a queue is *configured* by SET_VRING_NUM/ADDR/BASE,
+ * *started* by SET_VRING_KICK, *stopped* by GET_VRING_BASE, and independently *enabled* by
+ * SET_VRING_ENABLE. Stopping never resets the indices: QEMU 7.2 stops and restarts rings around
+ * SET_STATUS(0) and expects them to carry on.
+ *
+ * @module
+ */
+
+import { signalEventFd } from "../sys/event.ts";
+import { closeQuietly } from "../sys/libc.ts";
+import { DescriptorChain, MAX_SEGMENTS } from "./descriptor_chain.ts";
+import type { GuestMemory, MemoryRegion } from "./guest_memory.ts";
+
+/** Descriptor flags. */
+export const VIRTQ_DESC_F_NEXT = 1;
+/** The buffer is device-writable. */
+export const VIRTQ_DESC_F_WRITE = 2;
+/** The buffer holds a table of indirect descriptors. */
+export const VIRTQ_DESC_F_INDIRECT = 4;
+/** used->flags: the device asks not to be kicked. */
+export const VRING_USED_F_NO_NOTIFY = 1;
+/** avail->flags: the driver asks not to be interrupted. */
+export const VRING_AVAIL_F_NO_INTERRUPT = 1;
+/** Largest queue size the split ring format allows. */
+export const MAX_QUEUE_SIZE = 32768;
+
+/** A chain the guest built wrongly; the queue is stopped until the front-end resets it. */
+export class QueueError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "QueueError";
+  }
+}
+
+/** Front-end virtual addresses of the three ring parts (SET_VRING_ADDR). */
+export interface RingAddresses {
+  /** Descriptor table. */
+  desc: number;
+  /** Driver (available) ring. */
+  avail: number;
+  /** Device (used) ring. */
+  used: number;
+}
+
+/** The operations a device needs from a queue while it processes requests. */
+export interface Virtqueue {
+  /** The queue's index within the device. */
+  readonly index: number;
+  /** Queue size (number of descriptors). */
+  readonly size: number;
+  /** The next available chain, or null when the ring is empty (or the queue just broke). */
+  pop(): DescriptorChain | null;
+  /** Returns a chain to the driver, having written `written` bytes into its writable part. */
+  push(chain: DescriptorChain, written: number): void;
+}
+
+/** One split virtqueue. */
+export class SplitQueue implements Virtqueue {
+  /** The queue's index within the device. */
+  readonly index: number;
+  /** Largest size SET_VRING_NUM may set. */
+  readonly maxSize: number;
+  /** Queue size, 0 until SET_VRING_NUM. */
+  size = 0;
+  /** Ring addresses in the front-end's address space, null until SET_VRING_ADDR. */
+  addresses: RingAddresses | null = null;
+  /** Next available-ring index the device will read. */
+  lastAvailIdx = 0;
+  /** The device's used index (what it last published). */
+  usedIdx = 0;
+  /** Whether VIRTIO_F_EVENT_IDX was negotiated. */
+  eventIdx = false;
+  /** Whether VIRTIO_F_INDIRECT_DESC was negotiated. */
+  indirect = false;
+  /** SET_VRING_ENABLE state. */
+  enabled = false;
+  /** Set by SET_VRING_KICK, cleared by GET_VRING_BASE. */
+  started = false;
+  /** Set when the guest broke the ring; cleared by reconfiguration. */
+  broken = false;
+  /** The kick eventfd, or -1. */
+  kickFd = -1;
+  /** The call eventfd, or -1. */
+  callFd = -1;
+  /** The error eventfd, or -1. */
+  errFd = -1;
+  /** Why the queue broke (for the log). */
+  error = "";
+
+  readonly #chain = new DescriptorChain();
+  #memory: GuestMemory | null = null;
+  #generation = -1;
+  #desc: MemoryRegion | null = null;
+  #descOff = 0;
+  #avail: MemoryRegion | null = null;
+  #availOff = 0;
+  #used: MemoryRegion | null = null;
+  #usedOff = 0;
+  #signalledUsed = 0;
+  #signalledValid = false;
+  #pushedSinceNotify = false;
+
+  /** Creates queue `index` admitting sizes up to `maxSize`. */
+  constructor(index: number, maxSize: number) {
+    this.index = index;
+    this.maxSize = maxSize;
+  }
+
+  /** Whether requests may be processed: configured, translated, started, enabled and sound. */
+  get ready(): boolean {
+    return this.started && this.enabled && !this.broken && this.#translated();
+  }
+
+  /** Forgets everything (device reset or disconnect); closes the eventfds. */
+  reset(): void {
+    this.size = 0;
+    this.addresses = null;
+    this.lastAvailIdx = 0;
+    this.usedIdx = 0;
+    this.enabled = false;
+    this.started = false;
+    this.broken = false;
+    this.error = "";
+    this.#memory = null;
+    this.#generation = -1;
+    this.#desc = this.#avail = this.#used = null;
+    this.#signalledValid = false;
+    this.#pushedSinceNotify = false;
+    this.setKickFd(-1);
+    this.setCallFd(-1);
+    this.setErrFd(-1);
+  }
+
+  /** Replaces the kick fd (closing the old one). */
+  setKickFd(fd: number): void {
+    if (this.kickFd >= 0 && this.kickFd !== fd) closeQuietly(this.kickFd);
+    this.kickFd = fd;
+  }
+
+  /** Replaces the call fd (closing the old one). */
+  setCallFd(fd: number): void {
+    if (this.callFd >= 0 && this.callFd !== fd) closeQuietly(this.callFd);
+    this.callFd = fd;
+  }
+
+  /** Replaces the error fd (closing the old one). */
+  setErrFd(fd: number): void {
+    if (this.errFd >= 0 && this.errFd !== fd) closeQuietly(this.errFd);
+    this.errFd = fd;
+  }
+
+  /**
+   * Translates the ring addresses through `memory`. Returns an error message when a ring part is
+   * outside guest memory or misaligned, or null on success. Called again whenever the memory
+   * table changes.
+   */
+  attach(memory: GuestMemory): string | null {
+    this.#memory = memory;
+    this.#generation = -1;
+    this.#desc = this.#avail = this.#used = null;
+    const a = this.addresses;
+    if (a === null || this.size === 0) return null;
+    if (memory.regions.length === 0) {
+      return "no guest memory was shared: QEMU needs " +
+        "-object memory-backend-memfd,id=mem,size=<RAM>,share=on -machine memory-backend=mem";
+    }
+    const n = this.size;
+    const parts: [string, number, number, number][] = [
+      ["descriptor table", a.desc, 16 * n, 16],
+      ["available ring", a.avail, 6 + 2 * n, 2],
+      ["used ring", a.used, 6 + 8 * n, 4],
+    ];
+    const found: [MemoryRegion, number][] = [];
+    for (const [name, uva, len, align] of parts) {
+      const r = memory.findUva(uva, len);
+      if (r === null) {
+        return `queue ${this.index}: ${name} at 0x${
+          uva.toString(16)
+        } (+${len}) is outside guest memory`;
+      }
+      const off = uva - r.userspaceAddr + r.mmapOffset;
+      if (off % align !== 0) return `queue ${this.index}: ${name} is misaligned`;
+      found.push([r, off]);
+    }
+    [[this.#desc, this.#descOff], [this.#avail, this.#availOff], [this.#used, this.#usedOff]] =
+      found;
+    this.#generation = memory.generation;
+    return null;
+  }
+
+  #translated(): boolean {
+    return this.#desc !== null && this.#memory !== null &&
+      this.#generation === this.#memory.generation;
+  }
+
+  /** Takes the used index from guest memory (used->idx), where a previous session left it. */
+  syncUsedIdx(): void {
+    if (this.#used !== null) this.usedIdx = Atomics.load(this.#used.u16, (this.#usedOff + 2) >> 1);
+  }
+
+  /** The driver's avail->idx. */
+  availIdx(): number {
+    return Atomics.load(this.#avail!.u16, (this.#availOff + 2) >> 1);
+  }
+
+  /** Whether the driver has made chains available that the device has not popped. */
+  hasAvailable(): boolean {
+    return this.availIdx() !== this.lastAvailIdx;
+  }
+
+  /** Marks the queue broken, tells the front-end through the error eventfd, and returns null. */
+  fail(message: string): null {
+    this.broken = true;
+    this.error = `queue ${this.index}: ${message}`;
+    if (this.errFd >= 0) signalEventFd(this.errFd);
+    return null;
+  }
+
+  /** Pops the next available chain into the queue's preallocated chain object. */
+  pop(): DescriptorChain | null {
+    if (this.broken) return null;
+    const avail = this.#avail!;
+    const availIdx = Atomics.load(avail.u16, (this.#availOff + 2) >> 1);
+    if (availIdx === this.lastAvailIdx) return null;
+    if (((availIdx - this.lastAvailIdx) & 0xffff) > this.size) {
+      return this.fail(`available index jumped from ${this.lastAvailIdx} to ${availIdx}`);
+    }
+    const slot = (this.#availOff + 4 + 2 * (this.lastAvailIdx % this.size)) >> 1;
+    const head = avail.u16[slot];
+    this.lastAvailIdx = (this.lastAvailIdx + 1) & 0xffff;
+    const err = this.#parse(head, this.#chain);
+    return err === null ? this.#chain : this.fail(err);
+  }
+
+  #parse(head: number, chain: DescriptorChain): string | null {
+    const memory = this.#memory!;
+    chain.reset(head);
+    if (head >= this.size) return `head descriptor ${head} out of range`;
+    let table = this.#desc!;
+    let tableOff = this.#descOff;
+    let tableLen = this.size;
+    let idx = head;
+    let budget = this.size;
+    let inIndirect = false;
+    for (;;) {
+      if (budget-- === 0) return "descriptor chain loops or is longer than the queue";
+      const d = tableOff + idx * 16;
+      const view = table.view;
+      const addr = view.getUint32(d, true) + view.getUint32(d + 4, true) * 4294967296;
+      const len = view.getUint32(d + 8, true);
+      const flags = view.getUint16(d + 12, true);
+      const next = view.getUint16(d + 14, true);
+      if (flags & VIRTQ_DESC_F_INDIRECT) {
+        if (inIndirect) return "indirect descriptor inside an indirect table";
+        if (!this.indirect) return "indirect descriptor without VIRTIO_F_INDIRECT_DESC";
+        if (flags & VIRTQ_DESC_F_NEXT) return "indirect descriptor with NEXT set";
+        if (len === 0 || len % 16 !== 0) return `indirect table of bad length ${len}`;
+        const r = memory.findGpa(addr, len);
+        if (r === null) return `indirect table at 0x${addr.toString(16)} is outside guest memory`;
+        table = r;
+        tableOff = addr - r.guestPhysAddr + r.mmapOffset;
+        tableLen = len / 16;
+        budget = tableLen;
+        idx = 0;
+        inIndirect = true;
+        continue;
+      }
+      if (len > 0) {
+        const r = memory.findGpa(addr, len);
+        if (r === null) {
+          return `buffer at 0x${addr.toString(16)} (+${len}) is outside guest memory`;
+        }
+        const writable = (flags & VIRTQ_DESC_F_WRITE) !== 0;
+        if (!writable && chain.segmentCount > chain.readableCount) {
+          return "device-readable buffer after a device-writable one";
+        }
+        if (chain.segmentCount === MAX_SEGMENTS) return "too many buffers in one chain";
+        if (chain.readableBytes + chain.writableBytes + len > 0xffffffff) {
+          return "chain longer than 4 GiB";
+        }
+        chain.addSegment(r, addr - r.guestPhysAddr + r.mmapOffset, len, writable);
+      }
+      if (!(flags & VIRTQ_DESC_F_NEXT)) return null;
+      if (next >= tableLen) return `next descriptor ${next} out of range`;
+      idx = next;
+    }
+  }
+
+  /** Puts a completed chain on the used ring and publishes the new used index (fenced). */
+  push(chain: DescriptorChain, written: number): void {
+    this.pushHead(chain.head, written);
+  }
+
+  /** {@link push} by head index, for devices that completed a chain after popping others. */
+  pushHead(head: number, written: number): void {
+    const used = this.#used!;
+    const elem = (this.#usedOff + 4 + 8 * (this.usedIdx % this.size)) >> 2;
+    used.u32[elem] = head;
+    used.u32[elem + 1] = written;
+    this.usedIdx = (this.usedIdx + 1) & 0xffff;
+    Atomics.store(used.u16, (this.#usedOff + 2) >> 1, this.usedIdx);
+    this.#pushedSinceNotify = true;
+  }
+
+  /**
+   * Turns driver notifications (kicks) on or off. Turning them on returns whether chains arrived
+   * in the meantime, so the caller processes again instead of sleeping through them.
+   */
+  setNotification(enable: boolean): boolean {
+    const used = this.#used!;
+    if (this.eventIdx) {
+      if (enable) {
+        Atomics.store(used.u16, (this.#usedOff + 4 + 8 * this.size) >> 1, this.lastAvailIdx);
+      }
+    } else {
+      Atomics.store(used.u16, this.#usedOff >> 1, enable ? 0 : VRING_USED_F_NO_NOTIFY);
+    }
+    return enable && this.hasAvailable();
+  }
+
+  /** Interrupts the driver if anything was pushed since the last call and the driver wants it. */
+  notify(): void {
+    if (!this.#pushedSinceNotify) return;
+    this.#pushedSinceNotify = false;
+    const avail = this.#avail!;
+    let needed: boolean;
+    if (this.eventIdx) {
+      const usedEvent = avail.u16[(this.#availOff + 4 + 2 * this.size) >> 1];
+      const now = this.usedIdx;
+      const old = this.#signalledUsed;
+      needed = !this.#signalledValid ||
+        ((now - usedEvent - 1) & 0xffff) < ((now - old) & 0xffff);
+      this.#signalledUsed = now;
+      this.#signalledValid = true;
+    } else {
+      needed = (avail.u16[this.#availOff >> 1] & VRING_AVAIL_F_NO_INTERRUPT) === 0;
+    }
+    if (needed && this.callFd >= 0) signalEventFd(this.callFd);
+  }
+
+  /** Forces the next {@link notify} to interrupt (after a restart, the driver's view is unknown). */
+  resetSignalled(): void {
+    this.#signalledValid = false;
+  }
+}

@@ -1,0 +1,245 @@
+/**
+ * Unix stream sockets through FFI, with file descriptors passed as SCM_RIGHTS.
+ *
+ * Deno's own Unix sockets cannot carry file descriptors, and vhost-user passes guest memory and
+ * eventfds that way, so both ends of the control socket live here.
+ *
+ * @module
+ */
+
+import { check, closeQuietly, cstring, Errno, errno, libc, SysError } from "./libc.ts";
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_CLOEXEC = 0o2000000;
+const SOL_SOCKET = 1;
+const SCM_RIGHTS = 1;
+const SO_PEERCRED = 17;
+const SO_RCVTIMEO = 20;
+const SO_SNDTIMEO = 21;
+const MSG_CTRUNC = 0x8;
+const MSG_WAITALL = 0x100;
+const MSG_NOSIGNAL = 0x4000;
+const MSG_CMSG_CLOEXEC = 0x40000000;
+
+/** The most fds one message may carry (SET_MEM_TABLE has up to 8; leave room to detect excess). */
+export const MAX_FDS = 16;
+
+const addressOf = (buf: BufferSource): bigint =>
+  Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf as Uint8Array<ArrayBuffer>));
+
+function sockaddrUn(path: string): Uint8Array<ArrayBuffer> {
+  const name = cstring(path);
+  if (name.length > 108) throw new SysError("bind", Errno.ENAMETOOLONG, path);
+  const addr = new Uint8Array(2 + name.length);
+  new DataView(addr.buffer).setUint16(0, AF_UNIX, true);
+  addr.set(name, 2);
+  return addr;
+}
+
+/** The credentials of the process at the other end of a Unix socket (SO_PEERCRED). */
+export interface PeerCredentials {
+  /** Process id. */
+  pid: number;
+  /** User id. */
+  uid: number;
+  /** Group id. */
+  gid: number;
+}
+
+/** Creates a listening Unix socket bound to `path` and returns its fd. */
+export function listenUnix(path: string, backlog = 4): number {
+  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket");
+  try {
+    const addr = sockaddrUn(path);
+    check(libc.bind(fd, addr, addr.length), "bind", path);
+    check(libc.listen(fd, backlog), "listen", path);
+  } catch (e) {
+    closeQuietly(fd);
+    throw e;
+  }
+  return fd;
+}
+
+/** Connects to the Unix socket at `path` and returns the connected fd. */
+export function connectUnix(path: string): number {
+  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket");
+  const addr = sockaddrUn(path);
+  if (libc.connect(fd, addr, addr.length) < 0) {
+    const err = errno();
+    closeQuietly(fd);
+    throw new SysError("connect", err, path);
+  }
+  return fd;
+}
+
+/**
+ * Tells whether something is listening on the socket at `path`: `"live"` (a connect succeeded),
+ * `"stale"` (a socket file nobody listens on), `"absent"`, or `"not-a-socket"`.
+ */
+export function probeSocketPath(path: string): "live" | "stale" | "absent" | "not-a-socket" {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.lstatSync(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return "absent";
+    throw e;
+  }
+  if (!info.isSocket) return "not-a-socket";
+  try {
+    closeQuietly(connectUnix(path));
+    return "live";
+  } catch (e) {
+    if (e instanceof SysError && e.errno === Errno.ECONNREFUSED) return "stale";
+    throw e;
+  }
+}
+
+/** Accepts one connection (blocking unless the listener is non-blocking); returns the fd. */
+export function acceptUnix(listenFd: number): number {
+  return check(libc.accept4(listenFd, null, null, SOCK_CLOEXEC), "accept4");
+}
+
+/** Reads SO_PEERCRED of a connected Unix socket. */
+export function peerCredentials(fd: number): PeerCredentials {
+  const cred = new Int32Array(3);
+  const len = new Uint32Array([12]);
+  check(libc.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len), "getsockopt(SO_PEERCRED)");
+  return { pid: cred[0], uid: cred[1] >>> 0, gid: cred[2] >>> 0 };
+}
+
+/** Sets receive and send time-outs so that a peer that stops mid-message cannot hang us. */
+export function setSocketTimeouts(fd: number, ms: number): void {
+  const tv = new BigInt64Array([BigInt(Math.floor(ms / 1000)), BigInt((ms % 1000) * 1000)]);
+  check(libc.setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, tv, 16), "setsockopt(SO_RCVTIMEO)");
+  check(libc.setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, tv, 16), "setsockopt(SO_SNDTIMEO)");
+}
+
+/** Thrown when the peer closed the connection. */
+export class PeerClosedError extends Error {
+  constructor() {
+    super("peer closed the connection");
+    this.name = "PeerClosedError";
+  }
+}
+
+/**
+ * A connected stream socket that sends and receives messages with attached fds.
+ *
+ * All buffers (msghdr, iovec, control, the receive buffer) are allocated once; their addresses are
+ * computed once and the buffers stay referenced by this object for as long as the kernel may use them.
+ */
+export class FdSocket {
+  /** The connected socket's fd. */
+  readonly fd: number;
+  /** Receive buffer; {@link recv} fills it from offset 0. */
+  readonly buffer: Uint8Array<ArrayBuffer>;
+  readonly #bufferAddr: bigint;
+  readonly #iov = new BigUint64Array(2);
+  readonly #msghdr = new BigUint64Array(7);
+  readonly #control = new Uint8Array(16 + MAX_FDS * 4);
+  readonly #controlView: DataView;
+  readonly #iovAddr: bigint;
+  readonly #controlAddr: bigint;
+  readonly #sendControl = new Uint8Array(16 + MAX_FDS * 4);
+  readonly #sendControlAddr: bigint;
+
+  /** Wraps a connected fd; `bufferSize` bounds the largest message that can be received. */
+  constructor(fd: number, bufferSize = 4096) {
+    this.fd = fd;
+    this.buffer = new Uint8Array(bufferSize);
+    this.#bufferAddr = addressOf(this.buffer);
+    this.#iovAddr = addressOf(this.#iov);
+    this.#controlAddr = addressOf(this.#control);
+    this.#sendControlAddr = addressOf(this.#sendControl);
+    this.#controlView = new DataView(this.#control.buffer);
+  }
+
+  /**
+   * Receives exactly `length` bytes into `buffer[offset..]`, collecting any fds that arrive with
+   * them into `fds`. Throws {@link PeerClosedError} on EOF, {@link SysError} on errors and time-outs.
+   */
+  recv(offset: number, length: number, fds: number[]): void {
+    if (offset + length > this.buffer.length) throw new RangeError("message larger than buffer");
+    let got = 0;
+    while (got < length) {
+      this.#iov[0] = this.#bufferAddr + BigInt(offset + got);
+      this.#iov[1] = BigInt(length - got);
+      const m = this.#msghdr;
+      m[0] = 0n;
+      m[1] = 0n;
+      m[2] = this.#iovAddr;
+      m[3] = 1n;
+      m[4] = this.#controlAddr;
+      m[5] = BigInt(this.#control.length);
+      m[6] = 0n;
+      const n = Number(libc.recvmsg(this.fd, m, MSG_CMSG_CLOEXEC | MSG_WAITALL));
+      if (n < 0) {
+        const err = errno();
+        if (err === Errno.EINTR) continue;
+        throw new SysError("recvmsg", err);
+      }
+      this.#collectFds(Number(m[5]), fds);
+      if (Number(m[6] & 0xffffffffn) & MSG_CTRUNC) {
+        throw new SysError("recvmsg", Errno.EINVAL, "(too many fds: control data truncated)");
+      }
+      if (n === 0) throw new PeerClosedError();
+      got += n;
+    }
+  }
+
+  #collectFds(controlLen: number, fds: number[]): void {
+    const dv = this.#controlView;
+    let off = 0;
+    while (off + 16 <= controlLen) {
+      const len = Number(dv.getBigUint64(off, true));
+      if (len < 16 || off + len > controlLen) break;
+      if (dv.getInt32(off + 8, true) === SOL_SOCKET && dv.getInt32(off + 12, true) === SCM_RIGHTS) {
+        for (let p = off + 16; p + 4 <= off + len; p += 4) fds.push(dv.getInt32(p, true));
+      }
+      off += (len + 7) & ~7;
+    }
+  }
+
+  /** Sends `data` with `fds` attached to its first byte; loops over partial sends. */
+  send(data: Uint8Array<ArrayBuffer>, fds: readonly number[] = []): void {
+    if (fds.length > MAX_FDS) throw new RangeError("too many fds");
+    const dataAddr = addressOf(data);
+    let sent = 0;
+    while (sent < data.length) {
+      this.#iov[0] = dataAddr + BigInt(sent);
+      this.#iov[1] = BigInt(data.length - sent);
+      const m = this.#msghdr;
+      m[0] = 0n;
+      m[1] = 0n;
+      m[2] = this.#iovAddr;
+      m[3] = 1n;
+      if (sent === 0 && fds.length > 0) {
+        const dv = new DataView(this.#sendControl.buffer);
+        const cmsgLen = 16 + fds.length * 4;
+        dv.setBigUint64(0, BigInt(cmsgLen), true);
+        dv.setInt32(8, SOL_SOCKET, true);
+        dv.setInt32(12, SCM_RIGHTS, true);
+        fds.forEach((fd, i) => dv.setInt32(16 + i * 4, fd, true));
+        m[4] = this.#sendControlAddr;
+        m[5] = BigInt((cmsgLen + 7) & ~7);
+      } else {
+        m[4] = 0n;
+        m[5] = 0n;
+      }
+      m[6] = 0n;
+      const n = Number(libc.sendmsg(this.fd, m, MSG_NOSIGNAL));
+      if (n < 0) {
+        const err = errno();
+        if (err === Errno.EINTR) continue;
+        throw new SysError("sendmsg", err);
+      }
+      sent += n;
+    }
+  }
+
+  /** Closes the socket. */
+  close(): void {
+    closeQuietly(this.fd);
+  }
+}

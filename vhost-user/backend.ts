@@ -1,0 +1,455 @@
+/**
+ * The back-end side of the vhost-user protocol: one handler per request id, the device's rings and
+ * guest memory, and the QEMU 7.2 ordering rules.
+ *
+ * Rules that other back-ends learned the hard way, and that this one follows:
+ * - SET_STATUS(0) arrives before GET_VRING_BASE: it changes nothing about the rings.
+ * - GET_VRING_BASE stops a ring but does not reset its indices.
+ * - SET_VRING_ENABLE may name a queue that was never set up: the flag is kept for later.
+ * - net sends SET_VRING_ENABLE(1) before SET_FEATURES; without bit 30 all rings start enabled.
+ * - A malformed message drops this connection only; a broken ring stops only that ring.
+ *
+ * @module
+ */
+
+import { getLogger, type Logger } from "@logtape/logtape";
+import { closeQuietly, setNonBlocking } from "../sys/libc.ts";
+import { GuestMemory, MemoryError } from "../ring/guest_memory.ts";
+import { SplitQueue } from "../ring/split_queue.ts";
+import type { VirtioDevice } from "../devices/device.ts";
+import { type Connection, ProtocolError } from "./connection.ts";
+import {
+  bit,
+  configPayload,
+  decodeConfig,
+  decodeMemRegion,
+  decodeMemTable,
+  decodeVringAddr,
+  Flags,
+  type Message,
+  PAYLOAD_SIZE,
+  ProtocolFeature,
+  Request,
+  requestName,
+  u64Payload,
+  VirtioFeature,
+  VRING_IDX_MASK,
+  VRING_NOFD_MASK,
+  vringStatePayload,
+} from "./message.ts";
+
+/** Where the back-end registers and unregisters kick fds (the server's epoll). */
+export interface KickWatcher {
+  /** Starts watching `fd` as the kick of queue `queue`. */
+  watchKick(fd: number, queue: number): void;
+  /** Stops watching `fd`. */
+  unwatchKick(fd: number): void;
+}
+
+/** Back-end tuning. */
+export interface BackendOptions {
+  /** Most memory regions (GET_MAX_MEM_SLOTS); default 256. */
+  maxMemSlots?: number;
+}
+
+/** Protocol features every vhostd device supports. */
+export const BASE_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) |
+  bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
+  bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS);
+
+/** Transport features every vhostd device supports. */
+export const BASE_FEATURES = bit(VirtioFeature.VERSION_1) |
+  bit(VirtioFeature.RING_INDIRECT_DESC) | bit(VirtioFeature.RING_EVENT_IDX) |
+  bit(VirtioFeature.PROTOCOL_FEATURES);
+
+/** Requests that may carry fds, and how many at most. */
+const FD_CARRIERS: Partial<Record<number, number>> = {
+  [Request.SET_MEM_TABLE]: 8,
+  [Request.SET_LOG_BASE]: 1,
+  [Request.SET_LOG_FD]: 1,
+  [Request.SET_VRING_KICK]: 1,
+  [Request.SET_VRING_CALL]: 1,
+  [Request.SET_VRING_ERR]: 1,
+  [Request.SET_BACKEND_REQ_FD]: 1,
+  [Request.SET_INFLIGHT_FD]: 1,
+  [Request.GPU_SET_SOCKET]: 1,
+  [Request.ADD_MEM_REG]: 1,
+  [Request.REM_MEM_REG]: 1,
+  [Request.SET_DEVICE_STATE_FD]: 1,
+};
+
+/** Requests whose answer is a reply body: an unsupported one cannot be answered at all. */
+const HAS_REPLY = new Set<number>([
+  Request.GET_FEATURES,
+  Request.GET_PROTOCOL_FEATURES,
+  Request.GET_VRING_BASE,
+  Request.GET_QUEUE_NUM,
+  Request.GET_CONFIG,
+  Request.GET_MAX_MEM_SLOTS,
+  Request.GET_STATUS,
+  Request.GET_INFLIGHT_FD,
+  Request.IOTLB_MSG,
+  Request.CREATE_CRYPTO_SESSION,
+  Request.POSTCOPY_ADVISE,
+  Request.POSTCOPY_END,
+  Request.GET_SHARED_OBJECT,
+  Request.SET_DEVICE_STATE_FD,
+  Request.CHECK_DEVICE_STATE,
+  Request.GET_SHMEM_CONFIG,
+]);
+
+/** The protocol state of one device for one front-end session. */
+export class VhostUserBackend {
+  /** The device served. */
+  readonly device: VirtioDevice;
+  /** Guest memory shared by the front-end. */
+  readonly memory: GuestMemory;
+  /** The device's queues. */
+  readonly queues: SplitQueue[];
+  /** Virtio features offered. */
+  readonly features: bigint;
+  /** Protocol features offered. */
+  readonly protocolFeatures: bigint;
+  /** Features the front-end acknowledged. */
+  ackedFeatures = 0n;
+  /** Protocol features the front-end acknowledged. */
+  ackedProtocolFeatures = 0n;
+  /** The virtio status byte (SET_STATUS). */
+  status = 0;
+  readonly #watcher: KickWatcher;
+  readonly #log: Logger;
+
+  /** Creates the back-end for `device`; kick fds are registered through `watcher`. */
+  constructor(device: VirtioDevice, watcher: KickWatcher, options: BackendOptions = {}) {
+    this.device = device;
+    this.#watcher = watcher;
+    this.#log = getLogger(["vhostd", device.name]);
+    this.memory = new GuestMemory(options.maxMemSlots ?? 256);
+    const maxSize = device.maxQueueSize ?? 1024;
+    this.queues = Array.from({ length: device.numQueues }, (_, i) => new SplitQueue(i, maxSize));
+    this.features = device.features | BASE_FEATURES;
+    this.protocolFeatures = BASE_PROTOCOL_FEATURES | (device.protocolFeatures ?? 0n) |
+      (device.getConfig ? bit(ProtocolFeature.CONFIG) : 0n);
+  }
+
+  #hasProtocol(feature: number): boolean {
+    return (this.ackedProtocolFeatures & bit(feature)) !== 0n;
+  }
+
+  /** Handles one message, replying as the protocol asks. Throws ProtocolError to drop the peer. */
+  handle(m: Message, conn: Connection): void {
+    try {
+      this.#check(m);
+      const ok = this.#dispatch(m, conn);
+      if (
+        ok !== null && (m.flags & Flags.NEED_REPLY) && this.#hasProtocol(ProtocolFeature.REPLY_ACK)
+      ) {
+        conn.reply(m.request, u64Payload(ok ? 0n : 1n));
+      }
+    } finally {
+      for (const fd of m.fds) closeQuietly(fd);
+      m.fds.length = 0;
+    }
+  }
+
+  #check(m: Message): void {
+    const name = requestName(m.request);
+    if (m.request < 1 || m.request > Request.GET_SHMEM_CONFIG) {
+      throw new ProtocolError(`unknown request ${m.request}`);
+    }
+    const maxFds = FD_CARRIERS[m.request] ?? 0;
+    if (m.fds.length > maxFds) {
+      throw new ProtocolError(`${name} carried ${m.fds.length} fds (at most ${maxFds})`);
+    }
+    const size = PAYLOAD_SIZE[m.request];
+    if (size !== undefined && m.payload.byteLength !== size) {
+      throw new ProtocolError(
+        `${name}: payload is ${m.payload.byteLength} bytes, expected ${size}`,
+      );
+    }
+  }
+
+  #queue(index: number, name: string): SplitQueue {
+    const q = this.queues[index];
+    if (q === undefined) {
+      throw new ProtocolError(
+        `${name}: queue ${index} does not exist (${this.queues.length} queues)`,
+      );
+    }
+    return q;
+  }
+
+  #takeFd(m: Message): number {
+    const fd = m.fds.shift();
+    if (fd === undefined) throw new ProtocolError(`${requestName(m.request)} carried no fd`);
+    return fd;
+  }
+
+  /** Returns true/false for an acknowledgement, or null when a reply body was already sent. */
+  #dispatch(m: Message, conn: Connection): boolean | null {
+    const p = m.payload;
+    switch (m.request) {
+      case Request.GET_FEATURES:
+        conn.reply(m.request, u64Payload(this.features));
+        return null;
+      case Request.SET_FEATURES:
+        return this.#setFeatures(p.getBigUint64(0, true));
+      case Request.SET_OWNER:
+        return true;
+      case Request.RESET_OWNER:
+      case Request.RESET_DEVICE:
+        this.resetDevice();
+        return true;
+      case Request.SET_MEM_TABLE:
+        return this.#setMemTable(m);
+      case Request.SET_VRING_NUM: {
+        const q = this.#queue(p.getUint32(0, true), "SET_VRING_NUM");
+        const num = p.getUint32(4, true);
+        if (num === 0 || num > q.maxSize || (num & (num - 1)) !== 0) {
+          throw new ProtocolError(`SET_VRING_NUM: bad queue size ${num} (max ${q.maxSize})`);
+        }
+        q.size = num;
+        this.#attach(q);
+        return true;
+      }
+      case Request.SET_VRING_ADDR: {
+        const a = decodeVringAddr(p);
+        const q = this.#queue(a.index, "SET_VRING_ADDR");
+        q.addresses = { desc: a.desc, avail: a.avail, used: a.used };
+        this.#attach(q);
+        // The used index lives in guest memory; after a back-end restart it is the truth.
+        q.syncUsedIdx();
+        return true;
+      }
+      case Request.SET_VRING_BASE: {
+        const q = this.#queue(p.getUint32(0, true), "SET_VRING_BASE");
+        q.lastAvailIdx = p.getUint32(4, true) & 0xffff;
+        return true;
+      }
+      case Request.GET_VRING_BASE: {
+        const q = this.#queue(p.getUint32(0, true), "GET_VRING_BASE");
+        this.#stop(q);
+        conn.reply(m.request, vringStatePayload({ index: q.index, num: q.lastAvailIdx }));
+        return null;
+      }
+      case Request.SET_VRING_KICK:
+      case Request.SET_VRING_CALL:
+      case Request.SET_VRING_ERR:
+        return this.#setVringFd(m);
+      case Request.GET_PROTOCOL_FEATURES:
+        conn.reply(m.request, u64Payload(this.protocolFeatures));
+        return null;
+      case Request.SET_PROTOCOL_FEATURES: {
+        const v = p.getBigUint64(0, true);
+        if (v & ~this.protocolFeatures) {
+          throw new ProtocolError(
+            `SET_PROTOCOL_FEATURES: 0x${v.toString(16)} has bits that were not offered`,
+          );
+        }
+        this.ackedProtocolFeatures = v;
+        return true;
+      }
+      case Request.GET_QUEUE_NUM:
+        conn.reply(m.request, u64Payload(BigInt(this.queues.length)));
+        return null;
+      case Request.SET_VRING_ENABLE: {
+        const q = this.#queue(p.getUint32(0, true), "SET_VRING_ENABLE");
+        const num = p.getUint32(4, true);
+        if (num > 1) throw new ProtocolError(`SET_VRING_ENABLE: bad value ${num}`);
+        q.enabled = num === 1;
+        if (q.enabled) this.serviceQueue(q.index);
+        return true;
+      }
+      case Request.GET_CONFIG: {
+        const c = decodeConfig(p);
+        const data = new Uint8Array(c.size);
+        if (this.device.getConfig) {
+          data.set(this.device.getConfig(c.offset, c.size).subarray(0, c.size));
+        }
+        // A zero-size reply tells the front-end the read failed.
+        const size = this.device.getConfig ? c.size : 0;
+        conn.reply(
+          m.request,
+          configPayload({ offset: c.offset, size, flags: c.flags, data: data.subarray(0, size) }),
+        );
+        return null;
+      }
+      case Request.SET_CONFIG: {
+        const c = decodeConfig(p);
+        return this.device.setConfig?.(c.offset, c.data, c.flags === 1) ?? false;
+      }
+      case Request.GET_MAX_MEM_SLOTS:
+        conn.reply(m.request, u64Payload(BigInt(this.memory.maxRegions)));
+        return null;
+      case Request.ADD_MEM_REG: {
+        const fd = this.#takeFd(m);
+        this.#mapRegion(() => this.memory.add(decodeMemRegion(p, 8), fd));
+        return true;
+      }
+      case Request.REM_MEM_REG: {
+        const removed = this.memory.remove(decodeMemRegion(p, 8));
+        if (!removed) this.#log.warn("REM_MEM_REG names a region that is not mapped");
+        this.#attachAll();
+        return removed;
+      }
+      case Request.SET_STATUS:
+        // Status 0 (the driver resets) must not lose ring state: QEMU 7.2 sends it before
+        // GET_VRING_BASE and reads the indices afterwards.
+        this.status = Number(p.getBigUint64(0, true) & 0xffn);
+        return true;
+      case Request.GET_STATUS:
+        conn.reply(m.request, u64Payload(BigInt(this.status)));
+        return null;
+      default:
+        return this.#reject(m);
+    }
+  }
+
+  #reject(m: Message): boolean {
+    const name = requestName(m.request);
+    if (HAS_REPLY.has(m.request)) {
+      throw new ProtocolError(`${name} is not supported and needs a reply`);
+    }
+    this.#log.warn("rejecting {request}: not supported by this device", { request: name });
+    return false;
+  }
+
+  #setFeatures(v: bigint): boolean {
+    if (v & ~this.features) {
+      throw new ProtocolError(`SET_FEATURES: 0x${v.toString(16)} has bits that were not offered`);
+    }
+    this.ackedFeatures = v;
+    const eventIdx = (v & bit(VirtioFeature.RING_EVENT_IDX)) !== 0n;
+    const indirect = (v & bit(VirtioFeature.RING_INDIRECT_DESC)) !== 0n;
+    const noProtocol = (v & bit(VirtioFeature.PROTOCOL_FEATURES)) === 0n;
+    for (const q of this.queues) {
+      q.eventIdx = eventIdx;
+      q.indirect = indirect;
+      // Without bit 30 there is no SET_VRING_ENABLE: rings are enabled from the start.
+      if (noProtocol) q.enabled = true;
+    }
+    this.device.setFeatures?.(v);
+    return true;
+  }
+
+  #setMemTable(m: Message): boolean {
+    const regions = decodeMemTable(m.payload);
+    if (m.fds.length !== regions.length) {
+      throw new ProtocolError(
+        `SET_MEM_TABLE: ${regions.length} regions but ${m.fds.length} fds`,
+      );
+    }
+    this.memory.clear();
+    const fds = m.fds.splice(0);
+    this.#mapRegion(() => {
+      try {
+        regions.forEach((r, i) => this.memory.add(r, fds[i]));
+      } finally {
+        for (const fd of fds) closeQuietly(fd);
+      }
+    });
+    if (regions.length === 0) {
+      this.#log.warn(
+        "SET_MEM_TABLE with no regions: guest RAM needs " +
+          "-object memory-backend-memfd,id=mem,size=<RAM>,share=on -machine memory-backend=mem",
+      );
+    }
+    return true;
+  }
+
+  #mapRegion(fn: () => void): void {
+    try {
+      fn();
+    } catch (e) {
+      if (e instanceof MemoryError || e instanceof RangeError) throw new ProtocolError(e.message);
+      throw e;
+    } finally {
+      this.#attachAll();
+    }
+  }
+
+  #setVringFd(m: Message): boolean {
+    const v = m.payload.getBigUint64(0, true);
+    const index = Number(v & BigInt(VRING_IDX_MASK));
+    const noFd = (v & BigInt(VRING_NOFD_MASK)) !== 0n;
+    const name = requestName(m.request);
+    const q = this.#queue(index, name);
+    if (noFd && m.fds.length > 0) throw new ProtocolError(`${name}: fd sent with the no-fd flag`);
+    const fd = noFd ? -1 : this.#takeFd(m);
+    if (m.request === Request.SET_VRING_CALL) {
+      q.setCallFd(fd);
+    } else if (m.request === Request.SET_VRING_ERR) {
+      q.setErrFd(fd);
+    } else {
+      if (noFd) throw new ProtocolError("SET_VRING_KICK without an fd (polling) is not supported");
+      if (q.kickFd >= 0) this.#watcher.unwatchKick(q.kickFd);
+      // A blocking fd (or not an eventfd at all) must not be able to hang the data plane.
+      setNonBlocking(fd);
+      q.setKickFd(fd);
+      this.#watcher.watchKick(fd, q.index);
+      q.started = true;
+      q.resetSignalled();
+      // Requests may have been queued before the kick fd existed (for instance after a restart).
+      this.serviceQueue(q.index);
+    }
+    return true;
+  }
+
+  #attach(q: SplitQueue): void {
+    const err = q.attach(this.memory);
+    if (err !== null) throw new ProtocolError(err);
+  }
+
+  #attachAll(): void {
+    for (const q of this.queues) {
+      const err = q.attach(this.memory);
+      if (err !== null) {
+        this.#log.error("{error}", { error: err, queue: q.index });
+        q.fail(err);
+      }
+    }
+  }
+
+  #stop(q: SplitQueue): void {
+    if (q.kickFd >= 0) this.#watcher.unwatchKick(q.kickFd);
+    q.setKickFd(-1);
+    q.started = false;
+  }
+
+  /** Processes a queue after a kick, with notifications suppressed while it works. */
+  serviceQueue(index: number): void {
+    const q = this.queues[index];
+    if (!q.ready) return;
+    for (;;) {
+      q.setNotification(false);
+      this.device.processQueue(q);
+      if (q.broken || !q.setNotification(true)) break;
+    }
+    q.notify();
+    if (q.broken) {
+      this.#log.error("{error}; the queue is stopped until the device is reset", {
+        error: q.error,
+        queue: q.index,
+      });
+      this.#stop(q);
+    }
+  }
+
+  /** RESET_DEVICE: stop and forget all rings, keep memory, ownership and protocol features. */
+  resetDevice(): void {
+    for (const q of this.queues) {
+      if (q.kickFd >= 0) this.#watcher.unwatchKick(q.kickFd);
+      q.reset();
+    }
+    this.status = 0;
+    this.device.reset?.();
+  }
+
+  /** The front-end went away: reset everything, unmap guest memory. */
+  disconnect(): void {
+    this.resetDevice();
+    this.memory.clear();
+    this.ackedFeatures = 0n;
+    this.ackedProtocolFeatures = 0n;
+  }
+}

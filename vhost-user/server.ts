@@ -1,0 +1,188 @@
+/**
+ * The data-plane event loop of one device: it accepts one front-end at a time on the listening
+ * socket, handles its messages, and services queues when they are kicked. It blocks in
+ * `epoll_wait` and is meant to run inside a worker.
+ *
+ * Anything a front-end does wrong (a malformed message, a socket error, even a bug it triggers in
+ * the device) ends that connection with one log line; the loop then waits for the next front-end.
+ *
+ * @module
+ */
+
+import { getLogger, type Logger } from "@logtape/logtape";
+import { drainEventFd, Epoll } from "../sys/event.ts";
+import { closeQuietly, SysError } from "../sys/libc.ts";
+import {
+  acceptUnix,
+  PeerClosedError,
+  type PeerCredentials,
+  peerCredentials,
+  setSocketTimeouts,
+} from "../sys/socket.ts";
+import type { VirtioDevice } from "../devices/device.ts";
+import { type BackendOptions, type KickWatcher, VhostUserBackend } from "./backend.ts";
+import { Connection } from "./connection.ts";
+import { requestName } from "./message.ts";
+
+const TOKEN_SHUTDOWN = 0;
+const TOKEN_LISTEN = 1;
+const TOKEN_CONNECTION = 2;
+const TOKEN_KICK = 16;
+
+/** Server options. */
+export interface ServerOptions extends BackendOptions {
+  /** An eventfd; when signalled, the loop returns. */
+  shutdownFd: number;
+  /** User ids allowed to connect (default: anyone who can open the socket). */
+  allowUids?: number[];
+  /** Time a front-end may take to send the rest of a message it started, in ms. */
+  messageTimeoutMs?: number;
+}
+
+/** One device's vhost-user server loop. */
+export class VhostUserServer implements KickWatcher {
+  /** The protocol state. */
+  readonly backend: VhostUserBackend;
+  /** The connected front-end's credentials, if any. */
+  peer: PeerCredentials | null = null;
+  readonly #listenFd: number;
+  readonly #epoll: Epoll;
+  readonly #options: ServerOptions;
+  readonly #log: Logger;
+  #conn: Connection | null = null;
+
+  /** Serves `device` on the already listening socket `listenFd`. */
+  constructor(listenFd: number, device: VirtioDevice, options: ServerOptions) {
+    this.#listenFd = listenFd;
+    this.#options = options;
+    this.#log = getLogger(["vhostd", device.name]);
+    this.#epoll = new Epoll(64);
+    this.backend = new VhostUserBackend(device, this, options);
+  }
+
+  /** Registers a queue's kick eventfd. */
+  watchKick(fd: number, queue: number): void {
+    this.#epoll.add(fd, TOKEN_KICK + queue);
+  }
+
+  /** Unregisters a kick eventfd. */
+  unwatchKick(fd: number): void {
+    this.#epoll.remove(fd);
+  }
+
+  /** Runs until the shutdown eventfd is signalled. */
+  run(): void {
+    const ep = this.#epoll;
+    ep.add(this.#options.shutdownFd, TOKEN_SHUTDOWN);
+    ep.add(this.#listenFd, TOKEN_LISTEN);
+    try {
+      for (;;) {
+        const n = ep.wait(-1);
+        for (let i = 0; i < n; i++) {
+          const token = ep.readyTokens[i];
+          if (token === TOKEN_SHUTDOWN) return;
+          if (token >= TOKEN_KICK) this.#kick(token - TOKEN_KICK);
+          else if (token === TOKEN_CONNECTION) this.#message();
+          else if (token === TOKEN_LISTEN) this.#accept();
+        }
+      }
+    } finally {
+      if (this.#conn) this.#disconnect("the daemon is shutting down");
+      ep.close();
+    }
+  }
+
+  #accept(): void {
+    let fd: number;
+    try {
+      fd = acceptUnix(this.#listenFd);
+    } catch (e) {
+      this.#log.warn("accept failed: {error}", { error: String(e) });
+      return;
+    }
+    let cred: PeerCredentials;
+    try {
+      cred = peerCredentials(fd);
+    } catch (e) {
+      this.#log.warn("refusing a front-end whose credentials cannot be read: {error}", {
+        error: String(e),
+      });
+      closeQuietly(fd);
+      return;
+    }
+    const allow = this.#options.allowUids;
+    if (allow && !allow.includes(cred.uid)) {
+      this.#log.warn("refusing front-end pid {pid} uid {uid}: uid not allowed", { ...cred });
+      closeQuietly(fd);
+      return;
+    }
+    if (this.#conn !== null) {
+      this.#log.warn(
+        "refusing front-end pid {pid} uid {uid}: another front-end (pid {current}) is connected",
+        { ...cred, current: this.peer?.pid },
+      );
+      closeQuietly(fd);
+      return;
+    }
+    setSocketTimeouts(fd, this.#options.messageTimeoutMs ?? 5000);
+    this.#conn = new Connection(fd);
+    this.peer = cred;
+    this.#epoll.add(fd, TOKEN_CONNECTION);
+    this.#log.info("front-end connected: pid {pid} uid {uid}", { ...cred });
+  }
+
+  #message(): void {
+    const conn = this.#conn;
+    if (conn === null) return;
+    let request = 0;
+    try {
+      const m = conn.receive();
+      request = m.request;
+      this.#log.debug("{request} flags 0x{flags} size {size} fds {fds}", {
+        request: requestName(m.request),
+        flags: m.flags.toString(16),
+        size: m.payload.byteLength,
+        fds: m.fds.length,
+      });
+      this.backend.handle(m, conn);
+    } catch (e) {
+      if (e instanceof PeerClosedError) {
+        this.#disconnect("front-end closed the connection");
+      } else {
+        const what = request ? `${requestName(request)}: ` : "";
+        this.#disconnect(`dropping the front-end: ${what}${errorText(e)}`, true);
+      }
+    }
+  }
+
+  #kick(queue: number): void {
+    const q = this.backend.queues[queue];
+    if (q === undefined || q.kickFd < 0) return;
+    try {
+      drainEventFd(q.kickFd);
+      this.backend.serviceQueue(queue);
+    } catch (e) {
+      this.#disconnect(`dropping the front-end: queue ${queue}: ${errorText(e)}`, true);
+    }
+  }
+
+  #disconnect(reason: string, error = false): void {
+    const conn = this.#conn;
+    if (conn === null) return;
+    if (error) this.#log.error(reason);
+    else this.#log.info(reason);
+    this.#epoll.remove(conn.fd);
+    this.#conn = null;
+    this.peer = null;
+    try {
+      this.backend.disconnect();
+    } finally {
+      conn.close();
+    }
+  }
+}
+
+function errorText(e: unknown): string {
+  if (e instanceof SysError || e instanceof Error) return e.message;
+  return String(e);
+}
