@@ -10,8 +10,10 @@
 export type { DeviceModule, VirtioDevice, Virtqueue } from "./devices/device.ts";
 export { DescriptorChain } from "./ring/descriptor_chain.ts";
 export { GuestMemory, MemoryRegion, type MemoryRegionInfo } from "./ring/guest_memory.ts";
-export { SplitQueue } from "./ring/split_queue.ts";
+export { type RingAddresses, SplitQueue } from "./ring/split_queue.ts";
+export { IoVec } from "./sys/io.ts";
 export { runServices, serveDevice, type ServeDeviceOptions } from "./daemon/serve.ts";
-export type { LogSettings } from "./daemon/log.ts";
+export type { LogLevel, LogSettings } from "./daemon/log.ts";
+export type { ServiceOptions } from "./daemon/service.ts";
 export { BlkDevice, type BlkOptions } from "./devices/blk/device.ts";
 export * as vhostUser from "./vhost-user/mod.ts";

@@ -5,13 +5,10 @@
  * @module
  */
 
-import {
-  configure,
-  getTextFormatter,
-  jsonLinesFormatter,
-  type LogLevel,
-  reset,
-} from "@logtape/logtape";
+import { configure, getTextFormatter, jsonLinesFormatter, reset } from "@logtape/logtape";
+
+/** Log levels, lowest first (LogTape's names). */
+export type LogLevel = "trace" | "debug" | "info" | "warning" | "error" | "fatal";
 
 /** How to log: level and format. Plain data, so it can be posted to workers. */
 export interface LogSettings {

@@ -82,11 +82,11 @@ export class SplitQueue implements Virtqueue {
   /** Set when the guest broke the ring; cleared by reconfiguration. */
   broken = false;
   /** The kick eventfd, or -1. */
-  kickFd = -1;
+  kickFd: number = -1;
   /** The call eventfd, or -1. */
-  callFd = -1;
+  callFd: number = -1;
   /** The error eventfd, or -1. */
-  errFd = -1;
+  errFd: number = -1;
   /** Why the queue broke (for the log). */
   error = "";
 

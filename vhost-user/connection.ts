@@ -17,6 +17,7 @@ import {
 
 /** The peer broke the protocol; the connection must be dropped. */
 export class ProtocolError extends Error {
+  /** Builds the error; `message` is what gets logged. */
   constructor(message: string) {
     super(message);
     this.name = "ProtocolError";

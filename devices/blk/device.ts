@@ -102,7 +102,7 @@ export interface BlkOptions {
 /** A virtio-blk device backed by a file descriptor. */
 export class BlkDevice implements VirtioDevice {
   /** virtio device id (2). */
-  readonly deviceId = VIRTIO_ID_BLOCK;
+  readonly deviceId: number = VIRTIO_ID_BLOCK;
   /** Name in logs. */
   readonly name: string;
   /** Queues offered. */

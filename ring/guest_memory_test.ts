@@ -1,0 +1,115 @@
+import assert from "node:assert/strict";
+import { createMemfd } from "../sys/mman.ts";
+import { GuestMemory, MemoryError } from "./guest_memory.ts";
+
+const MiB = 1 << 20;
+
+function fdCount(): number {
+  return [...Deno.readDirSync("/proc/self/fd")].length;
+}
+
+Deno.test("translation finds the right region and refuses ranges that cross its end", () => {
+  const m = new GuestMemory();
+  try {
+    const low = m.add(
+      { guestPhysAddr: 0, memorySize: MiB, userspaceAddr: 0x7000_0000_0000, mmapOffset: 0 },
+      createMemfd("low", MiB),
+    );
+    const high = m.add(
+      { guestPhysAddr: 4 * MiB, memorySize: MiB, userspaceAddr: 0x7100_0000_0000, mmapOffset: 0 },
+      createMemfd("high", MiB),
+    );
+    assert.equal(m.findGpa(0, 16), low);
+    assert.equal(m.findGpa(MiB - 16, 16), low);
+    assert.equal(m.findGpa(MiB - 15, 16), null, "crosses the end of the low region");
+    assert.equal(m.findGpa(2 * MiB, 1), null, "in the hole between regions");
+    assert.equal(m.findGpa(4 * MiB + 100, 100), high);
+    assert.equal(m.findGpa(5 * MiB, 1), null);
+    assert.equal(m.findUva(0x7100_0000_0000 + 10, 10), high);
+    assert.equal(m.findUva(0x7100_0000_0000 + MiB, 1), null);
+    // Both views see the same bytes the front-end wrote through its own address space.
+    high.u8[high.mmapOffset + 100] = 7;
+    assert.equal(high.view.getUint8(100), 7);
+  } finally {
+    m.clear();
+  }
+});
+
+Deno.test("a region with an mmap offset maps the fd from that offset", () => {
+  const m = new GuestMemory();
+  try {
+    const fd = createMemfd("off", 2 * MiB);
+    const r = m.add(
+      { guestPhysAddr: 0x1000, memorySize: MiB, userspaceAddr: 0x7000_0000_0000, mmapOffset: MiB },
+      fd,
+    );
+    assert.equal(r.u8.length, 2 * MiB);
+    assert.equal(r.hostAddress % 4096, 0);
+    assert.ok(m.findGpa(0x1000 + MiB - 1, 1));
+  } finally {
+    m.clear();
+  }
+});
+
+Deno.test("overlapping, empty and absurd regions are refused, and their fds closed", () => {
+  const m = new GuestMemory();
+  const before = fdCount();
+  try {
+    m.add(
+      { guestPhysAddr: 0, memorySize: MiB, userspaceAddr: 0x7000_0000_0000, mmapOffset: 0 },
+      createMemfd("a", MiB),
+    );
+    const bad = [
+      { guestPhysAddr: MiB / 2, memorySize: MiB, userspaceAddr: 0x7200_0000_0000, mmapOffset: 0 },
+      { guestPhysAddr: 8 * MiB, memorySize: 0, userspaceAddr: 0x7300_0000_0000, mmapOffset: 0 },
+      { guestPhysAddr: 2 ** 53 - 10, memorySize: MiB, userspaceAddr: 0, mmapOffset: 0 },
+      { guestPhysAddr: 8 * MiB, memorySize: MiB, userspaceAddr: 0, mmapOffset: 3 },
+    ];
+    for (const info of bad) {
+      assert.throws(() => m.add(info, createMemfd("bad", MiB)), MemoryError);
+    }
+    assert.equal(m.regions.length, 1);
+  } finally {
+    m.clear();
+  }
+  assert.equal(fdCount(), before, "no fd leaked");
+});
+
+Deno.test("removal unmaps and detaches the views instead of leaving them dangling", () => {
+  const m = new GuestMemory();
+  const info = {
+    guestPhysAddr: 0,
+    memorySize: MiB,
+    userspaceAddr: 0x7000_0000_0000,
+    mmapOffset: 0,
+  };
+  const r = m.add(info, createMemfd("r", MiB));
+  const gen = m.generation;
+  assert.equal(m.remove({ ...info, userspaceAddr: 1 }), false, "must match exactly");
+  assert.equal(m.remove(info), true);
+  assert.ok(m.generation > gen);
+  assert.equal(r.u8.length, 0, "a stale view reads as empty, not as freed memory");
+  assert.equal(m.findGpa(0, 1), null);
+});
+
+Deno.test("the slot limit is enforced", () => {
+  const m = new GuestMemory(2);
+  try {
+    for (let i = 0; i < 2; i++) {
+      m.add(
+        { guestPhysAddr: i * MiB, memorySize: MiB, userspaceAddr: i * MiB, mmapOffset: 0 },
+        createMemfd("s", MiB),
+      );
+    }
+    assert.throws(
+      () =>
+        m.add(
+          { guestPhysAddr: 9 * MiB, memorySize: MiB, userspaceAddr: 9 * MiB, mmapOffset: 0 },
+          createMemfd("s", MiB),
+        ),
+      /too many memory regions/,
+    );
+  } finally {
+    m.clear();
+  }
+});

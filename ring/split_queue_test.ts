@@ -1,0 +1,376 @@
+import assert from "node:assert/strict";
+import { createEventFd, drainEventFd } from "../sys/event.ts";
+import { createMemfd } from "../sys/mman.ts";
+import { GuestMemory } from "./guest_memory.ts";
+import {
+  SplitQueue,
+  VIRTQ_DESC_F_INDIRECT,
+  VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_WRITE,
+  VRING_USED_F_NO_NOTIFY,
+} from "./split_queue.ts";
+
+const GPA = 0x100000;
+const UVA = 0x7f0000000000;
+const SIZE = 1 << 20;
+const QSIZE = 8;
+// Guest-physical layout inside the one region.
+const DESC = GPA;
+const AVAIL = GPA + 0x1000;
+const USED = GPA + 0x2000;
+const DATA = GPA + 0x10000;
+
+/** A guest with one memory region and one queue, written from the driver's side. */
+class TestGuest {
+  readonly memory = new GuestMemory();
+  readonly queue = new SplitQueue(0, 256);
+  readonly view: DataView;
+  #availIdx = 0;
+
+  constructor() {
+    const fd = createMemfd("guest", SIZE);
+    const region = this.memory.add(
+      { guestPhysAddr: GPA, memorySize: SIZE, userspaceAddr: UVA, mmapOffset: 0 },
+      fd,
+    );
+    this.view = region.view;
+    const q = this.queue;
+    q.size = QSIZE;
+    q.addresses = {
+      desc: UVA + (DESC - GPA),
+      avail: UVA + (AVAIL - GPA),
+      used: UVA + (USED - GPA),
+    };
+    assert.equal(q.attach(this.memory), null);
+    q.started = true;
+    q.enabled = true;
+    q.indirect = true;
+  }
+
+  desc(i: number, addr: number, len: number, flags: number, next = 0, table = DESC): void {
+    const o = table - GPA + i * 16;
+    this.view.setBigUint64(o, BigInt(addr), true);
+    this.view.setUint32(o + 8, len, true);
+    this.view.setUint16(o + 12, flags, true);
+    this.view.setUint16(o + 14, next, true);
+  }
+
+  makeAvailable(head: number): void {
+    this.view.setUint16(AVAIL - GPA + 4 + 2 * (this.#availIdx % QSIZE), head, true);
+    this.#availIdx = (this.#availIdx + 1) & 0xffff;
+    this.view.setUint16(AVAIL - GPA + 2, this.#availIdx, true);
+  }
+
+  setAvailIdx(idx: number): void {
+    this.view.setUint16(AVAIL - GPA + 2, idx, true);
+  }
+
+  usedIdx(): number {
+    return this.view.getUint16(USED - GPA + 2, true);
+  }
+
+  usedElem(i: number): [number, number] {
+    const o = USED - GPA + 4 + 8 * i;
+    return [this.view.getUint32(o, true), this.view.getUint32(o + 4, true)];
+  }
+
+  close(): void {
+    this.queue.reset();
+    this.memory.clear();
+  }
+}
+
+function withGuest(fn: (g: TestGuest) => void): () => void {
+  return () => {
+    const g = new TestGuest();
+    try {
+      fn(g);
+    } finally {
+      g.close();
+    }
+  };
+}
+
+Deno.test(
+  "a three-part blk-like chain is split into readable and writable segments",
+  withGuest((g) => {
+    g.desc(0, DATA, 16, VIRTQ_DESC_F_NEXT, 1);
+    g.desc(1, DATA + 0x1000, 4096, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2);
+    g.desc(2, DATA + 0x3000, 1, VIRTQ_DESC_F_WRITE);
+    g.makeAvailable(0);
+    const c = g.queue.pop();
+    assert.ok(c);
+    assert.equal(c.head, 0);
+    assert.equal(c.readableCount, 1);
+    assert.equal(c.writableCount, 2);
+    assert.equal(c.readableBytes, 16);
+    assert.equal(c.writableBytes, 4097);
+    assert.equal(g.queue.pop(), null, "ring is empty afterwards");
+  }),
+);
+
+Deno.test(
+  "chain accessors copy across segment boundaries and stay inside the chain",
+  withGuest((g) => {
+    g.desc(0, DATA, 3, VIRTQ_DESC_F_NEXT, 1);
+    g.desc(1, DATA + 0x100, 5, VIRTQ_DESC_F_NEXT, 2);
+    g.desc(2, DATA + 0x200, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 3);
+    g.desc(3, DATA + 0x300, 4, VIRTQ_DESC_F_WRITE);
+    const bytes = [1, 2, 3];
+    bytes.forEach((b, i) => g.view.setUint8(DATA - GPA + i, b));
+    [4, 5, 6, 7, 8].forEach((b, i) => g.view.setUint8(DATA - GPA + 0x100 + i, b));
+    g.makeAvailable(0);
+    const c = g.queue.pop()!;
+    const got = new Uint8Array(6);
+    assert.equal(c.read(got, 1), 6);
+    assert.deepEqual([...got], [2, 3, 4, 5, 6, 7]);
+    assert.equal(c.write(new Uint8Array([9, 9, 9, 9, 9, 9, 9, 9, 9, 9])), 8, "stops at the end");
+    assert.equal(g.view.getUint8(DATA - GPA + 0x303), 9);
+    assert.equal(g.view.getUint8(DATA - GPA + 0x304), 0, "nothing written past the chain");
+    assert.equal(c.writeByte(8, 1), false);
+    assert.equal(c.writeByte(7, 42), true);
+    assert.equal(g.view.getUint8(DATA - GPA + 0x303), 42);
+  }),
+);
+
+Deno.test(
+  "push publishes the used element and index",
+  withGuest((g) => {
+    g.desc(3, DATA, 8, VIRTQ_DESC_F_WRITE);
+    g.makeAvailable(3);
+    const c = g.queue.pop()!;
+    g.queue.push(c, 5);
+    assert.equal(g.usedIdx(), 1);
+    assert.deepEqual(g.usedElem(0), [3, 5]);
+  }),
+);
+
+Deno.test(
+  "zero-length descriptors are skipped",
+  withGuest((g) => {
+    g.desc(0, 0xdeadbeef000, 0, VIRTQ_DESC_F_NEXT, 1);
+    g.desc(1, DATA, 8, VIRTQ_DESC_F_WRITE);
+    g.makeAvailable(0);
+    const c = g.queue.pop();
+    assert.ok(c);
+    assert.equal(c.segmentCount, 1);
+  }),
+);
+
+Deno.test(
+  "an indirect table is followed",
+  withGuest((g) => {
+    const table = DATA + 0x8000;
+    g.desc(0, DATA, 16, VIRTQ_DESC_F_NEXT, 1, table);
+    g.desc(1, DATA + 0x1000, 512, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 2, table);
+    g.desc(2, DATA + 0x2000, 1, VIRTQ_DESC_F_WRITE, 0, table);
+    g.desc(5, table, 48, VIRTQ_DESC_F_INDIRECT);
+    g.makeAvailable(5);
+    const c = g.queue.pop();
+    assert.ok(c);
+    assert.equal(c.head, 5);
+    assert.equal(c.segmentCount, 3);
+    assert.equal(c.writableBytes, 513);
+  }),
+);
+
+/** Hostile chains: each must break the queue (and signal the error fd), never touch memory. */
+const hostile: [string, (g: TestGuest) => void, RegExp][] = [
+  ["a descriptor loop", (g) => {
+    g.desc(0, DATA, 8, VIRTQ_DESC_F_NEXT, 1);
+    g.desc(1, DATA, 8, VIRTQ_DESC_F_NEXT, 0);
+    g.makeAvailable(0);
+  }, /loops/],
+  ["a buffer outside guest memory", (g) => {
+    g.desc(0, GPA + SIZE - 4, 8, 0);
+    g.makeAvailable(0);
+  }, /outside guest memory/],
+  ["a buffer below guest memory", (g) => {
+    g.desc(0, GPA - 8, 16, 0);
+    g.makeAvailable(0);
+  }, /outside guest memory/],
+  ["an address above 2^53", (g) => {
+    g.desc(0, 0, 8, 0);
+    g.view.setBigUint64(DESC - GPA, 0xfffffffffffff000n, true);
+    g.makeAvailable(0);
+  }, /outside guest memory/],
+  ["a head index out of range", (g) => g.makeAvailable(QSIZE + 3), /head descriptor/],
+  ["a next index out of range", (g) => {
+    g.desc(0, DATA, 8, VIRTQ_DESC_F_NEXT, 200);
+    g.makeAvailable(0);
+  }, /next descriptor/],
+  ["indirect inside indirect", (g) => {
+    const table = DATA + 0x8000;
+    g.desc(0, table, 32, VIRTQ_DESC_F_INDIRECT, 0, table);
+    g.desc(1, DATA, 8, 0);
+    g.desc(2, table, 32, VIRTQ_DESC_F_INDIRECT);
+    g.makeAvailable(2);
+  }, /indirect descriptor inside/],
+  ["an indirect table of bad length", (g) => {
+    g.desc(0, DATA, 20, VIRTQ_DESC_F_INDIRECT);
+    g.makeAvailable(0);
+  }, /bad length/],
+  ["an indirect table outside memory", (g) => {
+    g.desc(0, GPA + SIZE - 16, 32, VIRTQ_DESC_F_INDIRECT);
+    g.makeAvailable(0);
+  }, /outside guest memory/],
+  ["a loop inside an indirect table", (g) => {
+    const table = DATA + 0x8000;
+    g.desc(0, DATA, 8, VIRTQ_DESC_F_NEXT, 1, table);
+    g.desc(1, DATA, 8, VIRTQ_DESC_F_NEXT, 0, table);
+    g.desc(0, table, 32, VIRTQ_DESC_F_INDIRECT);
+    g.makeAvailable(0);
+  }, /loops/],
+  ["a readable buffer after a writable one", (g) => {
+    g.desc(0, DATA, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1);
+    g.desc(1, DATA, 8, 0);
+    g.makeAvailable(0);
+  }, /readable buffer after/],
+  ["an available index that jumps by more than the queue size", (g) => {
+    g.setAvailIdx(QSIZE + 1);
+  }, /jumped/],
+];
+
+for (const [what, build, message] of hostile) {
+  Deno.test(
+    `hostile guest: ${what} breaks only the queue`,
+    withGuest((g) => {
+      const err = createEventFd();
+      try {
+        g.queue.setErrFd(err);
+        build(g);
+        assert.equal(g.queue.pop(), null);
+        assert.ok(g.queue.broken);
+        assert.match(g.queue.error, message);
+        assert.equal(drainEventFd(err), 1, "the front-end was told through the error eventfd");
+        assert.equal(g.queue.ready, false);
+        assert.equal(g.usedIdx(), 0, "nothing was completed");
+      } finally {
+        g.queue.setErrFd(-1);
+      }
+    }),
+  );
+}
+
+Deno.test(
+  "indirect descriptors are refused unless negotiated",
+  withGuest((g) => {
+    g.queue.indirect = false;
+    g.desc(0, DATA, 32, VIRTQ_DESC_F_INDIRECT);
+    g.makeAvailable(0);
+    assert.equal(g.queue.pop(), null);
+    assert.match(g.queue.error, /without VIRTIO_F_INDIRECT_DESC/);
+  }),
+);
+
+Deno.test(
+  "a chain longer than 4 GiB is refused",
+  () => {
+    const memory = new GuestMemory();
+    const big = 5 * 2 ** 30;
+    memory.add(
+      { guestPhysAddr: 0, memorySize: big, userspaceAddr: UVA, mmapOffset: 0 },
+      createMemfd("big", big),
+    );
+    const q = new SplitQueue(0, 256);
+    try {
+      q.size = 4;
+      q.addresses = { desc: UVA, avail: UVA + 0x1000, used: UVA + 0x2000 };
+      assert.equal(q.attach(memory), null);
+      q.started = q.enabled = true;
+      const v = memory.regions[0].view;
+      const desc = (i: number, addr: number, len: number, flags: number, next: number) => {
+        v.setBigUint64(i * 16, BigInt(addr), true);
+        v.setUint32(i * 16 + 8, len, true);
+        v.setUint16(i * 16 + 12, flags, true);
+        v.setUint16(i * 16 + 14, next, true);
+      };
+      desc(0, 0x10000, 0xffffffff, VIRTQ_DESC_F_NEXT, 1);
+      desc(1, 0x10000, 0xffffffff, 0, 0);
+      v.setUint16(0x1000 + 4, 0, true);
+      v.setUint16(0x1000 + 2, 1, true);
+      assert.equal(q.pop(), null);
+      assert.match(q.error, /longer than 4 GiB/);
+    } finally {
+      q.reset();
+      memory.clear();
+    }
+  },
+);
+
+Deno.test(
+  "without EVENT_IDX, NO_NOTIFY and NO_INTERRUPT flags are honoured",
+  withGuest((g) => {
+    const call = createEventFd();
+    try {
+      g.queue.setCallFd(call);
+      g.queue.setNotification(false);
+      assert.equal(g.view.getUint16(USED - GPA, true), VRING_USED_F_NO_NOTIFY);
+      g.desc(0, DATA, 8, VIRTQ_DESC_F_WRITE);
+      g.makeAvailable(0);
+      assert.equal(g.queue.setNotification(true), true, "reports the chain that arrived");
+      assert.equal(g.view.getUint16(USED - GPA, true), 0);
+      g.queue.push(g.queue.pop()!, 0);
+      g.queue.notify();
+      assert.equal(drainEventFd(call), 1);
+      g.view.setUint16(AVAIL - GPA, 1, true); // VRING_AVAIL_F_NO_INTERRUPT
+      g.makeAvailable(0);
+      g.queue.push(g.queue.pop()!, 0);
+      g.queue.notify();
+      assert.equal(drainEventFd(call), 0, "driver asked for no interrupt");
+    } finally {
+      g.queue.setCallFd(-1);
+    }
+  }),
+);
+
+Deno.test(
+  "with EVENT_IDX, interrupts follow used_event and kicks follow avail_event",
+  withGuest((g) => {
+    const call = createEventFd();
+    try {
+      g.queue.eventIdx = true;
+      g.queue.setCallFd(call);
+      const usedEvent = (v: number) => g.view.setUint16(AVAIL - GPA + 4 + 2 * QSIZE, v, true);
+      const complete = () => {
+        g.desc(0, DATA, 8, VIRTQ_DESC_F_WRITE);
+        g.makeAvailable(0);
+        g.queue.push(g.queue.pop()!, 0);
+      };
+      complete();
+      g.queue.notify();
+      assert.equal(drainEventFd(call), 1, "first notification always goes out");
+      usedEvent(2); // interrupt me when used idx passes 2, i.e. becomes 3
+      complete(); // used idx 2
+      g.queue.notify();
+      assert.equal(drainEventFd(call), 0);
+      complete(); // used idx 3
+      g.queue.notify();
+      assert.equal(drainEventFd(call), 1);
+      g.queue.setNotification(true);
+      assert.equal(g.view.getUint16(USED - GPA + 4 + 8 * QSIZE, true), 3, "avail_event published");
+    } finally {
+      g.queue.setCallFd(-1);
+    }
+  }),
+);
+
+Deno.test("ring parts outside guest memory are refused at attach", () => {
+  const memory = new GuestMemory();
+  memory.add(
+    { guestPhysAddr: 0, memorySize: 65536, userspaceAddr: UVA, mmapOffset: 0 },
+    createMemfd("m", 65536),
+  );
+  const q = new SplitQueue(1, 256);
+  try {
+    q.size = 256;
+    q.addresses = { desc: UVA + 65536 - 16, avail: UVA, used: UVA + 0x1000 };
+    assert.match(q.attach(memory) ?? "", /descriptor table .* outside guest memory/);
+    q.addresses = { desc: UVA, avail: UVA + 0x1001, used: UVA + 0x2000 };
+    assert.match(q.attach(memory) ?? "", /misaligned/);
+    const empty = new GuestMemory();
+    assert.match(q.attach(empty) ?? "", /memory-backend-memfd,id=mem,size=<RAM>,share=on/);
+  } finally {
+    memory.clear();
+  }
+});

@@ -1,0 +1,100 @@
+/**
+ * Runs the real `vhostd` command line as a child process, for tests.
+ *
+ * @module
+ */
+
+const MAIN = new URL("../../daemon/main.ts", import.meta.url).pathname;
+
+/** A running `vhostd` process. */
+export class DaemonProcess {
+  /** The child process. */
+  readonly child: Deno.ChildProcess;
+  /** Everything it wrote to stdout so far. */
+  stdout = "";
+  /** Everything it wrote to stderr so far. */
+  stderr = "";
+  readonly #pumps: Promise<void>[];
+
+  private constructor(child: Deno.ChildProcess) {
+    this.child = child;
+    const pump = async (s: ReadableStream<Uint8Array>, key: "stdout" | "stderr") => {
+      const dec = new TextDecoder();
+      for await (const chunk of s) this[key] += dec.decode(chunk, { stream: true });
+    };
+    this.#pumps = [pump(child.stdout, "stdout"), pump(child.stderr, "stderr")];
+  }
+
+  /** Starts `deno run -A daemon/main.ts ...args` (or `deno task <args>` with `task`). */
+  static spawn(args: string[], env?: Record<string, string>, task = false): DaemonProcess {
+    const argv = task ? ["task", ...args] : ["run", "-A", MAIN, ...args];
+    const child = new Deno.Command(Deno.execPath(), {
+      args: argv,
+      cwd: new URL("../..", import.meta.url).pathname,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1", ...env },
+    }).spawn();
+    return new DaemonProcess(child);
+  }
+
+  /** Starts a daemon and waits until it prints its banner (its sockets then listen). */
+  static async start(args: string[], env?: Record<string, string>, task = false) {
+    const d = DaemonProcess.spawn(args, env, task);
+    await d.waitFor(() => d.stdout.includes("vhostd: serving"), 30_000, "the start banner");
+    return d;
+  }
+
+  /** Polls `cond` every 50 ms; throws with the daemon's output after `timeoutMs`. */
+  async waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
+    const end = Date.now() + timeoutMs;
+    while (!cond()) {
+      if (Date.now() > end) {
+        throw new Error(
+          `timed out waiting for ${what}\nstdout:\n${this.stdout}\nstderr:\n${this.stderr}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  /** Sends `signal` and waits for the exit code. */
+  async stop(signal: Deno.Signal = "SIGTERM"): Promise<number> {
+    try {
+      this.child.kill(signal);
+    } catch {
+      // already exited
+    }
+    return await this.exit();
+  }
+
+  /** Waits for the process to exit and its output to be read; returns the exit code. */
+  async exit(): Promise<number> {
+    const status = await this.child.status;
+    await Promise.all(this.#pumps);
+    return status.code;
+  }
+}
+
+/** Runs `vhostd ...args` to completion; returns code and output. */
+export async function runVhostd(
+  args: string[],
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const d = DaemonProcess.spawn(args);
+  const code = await d.exit();
+  return { code, stdout: d.stdout, stderr: d.stderr };
+}
+
+/** Creates a sparse file of `bytes`. */
+export function sparseFile(path: string, bytes: number): void {
+  const f = Deno.openSync(path, { create: true, write: true, truncate: true });
+  f.truncateSync(bytes);
+  f.close();
+}
+
+/** Hex SHA-256 of some bytes. */
+export async function sha256(data: Uint8Array): Promise<string> {
+  const d = await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>);
+  return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
