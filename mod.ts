@@ -7,7 +7,7 @@
  * @module
  */
 
-export type { DeviceModule, VirtioDevice, Virtqueue } from "./devices/device.ts";
+export type { DeviceEventLoop, DeviceModule, VirtioDevice, Virtqueue } from "./devices/device.ts";
 export { DescriptorChain } from "./ring/descriptor_chain.ts";
 export { GuestMemory, MemoryRegion, type MemoryRegionInfo } from "./ring/guest_memory.ts";
 export { type RingAddresses, SplitQueue } from "./ring/split_queue.ts";

@@ -13,6 +13,21 @@ import type { Virtqueue } from "../ring/split_queue.ts";
 export type { Virtqueue };
 export type { DescriptorChain } from "../ring/descriptor_chain.ts";
 
+/**
+ * The data-plane worker's event loop, as a device sees it: devices with their own fds (attach
+ * sockets, a TAP) watch them here, and push to queues outside a kick.
+ */
+export interface DeviceEventLoop {
+  /** Calls `handler` whenever `fd` is readable or hung up, until {@link unwatch}. */
+  watch(fd: number, handler: () => void): void;
+  /** Stops watching `fd`. */
+  unwatch(fd: number): void;
+  /** Queue `index` if the driver has it set up, started and enabled; otherwise null. */
+  queue(index: number): Virtqueue | null;
+  /** Interrupts the driver for queue `index` if it has new used buffers and wants to know. */
+  notify(index: number): void;
+}
+
 /** A virtio device served over vhost-user. Optional members have sensible defaults. */
 export interface VirtioDevice {
   /** virtio device id (1 net, 2 block, 3 console, 4 entropy, ...). */
@@ -31,6 +46,8 @@ export interface VirtioDevice {
   /** Extra vhost-user protocol feature bits (CONFIG is added when {@link getConfig} exists). */
   readonly protocolFeatures?: bigint;
 
+  /** Called once in the worker, before the first front-end connects. */
+  start?(loop: DeviceEventLoop): void;
   /** Reads `size` bytes of the config space from `offset` (bytes past its end read as zero). */
   getConfig?(offset: number, size: number): Uint8Array;
   /** Writes to the config space; returns false to refuse (e.g. a read-only field). */

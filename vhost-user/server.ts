@@ -19,7 +19,7 @@ import {
   peerCredentials,
   setSocketTimeouts,
 } from "../sys/socket.ts";
-import type { VirtioDevice } from "../devices/device.ts";
+import type { DeviceEventLoop, VirtioDevice, Virtqueue } from "../devices/device.ts";
 import { type BackendOptions, type KickWatcher, VhostUserBackend } from "./backend.ts";
 import { Connection } from "./connection.ts";
 import { requestName } from "./message.ts";
@@ -28,6 +28,7 @@ const TOKEN_SHUTDOWN = 0;
 const TOKEN_LISTEN = 1;
 const TOKEN_CONNECTION = 2;
 const TOKEN_KICK = 16;
+const TOKEN_DEVICE = 4096;
 
 /** Server options. */
 export interface ServerOptions extends BackendOptions {
@@ -40,7 +41,7 @@ export interface ServerOptions extends BackendOptions {
 }
 
 /** One device's vhost-user server loop. */
-export class VhostUserServer implements KickWatcher {
+export class VhostUserServer implements KickWatcher, DeviceEventLoop {
   /** The protocol state. */
   readonly backend: VhostUserBackend;
   /** The connected front-end's credentials, if any. */
@@ -50,6 +51,9 @@ export class VhostUserServer implements KickWatcher {
   readonly #options: ServerOptions;
   readonly #log: Logger;
   #conn: Connection | null = null;
+  readonly #deviceHandlers = new Map<number, () => void>();
+  readonly #deviceFds = new Map<number, number>();
+  #nextDeviceToken = TOKEN_DEVICE;
 
   /** Serves `device` on the already listening socket `listenFd`. */
   constructor(listenFd: number, device: VirtioDevice, options: ServerOptions) {
@@ -70,18 +74,49 @@ export class VhostUserServer implements KickWatcher {
     this.#epoll.remove(fd);
   }
 
+  /** Watches a device's own fd. */
+  watch(fd: number, handler: () => void): void {
+    const token = this.#nextDeviceToken++;
+    this.#epoll.add(fd, token);
+    this.#deviceHandlers.set(token, handler);
+    this.#deviceFds.set(fd, token);
+  }
+
+  /** Stops watching a device's fd. */
+  unwatch(fd: number): void {
+    const token = this.#deviceFds.get(fd);
+    if (token === undefined) return;
+    this.#epoll.remove(fd);
+    this.#deviceFds.delete(fd);
+    this.#deviceHandlers.delete(token);
+  }
+
+  /** A queue the device may push to now, or null. */
+  queue(index: number): Virtqueue | null {
+    const q = this.backend.queues[index];
+    return q !== undefined && q.ready ? q : null;
+  }
+
+  /** Interrupts the driver for a queue the device pushed to outside a kick. */
+  notify(index: number): void {
+    const q = this.backend.queues[index];
+    if (q !== undefined && q.ready) q.notify();
+  }
+
   /** Runs until the shutdown eventfd is signalled. */
   run(): void {
     const ep = this.#epoll;
     ep.add(this.#options.shutdownFd, TOKEN_SHUTDOWN);
     ep.add(this.#listenFd, TOKEN_LISTEN);
+    this.backend.device.start?.(this);
     try {
       for (;;) {
         const n = ep.wait(-1);
         for (let i = 0; i < n; i++) {
           const token = ep.readyTokens[i];
           if (token === TOKEN_SHUTDOWN) return;
-          if (token >= TOKEN_KICK) this.#kick(token - TOKEN_KICK);
+          if (token >= TOKEN_DEVICE) this.#deviceEvent(token);
+          else if (token >= TOKEN_KICK) this.#kick(token - TOKEN_KICK);
           else if (token === TOKEN_CONNECTION) this.#message();
           else if (token === TOKEN_LISTEN) this.#accept();
         }
@@ -163,6 +198,16 @@ export class VhostUserServer implements KickWatcher {
       this.backend.serviceQueue(queue);
     } catch (e) {
       this.#disconnect(`dropping the front-end: queue ${queue}: ${errorText(e)}`, true);
+    }
+  }
+
+  #deviceEvent(token: number): void {
+    const handler = this.#deviceHandlers.get(token);
+    if (handler === undefined) return;
+    try {
+      handler();
+    } catch (e) {
+      this.#disconnect(`dropping the front-end: device event: ${errorText(e)}`, true);
     }
   }
 

@@ -25,9 +25,17 @@ export class DaemonProcess {
     this.#pumps = [pump(child.stdout, "stdout"), pump(child.stderr, "stderr")];
   }
 
-  /** Starts `deno run -A daemon/main.ts ...args` (or `deno task <args>` with `task`). */
-  static spawn(args: string[], env?: Record<string, string>, task = false): DaemonProcess {
-    const argv = task ? ["task", ...args] : ["run", "-A", MAIN, ...args];
+  /**
+   * Starts `deno run -A daemon/main.ts ...args`; with `task`, `deno task ...args`; with `script`,
+   * `deno run -A <script> ...args` (a device written against the public API).
+   */
+  static spawn(
+    args: string[],
+    env?: Record<string, string>,
+    task = false,
+    script = MAIN,
+  ): DaemonProcess {
+    const argv = task ? ["task", ...args] : ["run", "-A", script, ...args];
     const child = new Deno.Command(Deno.execPath(), {
       args: argv,
       cwd: new URL("../..", import.meta.url).pathname,
@@ -40,8 +48,13 @@ export class DaemonProcess {
   }
 
   /** Starts a daemon and waits until it prints its banner (its sockets then listen). */
-  static async start(args: string[], env?: Record<string, string>, task = false) {
-    const d = DaemonProcess.spawn(args, env, task);
+  static async start(
+    args: string[],
+    env?: Record<string, string>,
+    task = false,
+    script = MAIN,
+  ): Promise<DaemonProcess> {
+    const d = DaemonProcess.spawn(args, env, task, script);
     await d.waitFor(() => d.stdout.includes("vhostd: serving"), 30_000, "the start banner");
     return d;
   }
