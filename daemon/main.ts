@@ -10,6 +10,8 @@ import type { BlkOptions } from "../devices/blk/device.ts";
 import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
 import type { ServiceOptions } from "./service.ts";
 import { runServices } from "./serve.ts";
+import { cmdProbe } from "./probe.ts";
+import { cmdLoad } from "./load.ts";
 
 const HELP = `vhostd: virtio devices for QEMU over vhost-user
 
@@ -18,6 +20,8 @@ Usage: deno task vhostd <command> [options]
 Commands:
   blk      serve a disk image as a virtio-blk device
   start    serve a 1 GiB scratch disk with default settings (no options needed)
+  probe    show what any vhost-user back-end offers (features, queues, config)
+  load     measure a vhost-user-blk back-end: IOPS, MB/s, latency
   help     show this text, or "help <command>"
 
 Run "deno task vhostd <command> --help" for a command's options.
@@ -124,6 +128,7 @@ function planBlk(
     readOnly: flags.readOnly,
     queues: flags.queues,
     serial: flags.serial ?? `vhostd-${base}`.slice(0, 20),
+    faultKillAfter: Number(Deno.env.get("VHOSTD_FAULT_KILL_AFTER") ?? 0) || undefined,
   };
   const service: ServiceOptions = {
     socket,
@@ -226,6 +231,8 @@ async function cmdStart(args: string[]): Promise<number> {
 const commands: Record<string, (args: string[]) => Promise<number>> = {
   blk: cmdBlk,
   start: cmdStart,
+  probe: cmdProbe,
+  load: cmdLoad,
 };
 
 /** Runs the command line; returns the exit code. */

@@ -28,14 +28,19 @@ export async function runServices(
     throw e;
   }
   console.log(banner);
-  let signals = 0;
+  let firstSignalAt = 0;
   let stopping: Promise<unknown> | null = null;
   const onSignal = (sig: Deno.Signal) => {
-    if (++signals > 1) {
+    // Under `deno task` or npx a terminal's Ctrl-C reaches us twice at once (from the terminal
+    // and forwarded by the wrapper): a repeat within 300 ms is the same request.
+    const now = Date.now();
+    if (firstSignalAt !== 0 && now - firstSignalAt < 300) return;
+    if (firstSignalAt !== 0) {
       logger.warn("second {signal}: exiting now", { signal: sig });
       for (const s of services) s.removeSocket();
       Deno.exit(1);
     }
+    firstSignalAt = now;
     logger.info("{signal}: finishing in-flight requests and stopping", { signal: sig });
     stopping = Promise.all(services.map((s) => s.stop()));
   };

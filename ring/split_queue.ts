@@ -13,6 +13,7 @@ import { signalEventFd } from "../sys/event.ts";
 import { closeQuietly } from "../sys/libc.ts";
 import { DescriptorChain, MAX_SEGMENTS } from "./descriptor_chain.ts";
 import type { GuestMemory, MemoryRegion } from "./guest_memory.ts";
+import type { InflightRegion } from "./inflight.ts";
 
 /** Descriptor flags. */
 export const VIRTQ_DESC_F_NEXT = 1;
@@ -89,6 +90,8 @@ export class SplitQueue implements Virtqueue {
   errFd: number = -1;
   /** Why the queue broke (for the log). */
   error = "";
+  /** This queue's inflight tracking region (INFLIGHT_SHMFD), or null. */
+  inflight: InflightRegion | null = null;
 
   readonly #chain = new DescriptorChain();
   #memory: GuestMemory | null = null;
@@ -102,6 +105,7 @@ export class SplitQueue implements Virtqueue {
   #signalledUsed = 0;
   #signalledValid = false;
   #pushedSinceNotify = false;
+  #resubmit: number[] = [];
 
   /** Creates queue `index` admitting sizes up to `maxSize`. */
   constructor(index: number, maxSize: number) {
@@ -129,6 +133,8 @@ export class SplitQueue implements Virtqueue {
     this.#desc = this.#avail = this.#used = null;
     this.#signalledValid = false;
     this.#pushedSinceNotify = false;
+    this.#resubmit = [];
+    this.inflight = null;
     this.setKickFd(-1);
     this.setCallFd(-1);
     this.setErrFd(-1);
@@ -208,7 +214,23 @@ export class SplitQueue implements Virtqueue {
 
   /** Whether the driver has made chains available that the device has not popped. */
   hasAvailable(): boolean {
-    return this.availIdx() !== this.lastAvailIdx;
+    return this.#resubmit.length > 0 || this.availIdx() !== this.lastAvailIdx;
+  }
+
+  /**
+   * Starts the ring (SET_VRING_KICK). With inflight tracking, chains an earlier back-end took and
+   * never completed are queued for resubmission, oldest first, and the available index resumes
+   * after them. Returns how many chains will be resubmitted.
+   */
+  start(): number {
+    this.started = true;
+    this.#signalledValid = false;
+    this.#resubmit = [];
+    if (this.inflight === null || !this.#translated()) return 0;
+    this.syncUsedIdx();
+    this.#resubmit = this.inflight.recover(this.usedIdx).filter((head) => head < this.size);
+    this.lastAvailIdx = (this.usedIdx + this.#resubmit.length) & 0xffff;
+    return this.#resubmit.length;
   }
 
   /** Marks the queue broken, tells the front-end through the error eventfd, and returns null. */
@@ -222,6 +244,10 @@ export class SplitQueue implements Virtqueue {
   /** Pops the next available chain into the queue's preallocated chain object. */
   pop(): DescriptorChain | null {
     if (this.broken) return null;
+    if (this.#resubmit.length > 0) {
+      const err = this.#parse(this.#resubmit.shift()!, this.#chain);
+      return err === null ? this.#chain : this.fail(err);
+    }
     const avail = this.#avail!;
     const availIdx = Atomics.load(avail.u16, (this.#availOff + 2) >> 1);
     if (availIdx === this.lastAvailIdx) return null;
@@ -232,7 +258,9 @@ export class SplitQueue implements Virtqueue {
     const head = avail.u16[slot];
     this.lastAvailIdx = (this.lastAvailIdx + 1) & 0xffff;
     const err = this.#parse(head, this.#chain);
-    return err === null ? this.#chain : this.fail(err);
+    if (err !== null) return this.fail(err);
+    this.inflight?.markTaken(head);
+    return this.#chain;
   }
 
   #parse(head: number, chain: DescriptorChain): string | null {
@@ -297,11 +325,13 @@ export class SplitQueue implements Virtqueue {
   /** {@link push} by head index, for devices that completed a chain after popping others. */
   pushHead(head: number, written: number): void {
     const used = this.#used!;
+    this.inflight?.beforeComplete(head);
     const elem = (this.#usedOff + 4 + 8 * (this.usedIdx % this.size)) >> 2;
     used.u32[elem] = head;
     used.u32[elem + 1] = written;
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
     Atomics.store(used.u16, (this.#usedOff + 2) >> 1, this.usedIdx);
+    this.inflight?.afterComplete(head, this.usedIdx);
     this.#pushedSinceNotify = true;
   }
 
@@ -341,8 +371,4 @@ export class SplitQueue implements Virtqueue {
     if (needed && this.callFd >= 0) signalEventFd(this.callFd);
   }
 
-  /** Forces the next {@link notify} to interrupt (after a restart, the driver's view is unknown). */
-  resetSignalled(): void {
-    this.#signalledValid = false;
-  }
 }

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { createEventFd, drainEventFd } from "../sys/event.ts";
 import { createMemfd } from "../sys/mman.ts";
 import { GuestMemory } from "./guest_memory.ts";
+import { InflightRegion, inflightQueueSize } from "./inflight.ts";
 import {
   SplitQueue,
   VIRTQ_DESC_F_INDIRECT,
@@ -374,3 +375,41 @@ Deno.test("ring parts outside guest memory are refused at attach", () => {
     memory.clear();
   }
 });
+
+Deno.test(
+  "inflight tracking: a restarted back-end resubmits what the dead one took, oldest first",
+  withGuest((g) => {
+    const buf = new DataView(new ArrayBuffer(inflightQueueSize(QSIZE)));
+    g.queue.inflight = new InflightRegion(buf, 0, QSIZE);
+    assert.equal(g.queue.start(), 0, "a fresh buffer has nothing pending");
+    for (const head of [4, 1, 6]) {
+      g.desc(head, DATA + head * 64, 8, VIRTQ_DESC_F_WRITE);
+      g.makeAvailable(head);
+    }
+    const taken = [g.queue.pop()!.head, g.queue.pop()!.head, g.queue.pop()!.head];
+    assert.deepEqual(taken, [4, 1, 6]);
+    g.queue.pushHead(1, 8); // completed out of order; 4 and 6 die with the back-end
+
+    // A new back-end process: fresh queue state, same guest memory and inflight buffer.
+    const q = new SplitQueue(0, 256);
+    q.size = QSIZE;
+    q.addresses = g.queue.addresses;
+    assert.equal(q.attach(g.memory), null);
+    q.enabled = true;
+    q.indirect = true;
+    q.lastAvailIdx = 1; // what QEMU restores: the used index
+    q.inflight = new InflightRegion(buf, 0, QSIZE);
+    assert.equal(q.start(), 2);
+    assert.equal(q.lastAvailIdx, 3, "new requests start after the three taken ones");
+    assert.deepEqual([q.pop()!.head, q.pop()!.head], [4, 6]);
+    assert.equal(q.pop(), null);
+    q.pushHead(6, 8);
+    q.pushHead(4, 8);
+    const again = new SplitQueue(0, 256);
+    again.size = QSIZE;
+    again.addresses = g.queue.addresses;
+    again.attach(g.memory);
+    again.inflight = new InflightRegion(buf, 0, QSIZE);
+    assert.equal(again.start(), 0, "nothing pending once all were completed");
+  }),
+);

@@ -14,18 +14,23 @@
 
 import { getLogger, type Logger } from "@logtape/logtape";
 import { closeQuietly, setNonBlocking } from "../sys/libc.ts";
+import { createMemfd, Mapping } from "../sys/mman.ts";
+import { InflightRegion, inflightQueueSize } from "../ring/inflight.ts";
 import { GuestMemory, MemoryError } from "../ring/guest_memory.ts";
-import { SplitQueue } from "../ring/split_queue.ts";
+import { MAX_QUEUE_SIZE, SplitQueue } from "../ring/split_queue.ts";
 import type { VirtioDevice } from "../devices/device.ts";
 import { type Connection, ProtocolError } from "./connection.ts";
 import {
   bit,
   configPayload,
   decodeConfig,
+  decodeInflight,
   decodeMemRegion,
   decodeMemTable,
   decodeVringAddr,
   Flags,
+  type InflightInfo,
+  inflightPayload,
   type Message,
   PAYLOAD_SIZE,
   ProtocolFeature,
@@ -118,6 +123,7 @@ export class VhostUserBackend {
   status = 0;
   readonly #watcher: KickWatcher;
   readonly #log: Logger;
+  #inflight: Mapping | null = null;
 
   /** Creates the back-end for `device`; kick fds are registered through `watcher`. */
   constructor(device: VirtioDevice, watcher: KickWatcher, options: BackendOptions = {}) {
@@ -292,6 +298,14 @@ export class VhostUserBackend {
         this.#attachAll();
         return removed;
       }
+      case Request.GET_INFLIGHT_FD:
+        this.#requireProtocol(m, ProtocolFeature.INFLIGHT_SHMFD);
+        this.#getInflight(m, conn);
+        return null;
+      case Request.SET_INFLIGHT_FD:
+        this.#requireProtocol(m, ProtocolFeature.INFLIGHT_SHMFD);
+        this.#setInflight(m);
+        return true;
       case Request.SET_STATUS:
         // Status 0 (the driver resets) must not lose ring state: QEMU 7.2 sends it before
         // GET_VRING_BASE and reads the indices afterwards.
@@ -312,6 +326,59 @@ export class VhostUserBackend {
     }
     this.#log.warn("rejecting {request}: not supported by this device", { request: name });
     return false;
+  }
+
+  #requireProtocol(m: Message, feature: number): void {
+    if (!(this.protocolFeatures & bit(feature))) {
+      throw new ProtocolError(`${requestName(m.request)} needs a protocol feature not offered`);
+    }
+  }
+
+  #inflightLayout(p: DataView): InflightInfo {
+    const info = decodeInflight(p);
+    if (info.numQueues < 1 || info.numQueues > this.queues.length) {
+      throw new ProtocolError(`inflight buffer for ${info.numQueues} queues`);
+    }
+    if (info.queueSize < 1 || info.queueSize > MAX_QUEUE_SIZE) {
+      throw new ProtocolError(`inflight buffer for queues of size ${info.queueSize}`);
+    }
+    return info;
+  }
+
+  #getInflight(m: Message, conn: Connection): void {
+    const info = this.#inflightLayout(m.payload);
+    const size = info.numQueues * inflightQueueSize(info.queueSize);
+    const fd = createMemfd("vhostd-inflight", size);
+    try {
+      conn.reply(m.request, inflightPayload({ ...info, mmapSize: size, mmapOffset: 0 }), [fd]);
+    } finally {
+      closeQuietly(fd);
+    }
+  }
+
+  #setInflight(m: Message): void {
+    const info = this.#inflightLayout(m.payload);
+    const fd = this.#takeFd(m);
+    const per = inflightQueueSize(info.queueSize);
+    try {
+      if (info.mmapSize < info.numQueues * per) {
+        throw new ProtocolError(`inflight buffer of ${info.mmapSize} bytes is too small`);
+      }
+      this.#dropInflight();
+      this.#inflight = Mapping.map(fd, info.mmapSize + info.mmapOffset);
+    } finally {
+      closeQuietly(fd);
+    }
+    const view = new DataView(this.#inflight.buffer);
+    for (let i = 0; i < info.numQueues; i++) {
+      this.queues[i].inflight = new InflightRegion(view, info.mmapOffset + i * per, info.queueSize);
+    }
+  }
+
+  #dropInflight(): void {
+    for (const q of this.queues) q.inflight = null;
+    this.#inflight?.unmap();
+    this.#inflight = null;
   }
 
   #setFeatures(v: bigint): boolean {
@@ -387,8 +454,13 @@ export class VhostUserBackend {
       setNonBlocking(fd);
       q.setKickFd(fd);
       this.#watcher.watchKick(fd, q.index);
-      q.started = true;
-      q.resetSignalled();
+      const resubmitted = q.start();
+      if (resubmitted > 0) {
+        this.#log.info("resubmitting {count} requests left in flight by an earlier back-end", {
+          count: resubmitted,
+          queue: q.index,
+        });
+      }
       // Requests may have been queued before the kick fd existed (for instance after a restart).
       this.serviceQueue(q.index);
     }
@@ -448,6 +520,7 @@ export class VhostUserBackend {
   /** The front-end went away: reset everything, unmap guest memory. */
   disconnect(): void {
     this.resetDevice();
+    this.#dropInflight();
     this.memory.clear();
     this.ackedFeatures = 0n;
     this.ackedProtocolFeatures = 0n;

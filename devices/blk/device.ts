@@ -9,7 +9,7 @@
 
 import { getLogger, type Logger } from "@logtape/logtape";
 import type { DescriptorChain, VirtioDevice, Virtqueue } from "../device.ts";
-import { bit } from "../../vhost-user/message.ts";
+import { bit, ProtocolFeature } from "../../vhost-user/message.ts";
 import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
@@ -97,6 +97,11 @@ export interface BlkOptions {
   blockSize?: number;
   /** Device name in logs; default `blk`. */
   name?: string;
+  /**
+   * Fault injection for restart tests: SIGKILL this process right after taking the Nth request,
+   * before completing it (set from the environment variable VHOSTD_FAULT_KILL_AFTER).
+   */
+  faultKillAfter?: number;
 }
 
 /** A virtio-blk device backed by a file descriptor. */
@@ -109,6 +114,8 @@ export class BlkDevice implements VirtioDevice {
   readonly numQueues: number;
   /** Device feature bits. */
   readonly features: bigint;
+  /** Crash-consistent reconnect: QEMU keeps the inflight buffer across back-end restarts. */
+  readonly protocolFeatures: bigint = bit(ProtocolFeature.INFLIGHT_SHMFD);
   /** Capacity in 512-byte sectors. */
   readonly capacity: number;
   /** Write cache enabled (writeback); when off, every write is followed by fdatasync. */
@@ -126,6 +133,7 @@ export class BlkDevice implements VirtioDevice {
   readonly #zerosAddress = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#zeros)));
   readonly #log: Logger;
   #errors = 0;
+  #killAfter: number;
 
   /** Builds the device around an open image fd. */
   constructor(options: BlkOptions) {
@@ -137,6 +145,7 @@ export class BlkDevice implements VirtioDevice {
     this.capacity = Math.floor(options.sizeBytes / SECTOR);
     this.#serial = new TextEncoder().encode(options.serial).subarray(0, BLK_ID_BYTES);
     this.#log = getLogger(["vhostd", this.name]);
+    this.#killAfter = options.faultKillAfter ?? 0;
     let f = bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE) |
       bit(BlkFeature.FLUSH) | bit(BlkFeature.CONFIG_WCE) | bit(BlkFeature.MQ) |
       bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES);
@@ -176,6 +185,7 @@ export class BlkDevice implements VirtioDevice {
   /** Serves every available request on the queue. */
   processQueue(queue: Virtqueue): void {
     for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+      if (this.#killAfter > 0 && --this.#killAfter === 0) Deno.kill(Deno.pid, "SIGKILL");
       queue.push(chain, this.#handle(chain));
     }
   }
