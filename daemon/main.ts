@@ -12,6 +12,7 @@ import type { ServiceOptions } from "./service.ts";
 import { runServices } from "./serve.ts";
 import { cmdProbe } from "./probe.ts";
 import { cmdLoad } from "./load.ts";
+import { cmdConsole } from "./console.ts";
 
 const HELP = `vhostd: virtio devices for QEMU over vhost-user
 
@@ -39,7 +40,9 @@ Options:
   --queues N          queues offered, 1-64 (default 16; QEMU uses one per vCPU by default)
   --direct            open the image with O_DIRECT (bypass the host page cache)
   --serial ID         serial number the guest sees (default: vhostd-<image name>)
-  --socket-mode MODE  octal mode of the socket file (default 0600)
+  --socket-mode MODE  octal mode of the socket file (default 0600: only the owner may connect)
+  --socket-group GRP  group of the socket file (name or gid; use with --socket-mode 0660)
+  --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
   --log-level LEVEL   trace, debug, info, warning, error (default info)
   --log-format FMT    text or json (default text)
   -h, --help          show this text
@@ -59,6 +62,8 @@ const commonOptions = {
   "log-level": { type: "string" },
   "log-format": { type: "string" },
   "socket-mode": { type: "string" },
+  "socket-group": { type: "string" },
+  "allow-uid": { type: "string", multiple: true },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -80,6 +85,38 @@ function parseMode(s: string | undefined): number {
     throw new UsageError(`--socket-mode must be octal like 0660, not "${s}"`);
   }
   return parseInt(s, 8);
+}
+
+/** Who may connect: the socket's mode and group, and the peer uids accepted. */
+interface Access {
+  socketMode: number;
+  socketGroup?: number;
+  allowUids?: number[];
+}
+
+function parseAccess(
+  values: { "socket-mode"?: string; "socket-group"?: string; "allow-uid"?: string[] },
+): Access {
+  const access: Access = { socketMode: parseMode(values["socket-mode"]) };
+  const group = values["socket-group"];
+  if (group !== undefined) {
+    if (/^\d+$/.test(group)) access.socketGroup = Number(group);
+    else {
+      const line = Deno.readTextFileSync("/etc/group").split("\n").find((l) =>
+        l.split(":")[0] === group
+      );
+      if (!line) throw new UsageError(`--socket-group: no group named "${group}"`);
+      access.socketGroup = Number(line.split(":")[2]);
+    }
+  }
+  const uids = values["allow-uid"]?.flatMap((s) => s.split(","));
+  if (uids) {
+    access.allowUids = uids.map((u) => {
+      if (!/^\d+$/.test(u)) throw new UsageError(`--allow-uid takes numeric uids, not "${u}"`);
+      return Number(u);
+    });
+  }
+  return access;
 }
 
 function parseIntOption(
@@ -117,7 +154,7 @@ function planBlk(
   image: string,
   flags: { readOnly: boolean; direct: boolean; queues: number; serial?: string },
   log: LogSettings,
-  socketMode: number,
+  access: Access,
 ): BlkPlan {
   const { fd, sizeBytes } = openImage(image, flags.readOnly, flags.direct);
   const base = image.split("/").pop() ?? "disk";
@@ -136,7 +173,7 @@ function planBlk(
     options: blk,
     name: "blk",
     log,
-    socketMode,
+    ...access,
   };
   return { service, blk };
 }
@@ -191,7 +228,7 @@ async function cmdBlk(args: string[]): Promise<number> {
       serial: values.serial,
     },
     log,
-    parseMode(values["socket-mode"]),
+    parseAccess(values),
   );
   return await runServices([plan.service], log, describe(plan));
 }
@@ -223,7 +260,7 @@ async function cmdStart(args: string[]): Promise<number> {
       queues: 16,
     },
     log,
-    parseMode(values["socket-mode"]),
+    parseAccess(values),
   );
   return await runServices([plan.service], log, describe(plan));
 }
@@ -233,6 +270,7 @@ const commands: Record<string, (args: string[]) => Promise<number>> = {
   start: cmdStart,
   probe: cmdProbe,
   load: cmdLoad,
+  console: cmdConsole,
 };
 
 /** Runs the command line; returns the exit code. */

@@ -26,6 +26,8 @@ export interface ServiceOptions {
   log: LogSettings;
   /** Socket file mode; default 0o600. */
   socketMode?: number;
+  /** Group id to give the socket file (with a mode that lets the group in). */
+  socketGroup?: number;
   /** User ids allowed to connect. */
   allowUids?: number[];
 }
@@ -34,7 +36,7 @@ export interface ServiceOptions {
  * Binds `path`: a live socket is never taken over, a stale one is replaced, and anything that is
  * not a socket is left alone.
  */
-export function bindSocket(path: string, mode = 0o600): number {
+export function bindSocket(path: string, mode = 0o600, gid?: number): number {
   const state = probeSocketPath(path);
   if (state === "live") {
     throw new UsageError(`socket ${path} is in use by a running back-end`);
@@ -50,6 +52,7 @@ export function bindSocket(path: string, mode = 0o600): number {
     throw new UsageError(`cannot listen on ${path}: ${(e as Error).message}`);
   }
   Deno.chmodSync(path, mode);
+  if (gid !== undefined) Deno.chownSync(path, null, gid);
   return fd;
 }
 
@@ -80,7 +83,7 @@ export class DeviceService {
 
   /** Binds the socket, starts the worker and waits until the device is built. */
   static async start(options: ServiceOptions): Promise<DeviceService> {
-    const listenFd = bindSocket(options.socket, options.socketMode);
+    const listenFd = bindSocket(options.socket, options.socketMode, options.socketGroup);
     const shutdownFd = createEventFd();
     const worker = new Worker(new URL("./worker.ts", import.meta.url).href, { type: "module" });
     let onReady!: () => void, onFail!: (e: Error) => void;

@@ -148,3 +148,43 @@ Deno.test("help: every command has --help with an example or a description", asy
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /unknown command "frobnicate"/);
 });
+
+Deno.test("blk: --socket-group and --socket-mode widen the socket; --allow-uid refuses others", () =>
+  withDir(async (dir) => {
+    sparseFile(`${dir}/d.img`, 1 << 20);
+    const sock = `${dir}/g.sock`;
+    const d = await DaemonProcess.start([
+      "blk",
+      "--socket",
+      sock,
+      "--image",
+      `${dir}/d.img`,
+      "--socket-mode",
+      "0660",
+      "--socket-group",
+      "1234",
+      "--allow-uid",
+      "4321",
+    ]);
+    try {
+      const st = Deno.lstatSync(sock);
+      assert.equal(st.mode! & 0o777, 0o660);
+      assert.equal(st.gid, 1234);
+      // We connect as root (uid 0), which is not allowed: the daemon logs and closes.
+      const conn = await Deno.connect({ transport: "unix", path: sock });
+      const n = await conn.read(new Uint8Array(1));
+      conn.close();
+      assert.equal(n, null, "connection closed by the daemon");
+      await d.waitFor(
+        () => /refusing front-end pid \d+ uid 0: uid not allowed/.test(d.stderr),
+        5000,
+        "refusal",
+      );
+    } finally {
+      assert.equal(await d.stop(), 0, d.stderr);
+    }
+    await assertUsageError(
+      ["blk", "--socket", sock, "--image", `${dir}/d.img`, "--socket-group", "no-such-group"],
+      /no group named "no-such-group"/,
+    );
+  }));

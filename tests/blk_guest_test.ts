@@ -197,3 +197,36 @@ Deno.test("guest: RAM without a shared fd gets a clear error naming memory-backe
       assert.equal(await d.stop(), 0, d.stderr);
     }
   }));
+
+Deno.test("guest: a host write error (ENOSPC) reaches the guest as an I/O error", () =>
+  withDir(async (dir) => {
+    const small = `${dir}/small`;
+    Deno.mkdirSync(small);
+    const mount = await new Deno.Command("mount", {
+      args: ["-t", "tmpfs", "-o", "size=8m", "vhostd-test", small],
+    }).output();
+    assert.equal(mount.code, 0, new TextDecoder().decode(mount.stderr));
+    let d: DaemonProcess | undefined;
+    try {
+      sparseFile(`${small}/d.img`, 64 * MiB);
+      const sock = `${dir}/d.sock`;
+      d = await DaemonProcess.start(["blk", "--socket", sock, "--image", `${small}/d.img`]);
+      const r = await runGuest({
+        vhostUserBlk: [{ socket: sock }],
+        script: `
+if dd if=/dev/urandom of=/dev/vda bs=1M count=32 oflag=direct 2>/tmp/dd.err; then
+  echo "RESULT write=succeeded"
+else
+  echo "RESULT write=failed"; cat /tmp/dd.err
+fi
+`,
+      });
+      assertGuestSuccess(r);
+      assert.equal(parseResults(r.console, "RESULT ").write, "failed", describeGuestRun(r));
+      assert.match(r.console, /Input\/output error/);
+      assert.match(d.stderr, /write failed .*errno 28/);
+    } finally {
+      if (d) assert.equal(await d.stop(), 0, d.stderr);
+      await new Deno.Command("umount", { args: [small] }).output();
+    }
+  }));

@@ -134,6 +134,7 @@ export class BlkDevice implements VirtioDevice {
   readonly #log: Logger;
   #errors = 0;
   #killAfter: number;
+  readonly #path: string;
 
   /** Builds the device around an open image fd. */
   constructor(options: BlkOptions) {
@@ -146,6 +147,7 @@ export class BlkDevice implements VirtioDevice {
     this.#serial = new TextEncoder().encode(options.serial).subarray(0, BLK_ID_BYTES);
     this.#log = getLogger(["vhostd", this.name]);
     this.#killAfter = options.faultKillAfter ?? 0;
+    this.#path = options.path;
     let f = bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE) |
       bit(BlkFeature.FLUSH) | bit(BlkFeature.CONFIG_WCE) | bit(BlkFeature.MQ) |
       bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES);
@@ -321,7 +323,7 @@ export class BlkDevice implements VirtioDevice {
     if (this.#errors++ % 1000 === 0) {
       this.#log.error("{what} failed on {path}: errno {errno} ({count} errors so far)", {
         what,
-        path: this.name,
+        path: this.#path,
         errno: -negErrno,
         count: this.#errors,
       });
