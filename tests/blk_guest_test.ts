@@ -230,3 +230,39 @@ fi
       await new Deno.Command("umount", { args: [small] }).output();
     }
   }));
+
+Deno.test("guest: SIGTERM during guest I/O stops within 5 s, exit 0, socket removed", () =>
+  withDir(async (dir) => {
+    sparseFile(`${dir}/d.img`, 64 * MiB);
+    const sock = `${dir}/d.sock`;
+    const d = await DaemonProcess.start(["blk", "--socket", sock, "--image", `${dir}/d.img`]);
+    let busy = false;
+    const guest = runGuest({
+      vhostUserBlk: [{ socket: sock }],
+      timeoutMs: 30_000,
+      onConsole: (t) => {
+        if (t.includes("LOAD-START")) busy = true;
+      },
+      script: `
+echo LOAD-START
+fio --name=load --filename=/dev/vda --rw=randrw --bs=4k --size=32M --direct=1 \\
+  --ioengine=libaio --iodepth=16 --time_based --runtime=60 >/dev/null 2>&1 &
+sleep 8
+`,
+    }).catch((e) => e);
+    try {
+      await d.waitFor(() => busy, 60_000, "guest load");
+      await new Promise((r) => setTimeout(r, 1000));
+      const t0 = Date.now();
+      const code = await d.stop("SIGTERM");
+      const took = Date.now() - t0;
+      assert.equal(code, 0, d.stderr);
+      assert.ok(took < 5000, `stopped in ${took} ms`);
+      assert.throws(() => Deno.lstatSync(sock), Deno.errors.NotFound);
+      assert.match(d.stderr, /SIGTERM: finishing in-flight requests/);
+    } finally {
+      await d.stop("SIGKILL");
+      // The guest has lost its disk; it powers off after its sleep (or is killed by time-out).
+      await guest;
+    }
+  }));
