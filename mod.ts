@@ -11,9 +11,11 @@ export type { DeviceEventLoop, DeviceModule, VirtioDevice, Virtqueue } from "./d
 export { DescriptorChain } from "./ring/descriptor_chain.ts";
 export { GuestMemory, MemoryRegion, type MemoryRegionInfo } from "./ring/guest_memory.ts";
 export { type RingAddresses, SplitQueue } from "./ring/split_queue.ts";
+export { InflightRegion } from "./ring/inflight.ts";
 export { IoVec } from "./sys/io.ts";
 export { runServices, serveDevice, type ServeDeviceOptions } from "./daemon/serve.ts";
 export type { LogLevel, LogSettings } from "./daemon/log.ts";
 export type { ServiceOptions } from "./daemon/service.ts";
 export { BlkDevice, type BlkOptions } from "./devices/blk/device.ts";
 export * as vhostUser from "./vhost-user/mod.ts";
+export * as frontend from "./vhost-user/frontend/mod.ts";

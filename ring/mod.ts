@@ -7,3 +7,4 @@
 export * from "./guest_memory.ts";
 export * from "./descriptor_chain.ts";
 export * from "./split_queue.ts";
+export * from "./inflight.ts";

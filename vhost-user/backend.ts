@@ -15,7 +15,7 @@
 import { getLogger, type Logger } from "@logtape/logtape";
 import { closeQuietly, setNonBlocking } from "../sys/libc.ts";
 import { createMemfd, Mapping } from "../sys/mman.ts";
-import { InflightRegion, inflightQueueSize } from "../ring/inflight.ts";
+import { inflightQueueSize, InflightRegion } from "../ring/inflight.ts";
 import { GuestMemory, MemoryError } from "../ring/guest_memory.ts";
 import { MAX_QUEUE_SIZE, SplitQueue } from "../ring/split_queue.ts";
 import type { VirtioDevice } from "../devices/device.ts";

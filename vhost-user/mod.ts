@@ -9,3 +9,4 @@ export * from "./message.ts";
 export * from "./connection.ts";
 export * from "./backend.ts";
 export * from "./server.ts";
+export * as frontend from "./frontend/mod.ts";
