@@ -370,5 +370,4 @@ export class SplitQueue implements Virtqueue {
     }
     if (needed && this.callFd >= 0) signalEventFd(this.callFd);
   }
-
 }

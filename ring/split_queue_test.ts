@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { createEventFd, drainEventFd } from "../sys/event.ts";
 import { createMemfd } from "../sys/mman.ts";
 import { GuestMemory } from "./guest_memory.ts";
-import { InflightRegion, inflightQueueSize } from "./inflight.ts";
+import { inflightQueueSize, InflightRegion } from "./inflight.ts";
 import {
   SplitQueue,
   VIRTQ_DESC_F_INDIRECT,
