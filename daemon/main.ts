@@ -145,6 +145,7 @@ function usage<T>(parse: () => T): T {
 
 /** Everything needed to serve one block device. */
 interface BlkPlan {
+  socket: string;
   service: ServiceOptions;
   blk: BlkOptions;
 }
@@ -175,7 +176,7 @@ function planBlk(
     log,
     ...access,
   };
-  return { service, blk };
+  return { socket, service, blk };
 }
 
 function qemuLine(socket: string): string {
@@ -191,8 +192,8 @@ function describe(plan: BlkPlan): string {
   const b = plan.blk;
   const mib = (b.sizeBytes / 1048576).toFixed(b.sizeBytes % 1048576 ? 1 : 0);
   return `vhostd: serving ${b.path} (${mib} MiB, ${b.readOnly ? "read-only" : "read-write"}, ` +
-    `${b.queues} queues) on ${plan.service.socket}\nAttach it to QEMU 7.2 or newer with:\n` +
-    qemuLine(plan.service.socket) + "\n";
+    `${b.queues} queues) on ${plan.socket}\nAttach it to QEMU 7.2 or newer with:\n` +
+    qemuLine(plan.socket) + "\n";
 }
 
 async function cmdBlk(args: string[]): Promise<number> {

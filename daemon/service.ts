@@ -14,8 +14,8 @@ import type { WorkerInit, WorkerReport } from "./worker.ts";
 
 /** What to serve and where. */
 export interface ServiceOptions {
-  /** Path of the vhost-user socket to listen on. */
-  socket: string;
+  /** Path of the vhost-user socket to listen on; several paths serve several ports. */
+  socket: string | string[];
   /** URL of the device module (exports `createDevice`). */
   module: string | URL;
   /** Options for `createDevice` (structured-clonable). */
@@ -63,27 +63,36 @@ export class DeviceService {
   /** Settles when the worker has stopped (resolves) or died (rejects). */
   readonly done: Promise<void>;
   readonly #worker: Worker;
-  readonly #listenFd: number;
+  readonly #listenFds: number[];
   readonly #shutdownFd: number;
   #stopped = false;
 
   private constructor(
     options: ServiceOptions,
     worker: Worker,
-    listenFd: number,
+    listenFds: number[],
     shutdownFd: number,
     done: Promise<void>,
   ) {
     this.options = options;
     this.#worker = worker;
-    this.#listenFd = listenFd;
+    this.#listenFds = listenFds;
     this.#shutdownFd = shutdownFd;
     this.done = done;
   }
 
   /** Binds the socket, starts the worker and waits until the device is built. */
   static async start(options: ServiceOptions): Promise<DeviceService> {
-    const listenFd = bindSocket(options.socket, options.socketMode, options.socketGroup);
+    const listenFds: number[] = [];
+    try {
+      for (const path of socketPaths(options)) {
+        listenFds.push(bindSocket(path, options.socketMode, options.socketGroup));
+      }
+    } catch (e) {
+      for (const fd of listenFds) closeQuietly(fd);
+      for (const path of socketPaths(options).slice(0, listenFds.length)) removeQuietly(path);
+      throw e;
+    }
     const shutdownFd = createEventFd();
     const worker = new Worker(new URL("./worker.ts", import.meta.url).href, { type: "module" });
     let onReady!: () => void, onFail!: (e: Error) => void;
@@ -109,14 +118,14 @@ export class DeviceService {
     const init: WorkerInit = {
       moduleUrl: new URL(options.module).href,
       options: options.options,
-      listenFd,
+      listenFds,
       shutdownFd,
       log: options.log,
       name: options.name,
       allowUids: options.allowUids,
     };
     worker.postMessage(init);
-    const service = new DeviceService(options, worker, listenFd, shutdownFd, done);
+    const service = new DeviceService(options, worker, listenFds, shutdownFd, done);
     try {
       await ready;
     } catch (e) {
@@ -141,19 +150,28 @@ export class DeviceService {
     }
   }
 
-  /** Removes the socket file now (for an immediate exit). */
+  /** Removes the socket files now (for an immediate exit). */
   removeSocket(): void {
-    try {
-      Deno.removeSync(this.options.socket);
-    } catch {
-      // already gone
-    }
+    for (const path of socketPaths(this.options)) removeQuietly(path);
   }
 
   #cleanup(): void {
     this.#worker.terminate();
     this.removeSocket();
-    closeQuietly(this.#listenFd);
+    for (const fd of this.#listenFds) closeQuietly(fd);
     closeQuietly(this.#shutdownFd);
+  }
+}
+
+/** The socket paths a service listens on. */
+export function socketPaths(options: ServiceOptions): string[] {
+  return typeof options.socket === "string" ? [options.socket] : options.socket;
+}
+
+function removeQuietly(path: string): void {
+  try {
+    Deno.removeSync(path);
+  } catch {
+    // already gone
   }
 }

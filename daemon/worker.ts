@@ -8,7 +8,8 @@
 /// <reference lib="deno.worker" />
 
 import { getLogger } from "@logtape/logtape";
-import type { DeviceModule } from "../devices/device.ts";
+import type { DeviceModule, VirtioDevice } from "../devices/device.ts";
+import { EventLoop } from "../vhost-user/event_loop.ts";
 import { VhostUserServer } from "../vhost-user/server.ts";
 import { type LogSettings, setupLogging } from "./log.ts";
 
@@ -18,8 +19,8 @@ export interface WorkerInit {
   moduleUrl: string;
   /** Options for `createDevice`. */
   options: unknown;
-  /** The listening socket's fd. */
-  listenFd: number;
+  /** The listening sockets' fds: one device (port) per socket, all in this worker's loop. */
+  listenFds: number[];
   /** The eventfd that stops the loop. */
   shutdownFd: number;
   /** Logging settings. */
@@ -41,30 +42,35 @@ const report = (r: WorkerReport) => self.postMessage(r);
 self.onmessage = async (event: MessageEvent<WorkerInit>) => {
   const init = event.data;
   await setupLogging(init.log);
-  let device;
+  const devices: VirtioDevice[] = [];
   try {
     const mod = (await import(init.moduleUrl)) as DeviceModule;
-    device = await mod.createDevice(init.options);
+    for (let port = 0; port < init.listenFds.length; port++) {
+      devices.push(await mod.createDevice(init.options, port));
+    }
   } catch (e) {
     report({ type: "failed", message: (e as Error).message ?? String(e) });
     self.close();
     return;
   }
+  const loop = new EventLoop();
+  const servers = devices.map((device, i) =>
+    new VhostUserServer(init.listenFds[i], device, loop, { allowUids: init.allowUids })
+  );
   report({ type: "ready" });
-  const server = new VhostUserServer(init.listenFd, device, {
-    shutdownFd: init.shutdownFd,
-    allowUids: init.allowUids,
-  });
   try {
-    server.run();
+    for (const s of servers) s.start();
+    loop.run(init.shutdownFd);
   } catch (e) {
     getLogger(["vhostd", init.name]).fatal("data plane stopped: {error}", {
       error: (e as Error).stack ?? String(e),
     });
   } finally {
+    for (const s of servers) s.close();
     try {
-      device.close?.();
+      for (const d of devices) d.close?.();
     } finally {
+      loop.close();
       report({ type: "stopped" });
       self.close();
     }

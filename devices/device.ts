@@ -70,6 +70,10 @@ export interface VirtioDevice {
  * `export function createDevice(options) { ... }`.
  */
 export interface DeviceModule<Options = unknown> {
-  /** Builds the device from options that survived structured cloning. */
-  createDevice(options: Options): VirtioDevice | Promise<VirtioDevice>;
+  /**
+   * Builds the device from options that survived structured cloning. A service with several
+   * sockets calls it once per socket, with `port` counting from 0, in one worker: the devices
+   * can share module state (a switch does).
+   */
+  createDevice(options: Options, port: number): VirtioDevice | Promise<VirtioDevice>;
 }

@@ -10,7 +10,7 @@
  */
 
 import { getLogger, type Logger } from "@logtape/logtape";
-import { drainEventFd, Epoll } from "../sys/event.ts";
+import { drainEventFd } from "../sys/event.ts";
 import { closeQuietly, SysError } from "../sys/libc.ts";
 import {
   acceptUnix,
@@ -22,73 +22,70 @@ import {
 import type { DeviceEventLoop, VirtioDevice, Virtqueue } from "../devices/device.ts";
 import { type BackendOptions, type KickWatcher, VhostUserBackend } from "./backend.ts";
 import { Connection } from "./connection.ts";
+import type { EventLoop } from "./event_loop.ts";
 import { requestName } from "./message.ts";
-
-const TOKEN_SHUTDOWN = 0;
-const TOKEN_LISTEN = 1;
-const TOKEN_CONNECTION = 2;
-const TOKEN_KICK = 16;
-const TOKEN_DEVICE = 4096;
 
 /** Server options. */
 export interface ServerOptions extends BackendOptions {
-  /** An eventfd; when signalled, the loop returns. */
-  shutdownFd: number;
   /** User ids allowed to connect (default: anyone who can open the socket). */
   allowUids?: number[];
   /** Time a front-end may take to send the rest of a message it started, in ms. */
   messageTimeoutMs?: number;
 }
 
-/** One device's vhost-user server loop. */
+/**
+ * One device's vhost-user server on a shared {@link EventLoop}: it accepts one front-end at a time,
+ * handles its messages, and services the device's queues when they are kicked.
+ */
 export class VhostUserServer implements KickWatcher, DeviceEventLoop {
   /** The protocol state. */
   readonly backend: VhostUserBackend;
   /** The connected front-end's credentials, if any. */
   peer: PeerCredentials | null = null;
   readonly #listenFd: number;
-  readonly #epoll: Epoll;
+  readonly #loop: EventLoop;
   readonly #options: ServerOptions;
   readonly #log: Logger;
   #conn: Connection | null = null;
-  readonly #deviceHandlers = new Map<number, () => void>();
-  readonly #deviceFds = new Map<number, number>();
-  #nextDeviceToken = TOKEN_DEVICE;
 
-  /** Serves `device` on the already listening socket `listenFd`. */
-  constructor(listenFd: number, device: VirtioDevice, options: ServerOptions) {
+  /** Serves `device` on the already listening socket `listenFd`, in `loop`. */
+  constructor(
+    listenFd: number,
+    device: VirtioDevice,
+    loop: EventLoop,
+    options: ServerOptions = {},
+  ) {
     this.#listenFd = listenFd;
+    this.#loop = loop;
     this.#options = options;
     this.#log = getLogger(["vhostd", device.name]);
-    this.#epoll = new Epoll(64);
     this.backend = new VhostUserBackend(device, this, options);
   }
 
   /** Registers a queue's kick eventfd. */
   watchKick(fd: number, queue: number): void {
-    this.#epoll.add(fd, TOKEN_KICK + queue);
+    this.#loop.watch(fd, () => this.#kick(queue));
   }
 
   /** Unregisters a kick eventfd. */
   unwatchKick(fd: number): void {
-    this.#epoll.remove(fd);
+    this.#loop.unwatch(fd);
   }
 
-  /** Watches a device's own fd. */
+  /** Watches a device's own fd; an exception from `handler` drops the front-end. */
   watch(fd: number, handler: () => void): void {
-    const token = this.#nextDeviceToken++;
-    this.#epoll.add(fd, token);
-    this.#deviceHandlers.set(token, handler);
-    this.#deviceFds.set(fd, token);
+    this.#loop.watch(fd, () => {
+      try {
+        handler();
+      } catch (e) {
+        this.#disconnect(`dropping the front-end: device event: ${errorText(e)}`, true);
+      }
+    });
   }
 
   /** Stops watching a device's fd. */
   unwatch(fd: number): void {
-    const token = this.#deviceFds.get(fd);
-    if (token === undefined) return;
-    this.#epoll.remove(fd);
-    this.#deviceFds.delete(fd);
-    this.#deviceHandlers.delete(token);
+    this.#loop.unwatch(fd);
   }
 
   /** A queue the device may push to now, or null. */
@@ -103,30 +100,17 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     if (q !== undefined && q.ready) q.notify();
   }
 
-  /** Runs until the shutdown eventfd is signalled. */
-  run(): void {
-    const ep = this.#epoll;
-    ep.add(this.#options.shutdownFd, TOKEN_SHUTDOWN);
-    ep.add(this.#listenFd, TOKEN_LISTEN);
+  /** Starts listening for front-ends and lets the device register its own fds. */
+  start(): void {
+    this.#loop.watch(this.#listenFd, () => this.#accept());
     this.backend.device.start?.(this);
-    try {
-      for (;;) {
-        const n = ep.wait(-1);
-        for (let i = 0; i < n; i++) {
-          const token = ep.readyTokens[i];
-          if (token === TOKEN_SHUTDOWN) return;
-          if (token >= TOKEN_DEVICE) this.#deviceEvent(token);
-          else if (token >= TOKEN_KICK) this.#kick(token - TOKEN_KICK);
-          else if (token === TOKEN_CONNECTION) this.#message();
-          else if (token === TOKEN_LISTEN) this.#accept();
-        }
-      }
-    } finally {
-      if (this.#conn) this.#disconnect("the daemon is shutting down");
-      ep.close();
-    }
   }
 
+  /** Drops any front-end and stops listening. */
+  close(): void {
+    if (this.#conn) this.#disconnect("the daemon is shutting down");
+    this.#loop.unwatch(this.#listenFd);
+  }
   #accept(): void {
     let fd: number;
     try {
@@ -162,7 +146,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     setSocketTimeouts(fd, this.#options.messageTimeoutMs ?? 5000);
     this.#conn = new Connection(fd);
     this.peer = cred;
-    this.#epoll.add(fd, TOKEN_CONNECTION);
+    this.#loop.watch(fd, () => this.#message());
     this.#log.info("front-end connected: pid {pid} uid {uid}", { ...cred });
   }
 
@@ -201,22 +185,12 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     }
   }
 
-  #deviceEvent(token: number): void {
-    const handler = this.#deviceHandlers.get(token);
-    if (handler === undefined) return;
-    try {
-      handler();
-    } catch (e) {
-      this.#disconnect(`dropping the front-end: device event: ${errorText(e)}`, true);
-    }
-  }
-
   #disconnect(reason: string, error = false): void {
     const conn = this.#conn;
     if (conn === null) return;
     if (error) this.#log.error(reason);
     else this.#log.info(reason);
-    this.#epoll.remove(conn.fd);
+    this.#loop.unwatch(conn.fd);
     this.#conn = null;
     this.peer = null;
     try {
