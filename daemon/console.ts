@@ -15,10 +15,7 @@ import {
   DEFAULT_SCROLLBACK,
   type PortConfig,
 } from "../devices/console/port_hub.ts";
-import type {
-  ChardevWorkerInit,
-  ChardevWorkerReport,
-} from "../devices/console/chardev_worker.ts";
+import type { ChardevWorkerInit, ChardevWorkerReport } from "../devices/console/chardev_worker.ts";
 import { queueCount } from "../devices/console/protocol.ts";
 import { createEventFd, signalEventFd } from "../sys/event.ts";
 import { closeQuietly, O, openFile } from "../sys/libc.ts";
@@ -146,7 +143,9 @@ export function planConsole(args: string[]): ConsolePlan | "help" {
   const names = ["console"];
   for (let i = 1; i < ports; i++) names.push(given[i - 1] ?? `port${i}`);
   if (new Set(names).size !== names.length) {
-    throw new UsageError(`port names must be unique (and "console" is port 0): ${names.join(", ")}`);
+    throw new UsageError(
+      `port names must be unique (and "console" is port 0): ${names.join(", ")}`,
+    );
   }
   const attach = v.attach ?? [];
   if (attach.length > ports) throw new UsageError(`${attach.length} --attach for ${ports} port(s)`);

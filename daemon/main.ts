@@ -21,6 +21,7 @@ Usage: deno task vhostd <command> [options]
 Commands:
   blk      serve a disk image as a virtio-blk device
   start    serve a 1 GiB scratch disk with default settings (no options needed)
+  console  serve a virtio console with logs, scrollback and attach sockets
   probe    show what any vhost-user back-end offers (features, queues, config)
   load     measure a vhost-user-blk back-end: IOPS, MB/s, latency
   help     show this text, or "help <command>"

@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DENO_VERSION=2.9.6
-PACKAGES="qemu-system-x86 qemu-system-common qemu-utils busybox-static fio iperf3 cpio"
+PACKAGES="qemu-system-x86 qemu-system-common qemu-utils busybox-static fio iperf3 cpio debootstrap"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -41,6 +41,9 @@ echo "deno: $("$DENO" --version | head -n1)"
 
 step "building the guest kit (Debian kernel, busybox, fio, iperf3)"
 bash tests/guest/build-kit.sh || { echo "guest kit build failed"; echo "0 passed, 1 failed"; exit 1; }
+
+step "building the QEMU 11.1 chroot (the only stock QEMU with a vhost-user console front-end)"
+bash tests/guest/build-qemu11.sh || { echo "QEMU 11.1 chroot build failed"; echo "0 passed, 1 failed"; exit 1; }
 
 step "running the test suite"
 out=$(mktemp)

@@ -494,8 +494,12 @@ export class VhostUserBackend {
     if (!q.ready) return;
     for (;;) {
       q.setNotification(false);
+      const before = q.lastAvailIdx;
       this.device.processQueue(q);
-      if (q.broken || !q.setNotification(true)) break;
+      if (q.broken) break;
+      // A device may leave chains available (a receive queue with nothing to send yet): when it
+      // took none, stop with notifications back on instead of spinning on the same chains.
+      if (!q.setNotification(true) || q.lastAvailIdx === before) break;
     }
     q.notify();
     if (q.broken) {

@@ -1,0 +1,176 @@
+/**
+ * The character-device mode's worker: QEMU's own virtio-console (`-device virtconsole` or
+ * `virtserialport`) talks to a `-chardev socket` that connects here, one socket per port, and
+ * the bytes are plain terminal data. The same {@link PortHub}s as in vhost-user mode keep the
+ * logs, scrollback and attach sockets, in one epoll loop.
+ *
+ * @module
+ */
+
+/// <reference lib="deno.worker" />
+
+import { getLogger } from "@logtape/logtape";
+import { closeQuietly, Errno, errno, libc, setNonBlocking } from "../../sys/libc.ts";
+import { acceptUnix } from "../../sys/socket.ts";
+import { type LogSettings, setupLogging } from "../../daemon/log.ts";
+import { EventLoop } from "../../vhost-user/event_loop.ts";
+import { type PortConfig, PortHub } from "./port_hub.ts";
+
+/** The first message the worker receives. */
+export interface ChardevWorkerInit {
+  /** The ports. */
+  ports: PortConfig[];
+  /** Per port: the listening socket QEMU's chardev connects to. */
+  chardevFds: number[];
+  /** Per port: its path, removed on exit. */
+  chardevPaths: string[];
+  /** Signalled to stop. */
+  shutdownFd: number;
+  /** Logging. */
+  log: LogSettings;
+}
+
+/** What the worker reports. */
+export type ChardevWorkerReport = { type: "ready" } | { type: "stopped" } | {
+  type: "failed";
+  message: string;
+};
+
+const READ_CHUNK = 16 * 1024;
+/** How often input that QEMU could not take yet is retried. */
+const RETRY_MS = 20;
+
+/** One port's link to QEMU's chardev. */
+class ChardevLink {
+  readonly hub: PortHub;
+  readonly #listenFd: number;
+  readonly #loop: EventLoop;
+  readonly #buf = new Uint8Array(READ_CHUNK);
+  #fd = -1;
+
+  constructor(hub: PortHub, listenFd: number, loop: EventLoop) {
+    this.hub = hub;
+    this.#listenFd = listenFd;
+    this.#loop = loop;
+    setNonBlocking(listenFd);
+    loop.watch(listenFd, () => this.#accept());
+    hub.onInput = () => this.flush();
+  }
+
+  /** Whether input is waiting for QEMU to take it. */
+  get backlog(): boolean {
+    return this.#fd >= 0 && this.hub.input.length > 0;
+  }
+
+  #accept(): void {
+    let fd: number;
+    try {
+      fd = acceptUnix(this.#listenFd);
+    } catch {
+      return;
+    }
+    if (this.#fd >= 0) {
+      // One QEMU per port: a second one would interleave two guests' bytes.
+      closeQuietly(fd);
+      return;
+    }
+    setNonBlocking(fd);
+    this.#fd = fd;
+    this.#loop.watch(fd, () => this.#read());
+    getLogger(["vhostd", "console"]).info("QEMU connected to port {port}", { port: this.hub.id });
+    this.flush();
+  }
+
+  #read(): void {
+    const n = Number(libc.read(this.#fd, this.#buf, BigInt(READ_CHUNK)));
+    if (n < 0) {
+      const err = errno();
+      if (err === Errno.EAGAIN || err === Errno.EINTR) return;
+    }
+    if (n <= 0) {
+      this.#disconnect();
+      return;
+    }
+    this.hub.output(this.#buf.subarray(0, n));
+  }
+
+  /** Sends waiting input to QEMU, as much as its socket takes now. */
+  flush(): void {
+    while (this.#fd >= 0 && this.hub.input.length > 0) {
+      const seg = this.hub.input.segment(0) as Uint8Array<ArrayBuffer>;
+      const n = Number(libc.write(this.#fd, seg, BigInt(seg.length)));
+      if (n < 0) {
+        const err = errno();
+        if (err === Errno.EINTR) continue;
+        if (err !== Errno.EAGAIN) this.#disconnect();
+        else this.#loop.wakeTicks(); // QEMU's socket is full: retry on the loop's tick
+        return;
+      }
+      this.hub.consumed(n);
+    }
+  }
+
+  #disconnect(): void {
+    if (this.#fd < 0) return;
+    this.#loop.unwatch(this.#fd);
+    closeQuietly(this.#fd);
+    this.#fd = -1;
+    getLogger(["vhostd", "console"]).info("QEMU left port {port}", { port: this.hub.id });
+  }
+
+  close(): void {
+    this.#disconnect();
+    this.#loop.unwatch(this.#listenFd);
+    closeQuietly(this.#listenFd);
+  }
+}
+
+const report = (r: ChardevWorkerReport) => self.postMessage(r);
+
+self.onmessage = async (event: MessageEvent<ChardevWorkerInit>) => {
+  const init = event.data;
+  await setupLogging(init.log);
+  const loop = new EventLoop();
+  const links: ChardevLink[] = [];
+  try {
+    init.ports.forEach((p, i) => {
+      const hub = new PortHub(p);
+      hub.start(loop);
+      links.push(new ChardevLink(hub, init.chardevFds[i], loop));
+    });
+    loop.addTick({
+      intervalMs: RETRY_MS,
+      run: () => {
+        for (const l of links) if (l.backlog) l.flush();
+        return links.some((l) => l.backlog);
+      },
+    });
+  } catch (e) {
+    report({ type: "failed", message: (e as Error).message });
+    self.close();
+    return;
+  }
+  report({ type: "ready" });
+  try {
+    loop.run(init.shutdownFd);
+  } catch (e) {
+    getLogger(["vhostd", "console"]).fatal("console loop stopped: {error}", {
+      error: (e as Error).stack ?? String(e),
+    });
+  } finally {
+    for (const l of links) {
+      l.close();
+      l.hub.close();
+    }
+    for (const path of init.chardevPaths) {
+      try {
+        Deno.removeSync(path);
+      } catch {
+        // already gone
+      }
+    }
+    loop.close();
+    report({ type: "stopped" });
+    self.close();
+  }
+};
