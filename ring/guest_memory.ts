@@ -9,7 +9,7 @@
  * @module
  */
 
-import { closeQuietly } from "../sys/libc.ts";
+import { closeQuietly, fdSize } from "../sys/libc.ts";
 import { Mapping } from "../sys/mman.ts";
 
 /** A region as described by SET_MEM_TABLE or ADD_MEM_REG. */
@@ -121,6 +121,20 @@ export class GuestMemory {
             `memory region at guest address 0x${info.guestPhysAddr.toString(16)} overlaps another`,
           );
         }
+      }
+      // mmap would accept a region larger than its file, and touching the part past the end is
+      // SIGBUS, which no JavaScript handler can catch: refuse it here instead.
+      let size: number;
+      try {
+        size = fdSize(fd);
+      } catch (e) {
+        throw new MemoryError(`memory region fd cannot be sized: ${(e as Error).message}`);
+      }
+      if (info.mmapOffset + info.memorySize > size) {
+        throw new MemoryError(
+          `memory region of ${info.memorySize} bytes at offset ${info.mmapOffset} is larger than ` +
+            `its fd (${size} bytes)`,
+        );
       }
       const region = new MemoryRegion(info, fd);
       this.#regions.push(region);

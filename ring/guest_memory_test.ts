@@ -75,6 +75,31 @@ Deno.test("overlapping, empty and absurd regions are refused, and their fds clos
   assert.equal(fdCount(), before, "no fd leaked");
 });
 
+Deno.test("a region larger than its fd is refused (it would be SIGBUS when touched)", () => {
+  const m = new GuestMemory();
+  try {
+    assert.throws(
+      () =>
+        m.add(
+          { guestPhysAddr: 0, memorySize: 1 << 30, userspaceAddr: 0, mmapOffset: 0 },
+          createMemfd("tiny", 4096),
+        ),
+      /larger than its fd/,
+    );
+    assert.throws(
+      () =>
+        m.add(
+          { guestPhysAddr: 0, memorySize: MiB, userspaceAddr: 0, mmapOffset: MiB },
+          createMemfd("short", MiB + 4096),
+        ),
+      /larger than its fd/,
+    );
+    assert.equal(m.regions.length, 0);
+  } finally {
+    m.clear();
+  }
+});
+
 Deno.test("removal unmaps and detaches the views instead of leaving them dangling", () => {
   const m = new GuestMemory();
   const info = {
