@@ -11,19 +11,24 @@ import { check, closeQuietly, cstring, Errno, errno, libc, SysError } from "./li
 
 const AF_UNIX = 1;
 const SOCK_STREAM = 1;
+const SOCK_DGRAM = 2;
 const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
 const SO_PEERCRED = 17;
 const SO_RCVTIMEO = 20;
 const SO_SNDTIMEO = 21;
+const MSG_PEEK = 0x2;
+const MSG_DONTWAIT = 0x40;
 const MSG_CTRUNC = 0x8;
 const MSG_WAITALL = 0x100;
 const MSG_NOSIGNAL = 0x4000;
 const MSG_CMSG_CLOEXEC = 0x40000000;
 
-/** The most fds one message may carry (SET_MEM_TABLE has up to 8; leave room to detect excess). */
+/** The most fds one received message may carry (SET_MEM_TABLE has up to 8; more is refused). */
 export const MAX_FDS = 16;
+/** The most fds {@link FdSocket.send} attaches (more than a receiver accepts, for tests). */
+const MAX_SEND_FDS = 64;
 
 const addressOf = (buf: BufferSource): bigint =>
   Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf as Uint8Array<ArrayBuffer>));
@@ -95,6 +100,37 @@ export function probeSocketPath(path: string): "live" | "stale" | "absent" | "no
   }
 }
 
+/**
+ * Sends one datagram to the Unix datagram socket at `path` (a leading `@` names an abstract
+ * socket, as in systemd's NOTIFY_SOCKET). This is all sd_notify needs.
+ *
+ * @example
+ * ```ts
+ * const target = Deno.env.get("NOTIFY_SOCKET");
+ * if (target) sendDatagram(target, new TextEncoder().encode("READY=1"));
+ * ```
+ */
+export function sendDatagram(path: string, data: Uint8Array<ArrayBuffer>): void {
+  let addr: Uint8Array<ArrayBuffer>;
+  if (path.startsWith("@")) {
+    // Abstract: a NUL first byte, then the name; the length counts no terminator.
+    const name = new TextEncoder().encode(path.slice(1));
+    if (name.length > 107) throw new SysError("sendto", Errno.ENAMETOOLONG, path);
+    addr = new Uint8Array(3 + name.length);
+    new DataView(addr.buffer).setUint16(0, AF_UNIX, true);
+    addr.set(name, 3);
+  } else {
+    addr = sockaddrUn(path);
+  }
+  const fd = check(libc.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0), "socket");
+  try {
+    const n = libc.sendto(fd, data, BigInt(data.length), MSG_NOSIGNAL, addr, addr.length);
+    check(n, "sendto", path);
+  } finally {
+    closeQuietly(fd);
+  }
+}
+
 /** Accepts one connection (blocking unless the listener is non-blocking); returns the fd. */
 export function acceptUnix(listenFd: number): number {
   return check(libc.accept4(listenFd, null, null, SOCK_CLOEXEC), "accept4");
@@ -141,7 +177,7 @@ export class FdSocket {
   readonly #controlView: DataView;
   readonly #iovAddr: bigint;
   readonly #controlAddr: bigint;
-  readonly #sendControl = new Uint8Array(16 + MAX_FDS * 4);
+  readonly #sendControl = new Uint8Array(16 + MAX_SEND_FDS * 4);
   readonly #sendControlAddr: bigint;
 
   /** Wraps a connected fd; `bufferSize` bounds the largest message that can be received. */
@@ -203,7 +239,7 @@ export class FdSocket {
 
   /** Sends `data` with `fds` attached to its first byte; loops over partial sends. */
   send(data: Uint8Array<ArrayBuffer>, fds: readonly number[] = []): void {
-    if (fds.length > MAX_FDS) throw new RangeError("too many fds");
+    if (fds.length > MAX_SEND_FDS) throw new RangeError("too many fds");
     const dataAddr = addressOf(data);
     let sent = 0;
     while (sent < data.length) {
@@ -237,6 +273,14 @@ export class FdSocket {
       sent += n;
     }
   }
+
+  /** Whether the peer has closed its end (EOF is next, with nothing unread before it). */
+  peerClosed(): boolean {
+    const n = Number(libc.recv(this.fd, this.#peek, 1n, MSG_PEEK | MSG_DONTWAIT));
+    return n === 0 || (n < 0 && errno() !== Errno.EAGAIN && errno() !== Errno.EINTR);
+  }
+
+  readonly #peek = new Uint8Array(1);
 
   /** Closes the socket. */
   close(): void {

@@ -24,6 +24,7 @@ import { type BackendOptions, type KickWatcher, VhostUserBackend } from "./backe
 import { Connection } from "./connection.ts";
 import type { EventLoop } from "./event_loop.ts";
 import { requestName } from "./message.ts";
+import { QueueStat } from "../ring/queue_stats.ts";
 
 /** Server options. */
 export interface ServerOptions extends BackendOptions {
@@ -31,6 +32,11 @@ export interface ServerOptions extends BackendOptions {
   allowUids?: number[];
   /** Time a front-end may take to send the rest of a message it started, in ms. */
   messageTimeoutMs?: number;
+  /**
+   * Called after anything `status` shows may have changed: a front-end connected or left, a
+   * control message was handled, a queue broke. Never called per request.
+   */
+  onStateChange?: (server: VhostUserServer) => void;
 }
 
 /**
@@ -135,6 +141,11 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
       closeQuietly(fd);
       return;
     }
+    // QEMU redials as soon as it sees our side close; its old connection's EOF may still be
+    // waiting in the same epoll batch. A dead connection must not lock the new one out.
+    if (this.#conn !== null && this.#conn.socket.peerClosed()) {
+      this.#disconnect("front-end closed the connection");
+    }
     if (this.#conn !== null) {
       this.#log.warn(
         "refusing front-end pid {pid} uid {uid}: another front-end (pid {current}) is connected",
@@ -148,6 +159,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     this.peer = cred;
     this.#loop.watch(fd, () => this.#message());
     this.#log.info("front-end connected: pid {pid} uid {uid}", { ...cred });
+    this.#options.onStateChange?.(this);
   }
 
   #message(): void {
@@ -164,6 +176,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
         fds: m.fds.length,
       });
       this.backend.handle(m, conn);
+      this.#options.onStateChange?.(this);
     } catch (e) {
       if (e instanceof PeerClosedError) {
         this.#disconnect("front-end closed the connection");
@@ -177,9 +190,11 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
   #kick(queue: number): void {
     const q = this.backend.queues[queue];
     if (q === undefined || q.kickFd < 0) return;
+    q.stats[QueueStat.KICKS]++;
     try {
       drainEventFd(q.kickFd);
       this.backend.serviceQueue(queue);
+      if (q.broken) this.#options.onStateChange?.(this);
     } catch (e) {
       this.#disconnect(`dropping the front-end: queue ${queue}: ${errorText(e)}`, true);
     }
@@ -197,6 +212,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
       this.backend.disconnect();
     } finally {
       conn.close();
+      this.#options.onStateChange?.(this);
     }
   }
 }
