@@ -10,17 +10,9 @@
 import { getLogger, type Logger } from "@logtape/logtape";
 import type { DescriptorChain, VirtioDevice, Virtqueue } from "../device.ts";
 import { bit, ProtocolFeature } from "../../vhost-user/message.ts";
-import {
-  FALLOC_FL_KEEP_SIZE,
-  FALLOC_FL_PUNCH_HOLE,
-  FALLOC_FL_ZERO_RANGE,
-  fallocate,
-  fdatasync,
-  IoVec,
-  preadvFull,
-  pwritevFull,
-} from "../../sys/io.ts";
-import { closeQuietly, Errno } from "../../sys/libc.ts";
+import { IoVec } from "../../sys/io.ts";
+import { Errno } from "../../sys/libc.ts";
+import { type BlockBackend, FileBackend, NullBackend } from "./backend.ts";
 
 /** virtio device id of a block device. */
 export const VIRTIO_ID_BLOCK = 2;
@@ -77,12 +69,13 @@ const MAX_SEGMENT_BYTES = 1 << 20;
 const SEG_MAX = 126;
 const MAX_DISCARD_SEGMENTS = 32;
 const MAX_DISCARD_SECTORS = 1 << 22;
-const ZERO_CHUNK = 1 << 20;
 
 /** Options of a block device; they cross to the worker by structured cloning. */
 export interface BlkOptions {
-  /** An open fd of the image (opened by the main thread, which validated it). */
+  /** An open fd of the image (opened by the main thread, which validated it); -1 with `null`. */
   fd: number;
+  /** Serve a null target of `sizeBytes`: requests complete without any I/O (for benchmarks). */
+  null?: boolean;
   /** Image path, for logs. */
   path: string;
   /** Size of the image in bytes. */
@@ -120,7 +113,7 @@ export class BlkDevice implements VirtioDevice {
   readonly capacity: number;
   /** Write cache enabled (writeback); when off, every write is followed by fdatasync. */
   writeCache = true;
-  readonly #fd: number;
+  readonly #storage: BlockBackend;
   readonly #readOnly: boolean;
   readonly #blockSize: number;
   readonly #serial: Uint8Array;
@@ -129,17 +122,17 @@ export class BlkDevice implements VirtioDevice {
   readonly #headerView = new DataView(this.#header.buffer);
   readonly #segments = new Uint8Array(16 * MAX_DISCARD_SEGMENTS);
   readonly #segmentView = new DataView(this.#segments.buffer);
-  readonly #zeros = new Uint8Array(ZERO_CHUNK);
-  readonly #zerosAddress = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#zeros)));
   readonly #log: Logger;
   #errors = 0;
+  /** Status of the request {@link #handle} just served, for the error counter. */
+  #lastStatus: number = BlkStatus.OK;
   #killAfter: number;
   readonly #path: string;
 
   /** Builds the device around an open image fd. */
   constructor(options: BlkOptions) {
     this.name = options.name ?? "blk";
-    this.#fd = options.fd;
+    this.#storage = options.null ? new NullBackend() : new FileBackend(options.fd);
     this.#readOnly = options.readOnly;
     this.#blockSize = options.blockSize ?? SECTOR;
     this.numQueues = options.queues;
@@ -180,7 +173,7 @@ export class BlkDevice implements VirtioDevice {
     if (offset !== BlkConfig.WCE || data.length !== 1 || data[0] > 1) return false;
     this.writeCache = data[0] === 1;
     this.#log.info("write cache {mode}", { mode: this.writeCache ? "on (writeback)" : "off" });
-    if (!this.writeCache) fdatasync(this.#fd);
+    if (!this.writeCache) this.#storage.flush();
     return true;
   }
 
@@ -188,18 +181,20 @@ export class BlkDevice implements VirtioDevice {
   processQueue(queue: Virtqueue): void {
     for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
       if (this.#killAfter > 0 && --this.#killAfter === 0) Deno.kill(Deno.pid, "SIGKILL");
-      queue.push(chain, this.#handle(chain));
+      const written = this.#handle(chain);
+      if (this.#lastStatus !== BlkStatus.OK) queue.countError?.();
+      queue.push(chain, written);
     }
   }
 
   /** Flushes and closes the image. */
   close(): void {
-    fdatasync(this.#fd);
-    closeQuietly(this.#fd);
+    this.#storage.close();
   }
 
   /** Handles one request; returns the number of bytes written into the chain. */
   #handle(chain: DescriptorChain): number {
+    this.#lastStatus = BlkStatus.IOERR;
     if (chain.writableBytes < 1) {
       this.#ioError("request without room for a status byte", -Errno.EINVAL);
       return 0;
@@ -223,7 +218,7 @@ export class BlkDevice implements VirtioDevice {
         status = this.#write(chain, sector, chain.readableBytes - 16);
         break;
       case BlkRequestType.FLUSH:
-        status = this.#status(fdatasync(this.#fd), "flush");
+        status = this.#status(this.#storage.flush(), "flush");
         break;
       case BlkRequestType.GET_ID: {
         const id = new Uint8Array(BLK_ID_BYTES);
@@ -239,6 +234,7 @@ export class BlkDevice implements VirtioDevice {
         status = BlkStatus.UNSUPP;
     }
     chain.writeByte(statusAt, status);
+    this.#lastStatus = status;
     return written;
   }
 
@@ -251,7 +247,7 @@ export class BlkDevice implements VirtioDevice {
     const iov = this.#iov;
     iov.clear();
     if (!chain.writableIoVec(iov, 0, bytes)) return BlkStatus.IOERR;
-    const n = preadvFull(this.#fd, iov, sector * SECTOR);
+    const n = this.#storage.readv(iov, sector * SECTOR);
     return n === bytes ? BlkStatus.OK : this.#ioError("read", n < 0 ? n : -Errno.EIO);
   }
 
@@ -260,9 +256,11 @@ export class BlkDevice implements VirtioDevice {
     const iov = this.#iov;
     iov.clear();
     if (!chain.readableIoVec(iov, 16, bytes)) return BlkStatus.IOERR;
-    const n = pwritevFull(this.#fd, iov, sector * SECTOR);
+    const n = this.#storage.writev(iov, sector * SECTOR);
     if (n !== bytes) return this.#ioError("write", n < 0 ? n : -Errno.EIO);
-    return this.writeCache ? BlkStatus.OK : this.#status(fdatasync(this.#fd), "write-through sync");
+    return this.writeCache
+      ? BlkStatus.OK
+      : this.#status(this.#storage.flush(), "write-through sync");
   }
 
   #discard(chain: DescriptorChain, zeroes: boolean): number {
@@ -281,35 +279,11 @@ export class BlkDevice implements VirtioDevice {
       if (sectors > MAX_DISCARD_SECTORS || !this.#inRange(sector, sectors * SECTOR)) {
         return BlkStatus.IOERR;
       }
-      const st = zeroes
-        ? this.#writeZeroes(sector * SECTOR, sectors * SECTOR, unmap)
-        : this.#punch(sector * SECTOR, sectors * SECTOR);
+      const rc = zeroes
+        ? this.#storage.writeZeroes(sector * SECTOR, sectors * SECTOR, unmap)
+        : this.#storage.discard(sector * SECTOR, sectors * SECTOR);
+      const st = this.#status(rc, zeroes ? "write zeroes" : "discard");
       if (st !== BlkStatus.OK) return st;
-    }
-    return BlkStatus.OK;
-  }
-
-  #punch(offset: number, length: number): number {
-    const rc = fallocate(this.#fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
-    // Discard is a hint: a file system that cannot punch holes still read back what was there.
-    if (rc === -Errno.EOPNOTSUPP) return BlkStatus.OK;
-    return this.#status(rc, "discard");
-  }
-
-  #writeZeroes(offset: number, length: number, unmap: boolean): number {
-    const mode = unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE |
-      FALLOC_FL_KEEP_SIZE;
-    const rc = fallocate(this.#fd, mode, offset, length);
-    if (rc === 0) return BlkStatus.OK;
-    if (rc !== -Errno.EOPNOTSUPP && rc !== -Errno.EINVAL) return this.#status(rc, "write zeroes");
-    const iov = this.#iov;
-    for (let done = 0; done < length;) {
-      const n = Math.min(ZERO_CHUNK, length - done);
-      iov.clear();
-      iov.push(this.#zerosAddress, n);
-      const w = pwritevFull(this.#fd, iov, offset + done);
-      if (w !== n) return this.#ioError("write zeroes", w < 0 ? w : -Errno.EIO);
-      done += n;
     }
     return BlkStatus.OK;
   }

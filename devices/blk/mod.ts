@@ -13,3 +13,4 @@ export * from "./image.ts";
 export function createDevice(options: BlkOptions): BlkDevice {
   return new BlkDevice(options);
 }
+export * from "./backend.ts";
