@@ -8,7 +8,7 @@
  */
 
 export type { DeviceEventLoop, DeviceModule, VirtioDevice, Virtqueue } from "./devices/device.ts";
-export { DescriptorChain } from "./ring/descriptor_chain.ts";
+export { type ByteRef, DescriptorChain } from "./ring/descriptor_chain.ts";
 export { GuestMemory, MemoryRegion, type MemoryRegionInfo } from "./ring/guest_memory.ts";
 export { type RingAddresses, SplitQueue } from "./ring/split_queue.ts";
 export { InflightRegion } from "./ring/inflight.ts";
@@ -16,6 +16,8 @@ export { IoVec } from "./sys/io.ts";
 export { runServices, serveDevice, type ServeDeviceOptions } from "./daemon/serve.ts";
 export type { LogLevel, LogSettings } from "./daemon/log.ts";
 export type { ServiceOptions } from "./daemon/service.ts";
+export type { ServeExtras } from "./daemon/cli.ts";
+export type { MetricsAddress } from "./daemon/metrics.ts";
 export { BlkDevice, type BlkOptions } from "./devices/blk/device.ts";
 export * as vhostUser from "./vhost-user/mod.ts";
 export * as frontend from "./vhost-user/frontend/mod.ts";

@@ -1,7 +1,8 @@
 /**
  * `vhostd console`: the console server, in vhost-user mode (vhostd is the virtio-console device;
  * QEMU >= 10.2's `vhost-user-test-device-pci` fronts it) or in character-device mode (QEMU's own
- * virtio-console, any version, connects a `-chardev socket` per port).
+ * virtio-console, any version, connects a `-chardev socket` per port). Also the `console` planner
+ * of config files (vhost-user mode only).
  *
  * @module
  */
@@ -19,11 +20,30 @@ import type { ChardevWorkerInit, ChardevWorkerReport } from "../devices/console/
 import { queueCount } from "../devices/console/protocol.ts";
 import { createEventFd, signalEventFd } from "../sys/event.ts";
 import { closeQuietly, O, openFile } from "../sys/libc.ts";
-import { defaultLogSettings, LOG_LEVELS, type LogSettings, setupLogging } from "./log.ts";
+import { type LogSettings, setupLogging } from "./log.ts";
 import { runServices } from "./serve.ts";
-import { bindSocket } from "./service.ts";
+import { bindSocket, type ServiceOptions } from "./service.ts";
+import {
+  type Access,
+  accessOptions,
+  parseAccess,
+  parseIntOption,
+  parseServeOptions,
+  SERVE_OPTIONS_HELP,
+  type ServeExtras,
+  serveOptions,
+  usage,
+} from "./cli.ts";
+import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 
 const O_APPEND = 0o2000;
+
+/** Ports of one console at most (port 0 included). */
+export const MAX_PORTS = 31;
+/** Smallest scrollback per port, in bytes. */
+export const MIN_SCROLLBACK = 1024;
+/** Largest scrollback per port, in bytes. */
+export const MAX_SCROLLBACK = 64 << 20;
 
 /** `vhostd console --help`. */
 export const CONSOLE_HELP = `Usage: deno task vhostd console --socket PATH [options]
@@ -55,17 +75,19 @@ Per port:
 Options:
   --socket PATH       vhost-user socket (or port 0's chardev socket with --chardev); required
   --chardev           character-device mode (see above)
-  --ports N           number of ports, 1-31 (default: 1 + number of --name)
+  --ports N           number of ports, 1-${MAX_PORTS} (default: 1 + number of --name)
   --name NAME         name of the next port from port 1 on; repeat for more ports
   --log FILE          log file of port 0 (others get FILE.<name>)
   --attach unix:PATH  attach socket of the next port from port 0 on (repeatable); only unix:
                       is built (tcp:, pty and stdio are not)
   --size COLSxROWS    initial console size (default 80x24)
-  --scrollback BYTES  scrollback per port (default ${DEFAULT_SCROLLBACK})
-  --socket-mode MODE  octal mode of every socket file (default 0600)
-  --log-level LEVEL   trace, debug, info, warning, error (default info)
-  --log-format FMT    text or json (default text)
-  -h, --help          show this text
+  --scrollback BYTES  scrollback per port, ${MIN_SCROLLBACK}-${MAX_SCROLLBACK} (default ${DEFAULT_SCROLLBACK})
+  --socket-mode MODE  octal mode of every socket file, attach sockets included (default 0600)
+  --socket-group GRP  group of every socket file (name or gid; use with --socket-mode 0660)
+  --allow-uid UID     accept front-ends of these uids only on the vhost-user socket
+                      (repeatable or comma-separated; vhost-user mode only)
+${SERVE_OPTIONS_HELP}
+  (--metrics and --control need vhost-user mode)
 
 Example:
   deno task vhostd console --socket /run/vm1/con.sock --name agent --log /var/log/vm1.console
@@ -94,18 +116,104 @@ export interface ConsolePlan {
   rows: number;
   /** Scrollback bytes per port. */
   scrollback: number;
-  /** Socket file mode. */
-  socketMode: number;
+  /** Mode and group of every socket file; front-end uids of the vhost-user socket. */
+  access: Access;
 }
 
+/** What the command line and a config file both give, before it is checked. */
+interface ConsoleRequest {
+  /** vhost-user socket, or port 0's chardev socket. */
+  socket: string;
+  /** Character-device mode. */
+  chardev: boolean;
+  /** Names of ports 1.. (port 0 is "console"). */
+  names: string[];
+  /** Log file of port 0 (the others get FILE.<name>); default PATH.<name>.log per port. */
+  log?: string;
+  /** Attach socket paths from port 0 on (default PATH.<name>). */
+  attach?: string[];
+  /** Initial size, COLSxROWS (default 80x24). */
+  size?: string;
+  /** Scrollback bytes per port (already range-checked by the caller). */
+  scrollback: number;
+  /** Socket access. */
+  access: Access;
+}
+
+/** A setting {@link resolveConsole} may reject: a config field, or the flag it comes from. */
+type ConsoleSetting = "names" | "size" | "attach";
+
+/** Throws the caller's error for a bad setting (a usage error naming a flag or a field). */
+type Reject = (setting: ConsoleSetting, message: string, index?: number) => never;
+
+/**
+ * Checks port names and size and derives every path: the one validation both `vhostd console`
+ * and the config planner use. Nothing is opened yet (see {@link openConsole}).
+ */
+function resolveConsole(req: ConsoleRequest, reject: Reject): ConsolePlan {
+  const { socket } = req;
+  if (req.names.length > MAX_PORTS - 1) {
+    reject(
+      "names",
+      `must name at most ${MAX_PORTS - 1} ports besides the console, not ${req.names.length}`,
+    );
+  }
+  req.names.forEach((n, i) => {
+    if (!NAME_RE.test(n)) {
+      reject("names", `must be letters, digits, ".", "_" or "-" (at most 64), not "${n}"`, i);
+    }
+  });
+  const names = ["console", ...req.names];
+  if (new Set(names).size !== names.length) {
+    reject("names", `must be unique (and "console" is port 0): ${names.join(", ")}`);
+  }
+  const attachPaths = names.map((n, i) => req.attach?.[i] ?? `${socket}.${n}`);
+  const logPaths = names.map((n, i) =>
+    req.log === undefined ? `${socket}.${n}.log` : i === 0 ? req.log : `${req.log}.${n}`
+  );
+  const chardevPaths = names.map((n, i) => i === 0 ? socket : `${socket}.${n}.chardev`);
+  const size = /^(\d{1,5})x(\d{1,5})$/.exec(req.size ?? "80x24");
+  if (!size || Number(size[1]) > 0xffff || Number(size[2]) > 0xffff) {
+    reject("size", `must be COLSxROWS like 120x40, not "${req.size}"`);
+  }
+  const all = [socket, ...attachPaths, ...(req.chardev ? chardevPaths.slice(1) : [])];
+  const shared = all.find((p, i) => all.indexOf(p) !== i);
+  if (shared !== undefined) reject("attach", `would put two sockets on ${shared}`);
+  return {
+    socket,
+    chardev: req.chardev,
+    names,
+    attachPaths,
+    logPaths,
+    chardevPaths,
+    cols: Number(size![1]),
+    rows: Number(size![2]),
+    scrollback: req.scrollback,
+    access: req.access,
+  };
+}
+
+/** What `vhostd console` was asked to do. */
+export interface ConsoleCommand {
+  /** The console. */
+  plan: ConsolePlan;
+  /** Logging settings. */
+  log: LogSettings;
+  /** Metrics and control socket (vhost-user mode). */
+  extras: ServeExtras;
+}
+
+const FLAG_OF: Record<ConsoleSetting, string> = { names: "name", size: "size", attach: "attach" };
+
 /** Turns the command line into a plan, or throws {@link UsageError}. */
-export function planConsole(args: string[]): ConsolePlan | "help" {
-  let parsed;
-  try {
-    parsed = parseArgs({
+export function planConsole(args: string[]): ConsoleCommand | "help" {
+  const { values: v } = usage(() =>
+    parseArgs({
       args,
       strict: true,
       options: {
+        ...serveOptions,
+        ...accessOptions,
         socket: { type: "string" },
         chardev: { type: "boolean" },
         ports: { type: "string" },
@@ -114,106 +222,108 @@ export function planConsole(args: string[]): ConsolePlan | "help" {
         attach: { type: "string", multiple: true },
         size: { type: "string" },
         scrollback: { type: "string" },
-        "socket-mode": { type: "string" },
-        "log-level": { type: "string" },
-        "log-format": { type: "string" },
-        help: { type: "boolean", short: "h" },
       },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message.split("\n")[0]);
-  }
-  const v = parsed.values;
+    })
+  );
   if (v.help) return "help";
   if (!v.socket) throw new UsageError("console needs --socket PATH");
-  const socket = v.socket;
-  const given = v.name ?? [];
-  for (const n of given) {
-    if (!NAME_RE.test(n)) {
-      throw new UsageError(`--name must be letters, digits, ".", "_" or "-", not "${n}"`);
+  const chardev = v.chardev ?? false;
+  if (chardev) {
+    // The chardev worker is served outside runServices: no metrics, control socket or peer check.
+    for (const flag of ["metrics", "control", "allow-uid"] as const) {
+      if (v[flag] !== undefined) {
+        throw new UsageError(`--${flag} needs vhost-user mode (no --chardev)`);
+      }
     }
   }
-  const ports = v.ports === undefined ? given.length + 1 : Number(v.ports);
-  if (!Number.isInteger(ports) || ports < 1 || ports > 31) {
-    throw new UsageError(`--ports must be a whole number from 1 to 31, not "${v.ports}"`);
-  }
+  const { log, extras } = parseServeOptions(v);
+  const access = parseAccess(v);
+  const given = v.name ?? [];
+  const ports = parseIntOption("ports", v.ports, given.length + 1, 1, MAX_PORTS);
   if (given.length > ports - 1) {
     throw new UsageError(`${given.length} --name for ${ports} port(s): port 0 is the console`);
   }
-  const names = ["console"];
-  for (let i = 1; i < ports; i++) names.push(given[i - 1] ?? `port${i}`);
-  if (new Set(names).size !== names.length) {
-    throw new UsageError(
-      `port names must be unique (and "console" is port 0): ${names.join(", ")}`,
-    );
-  }
+  const names = [...given];
+  for (let i = given.length + 1; i < ports; i++) names.push(`port${i}`);
   const attach = v.attach ?? [];
   if (attach.length > ports) throw new UsageError(`${attach.length} --attach for ${ports} port(s)`);
-  const attachPaths = names.map((n, i) => {
-    const a = attach[i];
-    if (a === undefined) return `${socket}.${n}`;
+  const attachPaths = attach.map((a) => {
     if (a.startsWith("unix:") && a.length > 5) return a.slice(5);
     if (/^(tcp:|pty$|stdio$)/.test(a)) {
       throw new UsageError(`--attach ${a} is not built yet; use unix:PATH`);
     }
     throw new UsageError(`--attach must be unix:PATH, not "${a}"`);
   });
-  const logPaths = names.map((n, i) =>
-    v.log === undefined ? `${socket}.${n}.log` : i === 0 ? v.log : `${v.log}.${n}`
+  const scrollback = parseIntOption(
+    "scrollback",
+    v.scrollback,
+    DEFAULT_SCROLLBACK,
+    MIN_SCROLLBACK,
+    MAX_SCROLLBACK,
   );
-  const chardevPaths = names.map((n, i) => i === 0 ? socket : `${socket}.${n}.chardev`);
-  const size = /^(\d{1,5})x(\d{1,5})$/.exec(v.size ?? "80x24");
-  if (!size || Number(size[1]) > 0xffff || Number(size[2]) > 0xffff) {
-    throw new UsageError(`--size must be COLSxROWS like 120x40, not "${v.size}"`);
-  }
-  const scrollback = v.scrollback === undefined ? DEFAULT_SCROLLBACK : Number(v.scrollback);
-  if (!Number.isInteger(scrollback) || scrollback < 1024 || scrollback > 64 << 20) {
-    throw new UsageError(`--scrollback must be from 1024 to ${64 << 20} bytes`);
-  }
-  const all = [socket, ...attachPaths, ...(v.chardev ? chardevPaths.slice(1) : [])];
-  if (new Set(all).size !== all.length) throw new UsageError("two sockets would share a path");
-  const mode = v["socket-mode"] ?? "0600";
-  if (!/^[0-7]{3,4}$/.test(mode)) {
-    throw new UsageError(`--socket-mode must be octal like 0660, not "${mode}"`);
-  }
-  return {
-    socket,
-    chardev: v.chardev ?? false,
-    names,
-    attachPaths,
-    logPaths,
-    chardevPaths,
-    cols: Number(size[1]),
-    rows: Number(size[2]),
-    scrollback,
-    socketMode: parseInt(mode, 8),
-  };
+  const plan = resolveConsole(
+    {
+      socket: v.socket,
+      chardev,
+      names,
+      log: v.log,
+      attach: attachPaths,
+      size: v.size,
+      scrollback,
+      access,
+    },
+    (setting, message) => {
+      throw new UsageError(`--${FLAG_OF[setting]} ${message}`);
+    },
+  );
+  return { plan, log, extras };
 }
 
-function logSettingsOf(args: string[]): LogSettings {
-  const i = args.indexOf("--log-level"), j = args.indexOf("--log-format");
-  const level = i >= 0 ? args[i + 1] : defaultLogSettings.level;
-  const format = j >= 0 ? args[j + 1] : defaultLogSettings.format;
-  if (!(LOG_LEVELS as readonly string[]).includes(level)) {
-    throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(", ")}, not "${level}"`);
+/** What a console opened in the main thread, to undo if it does not start. */
+interface Opened {
+  /** Log and attach socket fds (and chardev sockets). */
+  fds: number[];
+  /** Sockets bound. */
+  paths: string[];
+  /** Log files that did not exist before (removed by {@link closePorts} while still empty). */
+  newLogs: string[];
+}
+
+/** A port's log or attach socket could not be opened; `setting` is the config field to blame. */
+class PortOpenError extends UsageError {
+  /** `log` or `socket` (attach sockets are named after the socket). */
+  readonly setting: "log" | "socket";
+  constructor(setting: "log" | "socket", message: string) {
+    super(message);
+    this.setting = setting;
   }
-  if (format !== "text" && format !== "json") {
-    throw new UsageError(`--log-format must be text or json, not "${format}"`);
-  }
-  return { level: level as LogSettings["level"], format };
 }
 
 /** Opens logs and binds attach sockets in the main thread, so problems are usage errors. */
-function openPorts(plan: ConsolePlan, opened: { fds: number[]; paths: string[] }): PortConfig[] {
+function openPorts(plan: ConsolePlan, opened: Opened): PortConfig[] {
+  const { socketMode, socketGroup } = plan.access;
   return plan.names.map((name, id) => {
+    const logPath = plan.logPaths[id];
+    let existed = true;
+    try {
+      Deno.statSync(logPath);
+    } catch {
+      existed = false;
+    }
     let logFd: number;
     try {
-      logFd = openFile(plan.logPaths[id], O.WRONLY | O.CREAT | O_APPEND, 0o640);
+      logFd = openFile(logPath, O.WRONLY | O.CREAT | O_APPEND, 0o640);
     } catch (e) {
-      throw new UsageError(`cannot open log ${plan.logPaths[id]}: ${(e as Error).message}`);
+      throw new PortOpenError("log", `cannot open log ${logPath}: ${(e as Error).message}`);
     }
     opened.fds.push(logFd);
-    const attachFd = bindSocket(plan.attachPaths[id], plan.socketMode);
+    if (!existed) opened.newLogs.push(logPath);
+    let attachFd: number;
+    try {
+      attachFd = bindSocket(plan.attachPaths[id], socketMode, socketGroup);
+    } catch (e) {
+      throw new PortOpenError("socket", (e as Error).message);
+    }
     opened.fds.push(attachFd);
     opened.paths.push(plan.attachPaths[id]);
     return {
@@ -226,6 +336,71 @@ function openPorts(plan: ConsolePlan, opened: { fds: number[]; paths: string[] }
       inputBytes: DEFAULT_INPUT_LIMIT,
     };
   });
+}
+
+/** Closes what {@link openPorts} opened and removes its sockets and still-empty new logs. */
+function closePorts(opened: Opened): void {
+  for (const fd of opened.fds.splice(0)) closeQuietly(fd);
+  removeAll(opened.paths.splice(0));
+  for (const p of opened.newLogs.splice(0)) {
+    try {
+      if (Deno.statSync(p).size === 0) Deno.removeSync(p);
+    } catch {
+      // gone already
+    }
+  }
+}
+
+function removeAll(paths: string[]): void {
+  for (const p of paths) {
+    try {
+      Deno.removeSync(p);
+    } catch {
+      // never created, or removed by the worker
+    }
+  }
+}
+
+/** Opens every port's log and attach socket; on failure, undoes what was opened and rethrows. */
+function openConsole(plan: ConsolePlan): { ports: PortConfig[]; opened: Opened } {
+  const opened: Opened = { fds: [], paths: [], newLogs: [] };
+  try {
+    return { ports: openPorts(plan, opened), opened };
+  } catch (e) {
+    closePorts(opened);
+    throw e;
+  }
+}
+
+/** The vhost-user service of an opened console. */
+function consoleService(
+  plan: ConsolePlan,
+  ports: PortConfig[],
+  name: string,
+  log: LogSettings,
+): ServiceOptions {
+  const options: ConsoleOptions = { ports, cols: plan.cols, rows: plan.rows };
+  return {
+    socket: plan.socket,
+    module: new URL("../devices/console/mod.ts", import.meta.url),
+    options,
+    name,
+    type: "console",
+    log,
+    ...plan.access,
+  };
+}
+
+/** The QEMU 10.2 arguments attaching a vhost-user console of `ports` ports on `socket`. */
+export function consoleQemuArgs(socket: string, id: string, ports: number): string[] {
+  return [
+    "-chardev",
+    `socket,id=${id},path=${socket},reconnect=1`,
+    "-device",
+    `vhost-user-test-device-pci,chardev=${id},virtio-id=3,num_vqs=${
+      queueCount(ports)
+    },config_size=12`,
+  ];
 }
 
 function banner(plan: ConsolePlan): string {
@@ -250,88 +425,108 @@ function banner(plan: ConsolePlan): string {
       );
     });
   } else {
+    const [c, chardev, d, device] = consoleQemuArgs(plan.socket, "con0", plan.names.length);
     lines.push("Attach it to QEMU 10.2 or newer with:");
-    lines.push(`  -chardev socket,id=con0,path=${plan.socket},reconnect=1 \\`);
-    lines.push(
-      `  -device vhost-user-test-device-pci,chardev=con0,virtio-id=3,num_vqs=${
-        queueCount(plan.names.length)
-      },config_size=12`,
-    );
+    lines.push(`  ${c} ${chardev} \\`);
+    lines.push(`  ${d} ${device}`);
   }
   return lines.join("\n");
 }
 
 /** Runs `vhostd console`. */
 export async function cmdConsole(args: string[]): Promise<number> {
-  const plan = planConsole(args);
-  if (plan === "help") {
+  const command = planConsole(args);
+  if (command === "help") {
     console.log(CONSOLE_HELP);
     return 0;
   }
-  const log = logSettingsOf(args);
-  const opened = { fds: [] as number[], paths: [] as string[] };
-  const cleanup = () => {
-    for (const fd of opened.fds) closeQuietly(fd);
-    for (const p of opened.paths) {
-      try {
-        Deno.removeSync(p);
-      } catch {
-        // never created
-      }
-    }
-  };
-  let ports: PortConfig[];
-  try {
-    ports = openPorts(plan, opened);
-  } catch (e) {
-    cleanup();
-    throw e;
-  }
-  if (plan.chardev) return await runChardev(plan, ports, log, opened, cleanup);
-  const options: ConsoleOptions = { ports, cols: plan.cols, rows: plan.rows };
+  const { plan, log, extras } = command;
+  const { ports, opened } = openConsole(plan);
+  if (plan.chardev) return await runChardev(plan, ports, log, opened);
   try {
     return await runServices(
-      [{
-        socket: plan.socket,
-        module: new URL("../devices/console/mod.ts", import.meta.url),
-        options,
-        name: "console",
-        log,
-        socketMode: plan.socketMode,
-      }],
+      [consoleService(plan, ports, "console", log)],
       log,
       banner(plan),
+      extras,
     );
   } finally {
     // The worker closed the ports; this removes whatever a failed start left behind.
-    for (const p of opened.paths) {
-      try {
-        Deno.removeSync(p);
-      } catch {
-        // removed by the worker
-      }
-    }
+    removeAll(opened.paths);
   }
+}
+
+/**
+ * The `console` planner of config files (vhost-user mode; QEMU 10.2 or newer). Fields: `socket`,
+ * `names` (ports besides the console), `log` (port 0's log; the others FILE.<name>; default
+ * `<socket>.<name>.log`), `size` (COLSxROWS, default 80x24), `scrollback` (bytes per port).
+ * The logs and attach sockets (`<socket>.<name>`) are opened while planning, as the command line
+ * does, so their problems are config errors too.
+ */
+export function planConsoleDevice(ctx: PlanContext): DevicePlan {
+  const f = ctx.fields;
+  if (f.boolean("chardev", false)) {
+    throw new ConfigError(
+      f.at("chardev"),
+      "character-device mode is only served by `vhostd console --chardev`; " +
+        "in a config file the console is a vhost-user device (QEMU 10.2 or newer)",
+    );
+  }
+  const names = f.array("names").map((n, i) => {
+    if (typeof n !== "string") {
+      throw new ConfigError(`${f.at("names")}[${i}]`, `must be a string, not ${JSON.stringify(n)}`);
+    }
+    return n;
+  });
+  const logField = f.string("log");
+  const size = f.string("size");
+  const scrollback = f.integer("scrollback", DEFAULT_SCROLLBACK, MIN_SCROLLBACK, MAX_SCROLLBACK);
+  const socket = ctx.socketPath();
+  const plan = resolveConsole(
+    { socket, chardev: false, names, log: logField, size, scrollback, access: ctx.access },
+    (setting, message, index) => {
+      throw new ConfigError(f.at(setting) + (index === undefined ? "" : `[${index}]`), message);
+    },
+  );
+  let opened: Opened, ports: PortConfig[];
+  try {
+    ({ ports, opened } = openConsole(plan));
+  } catch (e) {
+    if (e instanceof PortOpenError) throw new ConfigError(f.at(e.setting), e.message);
+    throw e;
+  }
+  const n = plan.names.length;
+  const logs = logField === undefined
+    ? `${socket}.<port>.log`
+    : n > 1
+    ? `${logField} (others ${logField}.<port>)`
+    : logField;
+  return {
+    services: [consoleService(plan, ports, ctx.id, ctx.log)],
+    describe: `${ctx.id}: console (${n} port(s): ${plan.names.join(", ")}; QEMU 10.2 or newer) ` +
+      `on ${socket}, attach ${socket}.<port>, log ${logs}`,
+    qemuArgs: consoleQemuArgs(socket, ctx.id, n),
+    release: () => closePorts(opened),
+  };
 }
 
 async function runChardev(
   plan: ConsolePlan,
   ports: PortConfig[],
   log: LogSettings,
-  opened: { fds: number[]; paths: string[] },
-  cleanup: () => void,
+  opened: Opened,
 ): Promise<number> {
   const chardevFds: number[] = [];
   let shutdownFd = -1;
   try {
     for (const p of plan.chardevPaths) {
-      chardevFds.push(bindSocket(p, plan.socketMode));
+      chardevFds.push(bindSocket(p, plan.access.socketMode, plan.access.socketGroup));
       opened.fds.push(chardevFds[chardevFds.length - 1]);
       opened.paths.push(p);
     }
     shutdownFd = createEventFd();
   } catch (e) {
-    cleanup();
+    closePorts(opened);
     throw e;
   }
   await setupLogging(log);

@@ -7,27 +7,91 @@
 
 import { getLogger } from "@logtape/logtape";
 import { defaultLogSettings, type LogSettings, setupLogging } from "./log.ts";
-import { DeviceService, type ServiceOptions } from "./service.ts";
+import { DeviceService, type ServiceOptions, socketPaths } from "./service.ts";
+import type { ServeExtras } from "./cli.ts";
+import { type MetricsServer, type ObservedDevice, startMetricsServer } from "./metrics.ts";
+import { type ControlServer, startControlServer, statusReport } from "./control.ts";
+import { SdNotifier } from "./notify.ts";
+
+/** The devices of running services, one per socket, as metrics and status see them. */
+export function observe(services: readonly DeviceService[]): ObservedDevice[] {
+  const out: ObservedDevice[] = [];
+  for (const s of services) {
+    const paths = socketPaths(s.options);
+    for (let port = 0; port < s.stats.ports; port++) {
+      out.push({
+        name: paths.length > 1 ? `${s.options.name}.${port}` : s.options.name,
+        type: s.options.type ?? s.options.name,
+        socket: paths[port],
+        running: s.running,
+        snapshot: s.stats.read(port),
+      });
+    }
+  }
+  return out;
+}
 
 /**
  * Starts the services, prints `banner` to stdout, and serves until SIGINT/SIGTERM (a second signal
- * exits at once). Returns the exit code: 0 after a clean stop, 1 if a device failed.
+ * exits at once). With `extras`, also serves metrics over HTTP and status on a control socket.
+ * Under systemd (NOTIFY_SOCKET), READY=1 is sent once every socket listens and every worker has
+ * built its device; the watchdog is pinged while all workers run. Returns the exit code: 0 after
+ * a clean stop, 1 if a device failed.
  */
 export async function runServices(
   plans: ServiceOptions[],
   log: LogSettings,
   banner: string,
+  extras: ServeExtras = {},
 ): Promise<number> {
   await setupLogging(log);
   const logger = getLogger(["vhostd", "daemon"]);
+  const notifier = new SdNotifier();
+  const name = extras.name ?? plans.map((p) => p.name).join(",");
+  const startedAt = Date.now();
   const services: DeviceService[] = [];
+  let metrics: MetricsServer | null = null;
+  let control: ControlServer | null = null;
+  const closeEndpoints = async () => {
+    control?.close();
+    control = null;
+    await metrics?.close();
+    metrics = null;
+  };
   try {
+    // The endpoints first: a metrics port in use should fail before any device socket appears.
+    if (extras.metrics) metrics = await startMetricsServer(extras.metrics, () => observe(services));
+    if (extras.control) {
+      control = startControlServer(
+        extras.control,
+        () => statusReport(name, startedAt, observe(services)),
+      );
+    }
     for (const p of plans) services.push(await DeviceService.start(p));
   } catch (e) {
     await Promise.all(services.map((s) => s.stop()));
+    await closeEndpoints();
     throw e;
   }
   console.log(banner);
+  if (metrics) {
+    const m = (metrics as MetricsServer).address;
+    logger.info("metrics on http://{host}:{port}/metrics", { host: m.hostname, port: m.port });
+  }
+  const summary = () => {
+    const devices = observe(services);
+    const connected = devices.filter((d) => d.snapshot.connected).length;
+    return `${name}: serving ${devices.length} device(s), ${connected} front-end(s) connected`;
+  };
+  const notifyError = notifier.ready(summary());
+  if (notifyError) logger.warn("sd_notify failed: {error}", { error: notifyError.message });
+  notifier.startWatchdog(() => services.every((s) => s.running));
+  // STATUS= follows front-ends coming and going (read from shared memory, like everything else).
+  let lastStatus = summary();
+  const statusTimer = notifier.socket === null ? undefined : setInterval(() => {
+    const now = summary();
+    if (now !== lastStatus) notifier.status(lastStatus = now);
+  }, 1000);
   let firstSignalAt = 0;
   let stopping: Promise<unknown> | null = null;
   const onSignal = (sig: Deno.Signal) => {
@@ -38,10 +102,12 @@ export async function runServices(
     if (firstSignalAt !== 0) {
       logger.warn("second {signal}: exiting now", { signal: sig });
       for (const s of services) s.removeSocket();
+      control?.close();
       Deno.exit(1);
     }
     firstSignalAt = now;
     logger.info("{signal}: finishing in-flight requests and stopping", { signal: sig });
+    notifier.stopping(`${name}: stopping (${sig})`);
     stopping = Promise.all(services.map((s) => s.stop()));
   };
   const sigint = () => onSignal("SIGINT");
@@ -53,6 +119,7 @@ export async function runServices(
     if (stopping) await stopping;
     else {
       // A worker stopped on its own: stop the rest too.
+      notifier.stopping(`${name}: a device stopped; stopping the others`);
       await Promise.all(services.map((s) => s.stop()));
       return 1;
     }
@@ -60,9 +127,13 @@ export async function runServices(
     return 0;
   } catch (e) {
     logger.fatal("{error}", { error: (e as Error).message });
+    notifier.stopping(`${name}: ${(e as Error).message}`);
     await Promise.all(services.map((s) => s.stop()));
     return 1;
   } finally {
+    clearInterval(statusTimer);
+    notifier.stopWatchdog();
+    await closeEndpoints();
     Deno.removeSignalListener("SIGINT", sigint);
     Deno.removeSignalListener("SIGTERM", sigterm);
   }

@@ -11,6 +11,7 @@ import { listenUnix, probeSocketPath } from "../sys/socket.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import type { LogSettings } from "./log.ts";
 import type { WorkerInit, WorkerReport } from "./worker.ts";
+import { allocateStats, ServiceStats } from "./stats.ts";
 
 /** What to serve and where. */
 export interface ServiceOptions {
@@ -20,8 +21,10 @@ export interface ServiceOptions {
   module: string | URL;
   /** Options for `createDevice` (structured-clonable). */
   options: unknown;
-  /** Device name, for logs. */
+  /** Device name, for logs, metrics and status. */
   name: string;
+  /** Device type shown by metrics and status (`blk`, `net`, ...); default: the name. */
+  type?: string;
   /** Logging settings for the worker. */
   log: LogSettings;
   /** Socket file mode; default 0o600. */
@@ -62,6 +65,10 @@ export class DeviceService {
   readonly options: ServiceOptions;
   /** Settles when the worker has stopped (resolves) or died (rejects). */
   readonly done: Promise<void>;
+  /** Counters and state the worker publishes, one port per socket. */
+  readonly stats: ServiceStats;
+  /** Whether the worker is still serving (false once it stopped or died). */
+  running = true;
   readonly #worker: Worker;
   readonly #listenFds: number[];
   readonly #shutdownFd: number;
@@ -73,8 +80,10 @@ export class DeviceService {
     listenFds: number[],
     shutdownFd: number,
     done: Promise<void>,
+    stats: ServiceStats,
   ) {
     this.options = options;
+    this.stats = stats;
     this.#worker = worker;
     this.#listenFds = listenFds;
     this.#shutdownFd = shutdownFd;
@@ -115,6 +124,7 @@ export class DeviceService {
       onFail(err);
       onDead(err);
     };
+    const sab = allocateStats(listenFds.length);
     const init: WorkerInit = {
       moduleUrl: new URL(options.module).href,
       options: options.options,
@@ -123,9 +133,12 @@ export class DeviceService {
       log: options.log,
       name: options.name,
       allowUids: options.allowUids,
+      stats: sab,
     };
     worker.postMessage(init);
-    const service = new DeviceService(options, worker, listenFds, shutdownFd, done);
+    const stats = new ServiceStats(sab, listenFds.length);
+    const service = new DeviceService(options, worker, listenFds, shutdownFd, done, stats);
+    done.then(() => service.running = false, () => service.running = false);
     try {
       await ready;
     } catch (e) {

@@ -12,6 +12,7 @@ import type { DeviceModule, VirtioDevice } from "../devices/device.ts";
 import { EventLoop } from "../vhost-user/event_loop.ts";
 import { VhostUserServer } from "../vhost-user/server.ts";
 import { type LogSettings, setupLogging } from "./log.ts";
+import { PortStatsWriter } from "./stats.ts";
 
 /** The first message a worker receives. */
 export interface WorkerInit {
@@ -29,6 +30,11 @@ export interface WorkerInit {
   name: string;
   /** User ids allowed to connect. */
   allowUids?: number[];
+  /**
+   * Shared memory for counters and state, one block per listening socket (see daemon/stats.ts):
+   * the only way the main thread learns anything from a worker blocked in epoll_wait.
+   */
+  stats: SharedArrayBuffer;
 }
 
 /** What a worker reports to the main thread. */
@@ -54,9 +60,16 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
     return;
   }
   const loop = new EventLoop();
-  const servers = devices.map((device, i) =>
-    new VhostUserServer(init.listenFds[i], device, loop, { allowUids: init.allowUids })
-  );
+  const servers = devices.map((device, i) => {
+    const stats = new PortStatsWriter(init.stats, i);
+    const server = new VhostUserServer(init.listenFds[i], device, loop, {
+      allowUids: init.allowUids,
+      queueStats: (queue) => stats.queue(queue),
+      onStateChange: (s) => stats.publish(s),
+    });
+    stats.publish(server);
+    return server;
+  });
   report({ type: "ready" });
   try {
     for (const s of servers) s.start();

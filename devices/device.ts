@@ -59,6 +59,12 @@ export interface VirtioDevice {
    * vhostd calls it after a kick and handles notification suppression and interrupts around it.
    */
   processQueue(queue: Virtqueue): void;
+  /**
+   * Completes every request still in flight (a device doing asynchronous I/O). vhostd calls it
+   * before a ring is stopped, guest memory changes, the device is reset or the front-end leaves:
+   * after those, guest memory must no longer be written.
+   */
+  quiesce?(): void;
   /** The device was reset or the front-end disconnected: forget per-session state. */
   reset?(): void;
   /** The daemon is shutting down: make everything durable and release resources. */

@@ -14,6 +14,14 @@ import type { MemoryRegion } from "./guest_memory.ts";
 /** Most segments one chain may have (the kernel's IOV_MAX). */
 export const MAX_SEGMENTS = 1024;
 
+/** Where one byte of guest memory is: a view and an index into it (kept by async devices). */
+export interface ByteRef {
+  /** The region's bytes. */
+  u8: Uint8Array;
+  /** Index of the byte in {@link u8}. */
+  offset: number;
+}
+
 /** A parsed descriptor chain: the device's view of one request. */
 export class DescriptorChain {
   /** Index of the head descriptor, reported back in the used ring. */
@@ -79,6 +87,20 @@ export class DescriptorChain {
       const len = this.length[i];
       if (at < len) {
         this.region[i]!.u8[this.offset[i] + at] = value;
+        return true;
+      }
+      at -= len;
+    }
+    return false;
+  }
+
+  /** Points `ref` at byte `at` of the writable space (for completing later); false if none. */
+  writableByte(at: number, ref: ByteRef): boolean {
+    for (let i = this.readableCount; i < this.segmentCount; i++) {
+      const len = this.length[i];
+      if (at < len) {
+        ref.u8 = this.region[i]!.u8;
+        ref.offset = this.offset[i] + at;
         return true;
       }
       at -= len;

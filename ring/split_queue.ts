@@ -14,6 +14,8 @@ import { closeQuietly } from "../sys/libc.ts";
 import { DescriptorChain, MAX_SEGMENTS } from "./descriptor_chain.ts";
 import type { GuestMemory, MemoryRegion } from "./guest_memory.ts";
 import type { InflightRegion } from "./inflight.ts";
+import { latencyBucket, QUEUE_STAT_SLOTS, QueueStat } from "./queue_stats.ts";
+import { monotonicMs } from "../sys/clock.ts";
 
 /** Descriptor flags. */
 export const VIRTQ_DESC_F_NEXT = 1;
@@ -56,6 +58,12 @@ export interface Virtqueue {
   pop(): DescriptorChain | null;
   /** Returns a chain to the driver, having written `written` bytes into its writable part. */
   push(chain: DescriptorChain, written: number): void;
+  /** {@link push} by head index, for a chain completed after others were popped (async I/O). */
+  pushHead(head: number, written: number): void;
+  /** Counts a request the device failed (an I/O error status), for metrics. */
+  countError?(): void;
+  /** Counts bytes a request read from the driver, when it completes by {@link pushHead}. */
+  countBytes?(bytes: number): void;
 }
 
 /** One split virtqueue. */
@@ -92,6 +100,11 @@ export class SplitQueue implements Virtqueue {
   error = "";
   /** This queue's inflight tracking region (INFLIGHT_SHMFD), or null. */
   inflight: InflightRegion | null = null;
+  /**
+   * Counters (see {@link QueueStat}); a private array until the owner points it at shared memory.
+   * Cost on the hot path: a few increments and one clock read per request.
+   */
+  stats: Float64Array = new Float64Array(QUEUE_STAT_SLOTS);
 
   readonly #chain = new DescriptorChain();
   #memory: GuestMemory | null = null;
@@ -106,11 +119,19 @@ export class SplitQueue implements Virtqueue {
   #signalledValid = false;
   #pushedSinceNotify = false;
   #resubmit: number[] = [];
+  /** When the current batch started (0: no batch); every chain popped in it is dated by it. */
+  #batchStart = 0;
+  readonly #poppedAt: Float64Array;
+  /** Pop times of the chains completed since the last {@link notify}, not yet timed. */
+  readonly #completedAt: Float64Array;
+  #completedCount = 0;
 
   /** Creates queue `index` admitting sizes up to `maxSize`. */
   constructor(index: number, maxSize: number) {
     this.index = index;
     this.maxSize = maxSize;
+    this.#poppedAt = new Float64Array(maxSize);
+    this.#completedAt = new Float64Array(maxSize);
   }
 
   /** Whether requests may be processed: configured, translated, started, enabled and sound. */
@@ -135,6 +156,10 @@ export class SplitQueue implements Virtqueue {
     this.#pushedSinceNotify = false;
     this.#resubmit = [];
     this.inflight = null;
+    this.stats[QueueStat.IN_FLIGHT] = 0;
+    this.#batchStart = 0;
+    this.#poppedAt.fill(0);
+    this.#completedCount = 0;
     this.setKickFd(-1);
     this.setCallFd(-1);
     this.setErrFd(-1);
@@ -237,6 +262,7 @@ export class SplitQueue implements Virtqueue {
   fail(message: string): null {
     this.broken = true;
     this.error = `queue ${this.index}: ${message}`;
+    this.stats[QueueStat.ERRORS]++;
     if (this.errFd >= 0) signalEventFd(this.errFd);
     return null;
   }
@@ -245,8 +271,11 @@ export class SplitQueue implements Virtqueue {
   pop(): DescriptorChain | null {
     if (this.broken) return null;
     if (this.#resubmit.length > 0) {
-      const err = this.#parse(this.#resubmit.shift()!, this.#chain);
-      return err === null ? this.#chain : this.fail(err);
+      const head = this.#resubmit.shift()!;
+      const err = this.#parse(head, this.#chain);
+      if (err !== null) return this.fail(err);
+      this.#taken(head);
+      return this.#chain;
     }
     const avail = this.#avail!;
     const availIdx = Atomics.load(avail.u16, (this.#availOff + 2) >> 1);
@@ -260,7 +289,41 @@ export class SplitQueue implements Virtqueue {
     const err = this.#parse(head, this.#chain);
     if (err !== null) return this.fail(err);
     this.inflight?.markTaken(head);
+    this.#taken(head);
     return this.#chain;
+  }
+
+  /** Dates a popped chain (one clock read per batch, not per chain) and counts it in flight. */
+  #taken(head: number): void {
+    if (this.#batchStart === 0) this.#batchStart = monotonicMs();
+    this.#poppedAt[head] = this.#batchStart;
+    this.stats[QueueStat.IN_FLIGHT]++;
+  }
+
+  /**
+   * Adds the chains completed since the last call to the latency histogram: each took from the
+   * start of the batch it was popped in until now.
+   */
+  #recordLatencies(): void {
+    const now = monotonicMs();
+    const s = this.stats;
+    const done = this.#completedAt;
+    for (let i = 0; i < this.#completedCount; i++) {
+      const ms = now - done[i];
+      s[QueueStat.LATENCY_SUM] += ms / 1000;
+      s[QueueStat.LATENCY_BUCKET0 + latencyBucket(ms)]++;
+    }
+    this.#completedCount = 0;
+  }
+
+  /** Counts a request the device failed, for metrics. */
+  countError(): void {
+    this.stats[QueueStat.ERRORS]++;
+  }
+
+  /** Counts bytes read from the driver's buffers by a request completed with pushHead. */
+  countBytes(bytes: number): void {
+    this.stats[QueueStat.BYTES] += bytes;
   }
 
   #parse(head: number, chain: DescriptorChain): string | null {
@@ -319,20 +382,52 @@ export class SplitQueue implements Virtqueue {
 
   /** Puts a completed chain on the used ring and publishes the new used index (fenced). */
   push(chain: DescriptorChain, written: number): void {
+    this.stats[QueueStat.BYTES] += chain.readableBytes;
     this.pushHead(chain.head, written);
   }
 
-  /** {@link push} by head index, for devices that completed a chain after popping others. */
-  pushHead(head: number, written: number): void {
+  /**
+   * {@link push} by head index, for devices that completed a chain after popping others. With
+   * `publish` false the element is written but the used index is not yet published: call
+   * {@link publishUsed} once the related elements are all written (the buffers of one merged
+   * receive packet must become visible together).
+   */
+  pushHead(head: number, written: number, publish = true): void {
     const used = this.#used!;
     this.inflight?.beforeComplete(head);
     const elem = (this.#usedOff + 4 + 8 * (this.usedIdx % this.size)) >> 2;
     used.u32[elem] = head;
     used.u32[elem + 1] = written;
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
-    Atomics.store(used.u16, (this.#usedOff + 2) >> 1, this.usedIdx);
+    if (publish) Atomics.store(used.u16, (this.#usedOff + 2) >> 1, this.usedIdx);
     this.inflight?.afterComplete(head, this.usedIdx);
     this.#pushedSinceNotify = true;
+    const s = this.stats;
+    s[QueueStat.REQUESTS]++;
+    s[QueueStat.BYTES] += written;
+    if (s[QueueStat.IN_FLIGHT] > 0) s[QueueStat.IN_FLIGHT]--;
+    const at = this.#poppedAt[head];
+    if (at > 0) {
+      // Timed when the batch ends (notify): that is when the driver learns of the completion,
+      // and it costs one clock read per batch instead of one per request.
+      if (this.#completedCount === this.#completedAt.length) this.#recordLatencies();
+      this.#completedAt[this.#completedCount++] = at;
+      this.#poppedAt[head] = 0;
+    }
+  }
+
+  /** Publishes the used index after {@link pushHead} calls with `publish` false (fenced). */
+  publishUsed(): void {
+    Atomics.store(this.#used!.u16, (this.#usedOff + 2) >> 1, this.usedIdx);
+  }
+
+  /**
+   * Gives back the last `count` popped chains, as if they had never been popped (a receive queue
+   * that ran out of buffers in the middle of a packet). Not for queues with inflight tracking.
+   */
+  unpop(count: number): void {
+    this.lastAvailIdx = (this.lastAvailIdx - count) & 0xffff;
+    this.stats[QueueStat.IN_FLIGHT] = Math.max(0, this.stats[QueueStat.IN_FLIGHT] - count);
   }
 
   /**
@@ -341,6 +436,7 @@ export class SplitQueue implements Virtqueue {
    */
   setNotification(enable: boolean): boolean {
     const used = this.#used!;
+    if (!enable) this.#batchStart = 0;
     if (this.eventIdx) {
       if (enable) {
         Atomics.store(used.u16, (this.#usedOff + 4 + 8 * this.size) >> 1, this.lastAvailIdx);
@@ -353,6 +449,8 @@ export class SplitQueue implements Virtqueue {
 
   /** Interrupts the driver if anything was pushed since the last call and the driver wants it. */
   notify(): void {
+    this.#batchStart = 0;
+    if (this.#completedCount > 0) this.#recordLatencies();
     if (!this.#pushedSinceNotify) return;
     this.#pushedSinceNotify = false;
     const avail = this.#avail!;
@@ -368,6 +466,9 @@ export class SplitQueue implements Virtqueue {
     } else {
       needed = (avail.u16[this.#availOff >> 1] & VRING_AVAIL_F_NO_INTERRUPT) === 0;
     }
-    if (needed && this.callFd >= 0) signalEventFd(this.callFd);
+    if (needed && this.callFd >= 0) {
+      signalEventFd(this.callFd);
+      this.stats[QueueStat.INTERRUPTS]++;
+    }
   }
 }

@@ -31,12 +31,15 @@ export class IoVec {
   total = 0;
   /** Capacity in entries. */
   readonly capacity: number;
+  /** Address of the iovec array itself (for io_uring submissions). */
+  readonly address: number;
 
   /** Allocates room for `capacity` entries (the kernel accepts at most 1024). */
   constructor(capacity: number) {
     this.capacity = capacity;
     this.words = new Uint32Array(capacity * 4);
     this.bytes = new Uint8Array(this.words.buffer);
+    this.address = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.words)));
   }
 
   /** Empties the array. */

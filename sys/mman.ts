@@ -32,12 +32,19 @@ export class Mapping {
     this.#buffer = Deno.UnsafePointerView.getArrayBuffer(pointer, length);
   }
 
-  /** Maps `length` bytes of `fd` from file offset 0, readable and writable, shared. */
-  static map(fd: number, length: number): Mapping {
+  /** Maps `length` bytes of `fd` from file offset `offset`, readable and writable, shared. */
+  static map(fd: number, length: number, offset = 0): Mapping {
     if (!Number.isSafeInteger(length) || length <= 0) {
       throw new RangeError(`cannot map ${length} bytes`);
     }
-    const p = libc.mmap(null, BigInt(length), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0n);
+    const p = libc.mmap(
+      null,
+      BigInt(length),
+      PROT_READ | PROT_WRITE,
+      MAP_SHARED,
+      fd,
+      BigInt(offset),
+    );
     if (p === null || Deno.UnsafePointer.value(p) === MAP_FAILED) {
       throw new SysError("mmap", errno(), `(${length} bytes of fd ${fd})`);
     }

@@ -12,26 +12,29 @@ import { assertGuestSuccess, describeGuestRun, parseResults, runGuest } from "./
 const MiB = 1 << 20;
 const KILLS = 3;
 
-Deno.test("guest: fio verify survives the daemon being SIGKILLed and restarted", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "vhostd-restart-" });
-  const img = `${dir}/disk.img`;
-  const sock = `${dir}/blk.sock`;
-  sparseFile(img, 256 * MiB);
-  const args = ["blk", "--socket", sock, "--image", img];
-  // The first daemon dies mid-request (SIGKILL after taking its 3000th request, before completing
-  // it), so the restart must resubmit it; the later ones are killed at arbitrary moments.
-  let daemon = await DaemonProcess.start(args, { VHOSTD_FAULT_KILL_AFTER: "3000" });
-  const logs: string[] = [];
-  let started = false;
-  try {
-    const guest = runGuest({
-      vhostUserBlk: [{ socket: sock }],
-      chardevReconnect: 1,
-      timeoutMs: 300_000,
-      onConsole: (text) => {
-        if (text.includes("FIO-START")) started = true;
-      },
-      script: `
+for (const engine of ["sync", "io_uring"] as const) {
+  Deno.test(`guest: fio verify survives the daemon being SIGKILLed and restarted (${engine})`, async () => {
+    const dir = await Deno.makeTempDir({ prefix: "vhostd-restart-" });
+    const img = `${dir}/disk.img`;
+    const sock = `${dir}/blk.sock`;
+    sparseFile(img, 256 * MiB);
+    const args = ["blk", "--socket", sock, "--image", img];
+    // With --direct the device uses io_uring, and many requests are in flight at each kill.
+    if (engine === "io_uring") args.push("--direct");
+    // The first daemon dies mid-request (SIGKILL after taking its 3000th request, before completing
+    // it), so the restart must resubmit it; the later ones are killed at arbitrary moments.
+    let daemon = await DaemonProcess.start(args, { VHOSTD_FAULT_KILL_AFTER: "3000" });
+    const logs: string[] = [];
+    let started = false;
+    try {
+      const guest = runGuest({
+        vhostUserBlk: [{ socket: sock }],
+        chardevReconnect: 1,
+        timeoutMs: 300_000,
+        onConsole: (text) => {
+          if (text.includes("FIO-START")) started = true;
+        },
+        script: `
 echo FIO-START
 fio --name=restart --filename=/dev/vda --rw=randwrite --bs=4k --size=96M --direct=1 \\
   --ioengine=libaio --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio.out 2>&1
@@ -40,38 +43,41 @@ cat /tmp/fio.out
 [ $rc -eq 0 ] && grep -q "err= 0" /tmp/fio.out && echo "RESULT fio=ok"
 echo "RESULT kernel_errors=$(dmesg | grep -ciE 'I/O error|blk_update_request|timeout')"
 `,
-    });
-    const killer = (async () => {
-      while (!started) await new Promise((r) => setTimeout(r, 100));
-      for (let i = 0; i < KILLS; i++) {
-        if (i === 0) await daemon.exit();
-        else {
-          await new Promise((r) => setTimeout(r, 1500));
-          await daemon.stop("SIGKILL");
+      });
+      const killer = (async () => {
+        while (!started) await new Promise((r) => setTimeout(r, 100));
+        for (let i = 0; i < KILLS; i++) {
+          if (i === 0) await daemon.exit();
+          else {
+            await new Promise((r) => setTimeout(r, 1500));
+            await daemon.stop("SIGKILL");
+          }
+          logs.push(daemon.stderr);
+          daemon = await DaemonProcess.start(args);
         }
-        logs.push(daemon.stderr);
-        daemon = await DaemonProcess.start(args);
-      }
-    })();
-    const [r] = await Promise.all([guest, killer]);
-    assertGuestSuccess(r);
-    const res = parseResults(r.console, "RESULT ");
-    assert.equal(res.fio, "ok", describeGuestRun(r));
-    assert.equal(res.kernel_errors, "0", describeGuestRun(r));
-    assert.match(r.console, /write: IOPS=/, "fio really ran");
-  } finally {
-    assert.equal(await daemon.stop(), 0, daemon.stderr);
-    logs.push(daemon.stderr);
-    await Deno.remove(dir, { recursive: true });
-  }
-  const all = logs.join("\n");
-  assert.equal(logs.length, KILLS + 1);
-  const resubmitted = [...all.matchAll(/resubmitting (\d+) requests/g)].map((m) => Number(m[1]));
-  console.log(`restarts: ${KILLS}; requests resubmitted after restarts: ${resubmitted.join(", ")}`);
-  assert.ok(
-    resubmitted.length >= 1 && resubmitted[0] >= 1,
-    `the taken request was resubmitted\n${all}`,
-  );
-  // Every restarted daemon was reconnected to by QEMU.
-  assert.equal((all.match(/front-end connected/g) ?? []).length >= KILLS + 1, true, all);
-});
+      })();
+      const [r] = await Promise.all([guest, killer]);
+      assertGuestSuccess(r);
+      const res = parseResults(r.console, "RESULT ");
+      assert.equal(res.fio, "ok", describeGuestRun(r));
+      assert.equal(res.kernel_errors, "0", describeGuestRun(r));
+      assert.match(r.console, /write: IOPS=/, "fio really ran");
+    } finally {
+      assert.equal(await daemon.stop(), 0, daemon.stderr);
+      logs.push(daemon.stderr);
+      await Deno.remove(dir, { recursive: true });
+    }
+    const all = logs.join("\n");
+    assert.equal(logs.length, KILLS + 1);
+    const resubmitted = [...all.matchAll(/resubmitting (\d+) requests/g)].map((m) => Number(m[1]));
+    console.log(
+      `restarts: ${KILLS}; requests resubmitted after restarts: ${resubmitted.join(", ")}`,
+    );
+    assert.ok(
+      resubmitted.length >= 1 && resubmitted[0] >= 1,
+      `the taken request was resubmitted\n${all}`,
+    );
+    // Every restarted daemon was reconnected to by QEMU.
+    assert.equal((all.match(/front-end connected/g) ?? []).length >= KILLS + 1, true, all);
+  });
+}

@@ -55,6 +55,8 @@ export interface KickWatcher {
 export interface BackendOptions {
   /** Most memory regions (GET_MAX_MEM_SLOTS); default 256. */
   maxMemSlots?: number;
+  /** Where each queue keeps its counters (shared memory the main thread reads); default private. */
+  queueStats?: (queue: number) => Float64Array;
 }
 
 /** Protocol features every vhostd device supports. */
@@ -133,6 +135,8 @@ export class VhostUserBackend {
     this.memory = new GuestMemory(options.maxMemSlots ?? 256);
     const maxSize = device.maxQueueSize ?? 1024;
     this.queues = Array.from({ length: device.numQueues }, (_, i) => new SplitQueue(i, maxSize));
+    const stats = options.queueStats;
+    if (stats) { for (const q of this.queues) q.stats = stats(q.index); }
     this.features = device.features | BASE_FEATURES;
     this.protocolFeatures = BASE_PROTOCOL_FEATURES | (device.protocolFeatures ?? 0n) |
       (device.getConfig ? bit(ProtocolFeature.CONFIG) : 0n);
@@ -234,6 +238,7 @@ export class VhostUserBackend {
       }
       case Request.GET_VRING_BASE: {
         const q = this.#queue(p.getUint32(0, true), "GET_VRING_BASE");
+        this.device.quiesce?.();
         this.#stop(q);
         conn.reply(m.request, vringStatePayload({ index: q.index, num: q.lastAvailIdx }));
         return null;
@@ -293,6 +298,7 @@ export class VhostUserBackend {
         return true;
       }
       case Request.REM_MEM_REG: {
+        this.device.quiesce?.();
         const removed = this.memory.remove(decodeMemRegion(p, 8));
         if (!removed) this.#log.warn("REM_MEM_REG names a region that is not mapped");
         this.#attachAll();
@@ -406,6 +412,7 @@ export class VhostUserBackend {
         `SET_MEM_TABLE: ${regions.length} regions but ${m.fds.length} fds`,
       );
     }
+    this.device.quiesce?.();
     this.memory.clear();
     const fds = m.fds.splice(0);
     this.#mapRegion(() => {
@@ -513,6 +520,7 @@ export class VhostUserBackend {
 
   /** RESET_DEVICE: stop and forget all rings, keep memory, ownership and protocol features. */
   resetDevice(): void {
+    this.device.quiesce?.();
     for (const q of this.queues) {
       if (q.kickFd >= 0) this.#watcher.unwatchKick(q.kickFd);
       q.reset();

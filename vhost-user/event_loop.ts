@@ -66,9 +66,7 @@ export class EventLoop {
       stop = true;
     });
     const ep = this.epoll;
-    const interval = this.#ticks.length
-      ? Math.min(...this.#ticks.map((t) => t.intervalMs))
-      : -1;
+    const interval = this.#ticks.length ? Math.min(...this.#ticks.map((t) => t.intervalMs)) : -1;
     while (!stop) {
       const n = ep.wait(this.#busyTicks ? interval : -1);
       for (let i = 0; i < n && !stop; i++) {

@@ -8,11 +8,13 @@
  */
 
 import { getLogger, type Logger } from "@logtape/logtape";
-import type { DescriptorChain, VirtioDevice, Virtqueue } from "../device.ts";
+import type { DescriptorChain, DeviceEventLoop, VirtioDevice, Virtqueue } from "../device.ts";
 import { bit, ProtocolFeature } from "../../vhost-user/message.ts";
 import { IoVec } from "../../sys/io.ts";
-import { Errno } from "../../sys/libc.ts";
+import { Errno, libc, O } from "../../sys/libc.ts";
 import { type BlockBackend, FileBackend, NullBackend } from "./backend.ts";
+import { type RequestSlot, UringEngine, type UringOwner } from "./uring.ts";
+import { ioUringAvailable, IoUringOp } from "../../sys/io_uring.ts";
 
 /** virtio device id of a block device. */
 export const VIRTIO_ID_BLOCK = 2;
@@ -76,6 +78,11 @@ export interface BlkOptions {
   fd: number;
   /** Serve a null target of `sizeBytes`: requests complete without any I/O (for benchmarks). */
   null?: boolean;
+  /**
+   * `sync` serves one request at a time with preadv/pwritev (best from the page cache);
+   * `uring` keeps many in flight through io_uring (best with O_DIRECT on a real disk).
+   */
+  ioEngine?: "sync" | "uring";
   /** Image path, for logs. */
   path: string;
   /** Size of the image in bytes. */
@@ -97,6 +104,19 @@ export interface BlkOptions {
   faultKillAfter?: number;
 }
 
+/** Requests in flight at most with the io_uring engine. */
+const URING_DEPTH = 256;
+
+/**
+ * io_uring for an image opened with O_DIRECT (a real disk wants many requests in flight), the
+ * synchronous engine otherwise (from the page cache a preadv is about a microsecond).
+ */
+function defaultEngine(fd: number): "sync" | "uring" {
+  const F_GETFL = 3;
+  const direct = (libc.fcntl(fd, F_GETFL, 0) & O.DIRECT) !== 0;
+  return direct && ioUringAvailable() ? "uring" : "sync";
+}
+
 /** A virtio-blk device backed by a file descriptor. */
 export class BlkDevice implements VirtioDevice {
   /** virtio device id (2). */
@@ -114,6 +134,7 @@ export class BlkDevice implements VirtioDevice {
   /** Write cache enabled (writeback); when off, every write is followed by fdatasync. */
   writeCache = true;
   readonly #storage: BlockBackend;
+  readonly #uring: UringEngine | null = null;
   readonly #readOnly: boolean;
   readonly #blockSize: number;
   readonly #serial: Uint8Array;
@@ -133,6 +154,13 @@ export class BlkDevice implements VirtioDevice {
   constructor(options: BlkOptions) {
     this.name = options.name ?? "blk";
     this.#storage = options.null ? new NullBackend() : new FileBackend(options.fd);
+    if (!options.null && (options.ioEngine ?? defaultEngine(options.fd)) === "uring") {
+      const owner: UringOwner = {
+        finish: (slot, result) => this.#finish(slot, result),
+        resume: (queue) => this.processQueue(queue),
+      };
+      this.#uring = new UringEngine(options.fd, URING_DEPTH, SEG_MAX + 2, owner);
+    }
     this.#readOnly = options.readOnly;
     this.#blockSize = options.blockSize ?? SECTOR;
     this.numQueues = options.queues;
@@ -177,19 +205,115 @@ export class BlkDevice implements VirtioDevice {
     return true;
   }
 
-  /** Serves every available request on the queue. */
+  /** Starts the io_uring engine's completion handling, if there is one. */
+  start(loop: DeviceEventLoop): void {
+    this.#uring?.start(loop);
+  }
+
+  /** Serves every available request on the queue (or as many as there are io_uring slots). */
   processQueue(queue: Virtqueue): void {
-    for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+    const uring = this.#uring;
+    for (;;) {
+      const slot = uring?.take(queue) ?? null;
+      if (uring !== null && slot === null) break; // throttled: resumed when a slot frees up
+      const chain = queue.pop();
+      if (chain === null) {
+        if (slot !== null) uring!.release(slot);
+        break;
+      }
       if (this.#killAfter > 0 && --this.#killAfter === 0) Deno.kill(Deno.pid, "SIGKILL");
+      if (slot !== null) {
+        if (this.#submit(chain, slot)) continue;
+        uring!.release(slot);
+      }
       const written = this.#handle(chain);
       if (this.#lastStatus !== BlkStatus.OK) queue.countError?.();
       queue.push(chain, written);
     }
+    uring?.flush();
   }
 
-  /** Flushes and closes the image. */
+  /** Waits for every request in flight (before a ring stops or guest memory changes). */
+  quiesce(): void {
+    this.#uring?.drain();
+  }
+
+  /** Waits for requests in flight, flushes and closes the image. */
   close(): void {
+    this.#uring?.close();
     this.#storage.close();
+  }
+
+  /**
+   * Prepares a read, write or flush for io_uring; false sends the request down the synchronous
+   * path instead (other types, and anything malformed, which that path reports).
+   */
+  #submit(chain: DescriptorChain, slot: RequestSlot): boolean {
+    if (chain.writableBytes < 1 || chain.read(this.#header) < 16) return false;
+    const statusAt = chain.writableBytes - 1;
+    const hv = this.#headerView;
+    const type = hv.getUint32(0, true);
+    const sector = hv.getUint32(8, true) + hv.getUint32(12, true) * 4294967296;
+    switch (type) {
+      case BlkRequestType.IN:
+        if (!this.#inRange(sector, statusAt) || !chain.writableIoVec(slot.iov, 0, statusAt)) {
+          return false;
+        }
+        slot.op = IoUringOp.READV;
+        slot.expected = statusAt;
+        slot.writtenOnSuccess = statusAt + 1;
+        break;
+      case BlkRequestType.OUT: {
+        const bytes = chain.readableBytes - 16;
+        if (this.#readOnly || !this.#inRange(sector, bytes)) return false;
+        if (!chain.readableIoVec(slot.iov, 16, bytes)) return false;
+        slot.op = IoUringOp.WRITEV;
+        slot.expected = bytes;
+        slot.writtenOnSuccess = 1;
+        slot.syncAfter = !this.writeCache;
+        break;
+      }
+      case BlkRequestType.FLUSH:
+        slot.op = IoUringOp.FSYNC;
+        slot.expected = 0;
+        slot.writtenOnSuccess = 1;
+        break;
+      default:
+        return false;
+    }
+    if (!chain.writableByte(statusAt, slot.status)) return false;
+    slot.head = chain.head;
+    slot.offset = sector * SECTOR;
+    this.#uring!.queue(slot);
+    return true;
+  }
+
+  /** Completes an io_uring request: status byte, used ring (the engine interrupts the guest). */
+  #finish(slot: RequestSlot, result: number): void {
+    let status: number;
+    if (slot.op === IoUringOp.FSYNC) {
+      status = this.#status(result, "flush");
+    } else if (result === slot.expected) {
+      status = BlkStatus.OK;
+    } else if (result >= 0) {
+      // A short transfer: finish the rest synchronously rather than fail a request that can work.
+      slot.iov.advance(result);
+      const rest = slot.expected - result;
+      const n = slot.op === IoUringOp.READV
+        ? this.#storage.readv(slot.iov, slot.offset + result)
+        : this.#storage.writev(slot.iov, slot.offset + result);
+      status = n === rest ? BlkStatus.OK : this.#ioError("short transfer", n < 0 ? n : -Errno.EIO);
+      if (status === BlkStatus.OK && slot.op === IoUringOp.WRITEV && !this.writeCache) {
+        status = this.#status(this.#storage.flush(), "write-through sync");
+      }
+    } else {
+      status = this.#ioError(slot.op === IoUringOp.READV ? "read" : "write", result);
+    }
+    slot.status.u8[slot.status.offset] = status;
+    const queue = slot.queue!;
+    if (status !== BlkStatus.OK) queue.countError?.();
+    if (slot.op === IoUringOp.WRITEV) queue.countBytes?.(slot.expected);
+    queue.pushHead(slot.head, status === BlkStatus.OK ? slot.writtenOnSuccess : 1);
   }
 
   /** Handles one request; returns the number of bytes written into the chain. */

@@ -11,10 +11,13 @@
 import { fileURLToPath } from "node:url";
 
 /** The back-ends under test. */
-export type BackendKind = "vhostd" | "qsd";
+export type BackendKind = "vhostd" | "vhostd-uring" | "qsd";
 
 /** Both kinds, in the order tests run them. */
-export const BACKENDS: readonly BackendKind[] = ["vhostd", "qsd"];
+export const BACKENDS: readonly BackendKind[] = ["vhostd", "vhostd-uring", "qsd"];
+
+/** vhostd in either I/O engine: sync (the image through the page cache) or io_uring (O_DIRECT). */
+export const isVhostd = (kind: BackendKind): boolean => kind !== "qsd";
 
 /** The repository root. */
 export const REPO = fileURLToPath(new URL("../../", import.meta.url));
@@ -95,7 +98,7 @@ export function readImage(path: string, offset: number, length: number): Uint8Ar
 }
 
 function command(kind: BackendKind, b: RunningBackend, nullTarget: boolean): Deno.Command {
-  if (kind === "vhostd") {
+  if (isVhostd(kind)) {
     const args = [
       "run",
       "-A",
@@ -111,6 +114,7 @@ function command(kind: BackendKind, b: RunningBackend, nullTarget: boolean): Den
       "warning",
     ];
     if (b.readOnly) args.push("--read-only");
+    if (kind === "vhostd-uring") args.push("--direct");
     return new Deno.Command(Deno.execPath(), {
       args,
       cwd: REPO,
@@ -198,7 +202,7 @@ export async function startBackend(
     child = null;
   }
   async function spawn(): Promise<void> {
-    if (kind === "vhostd") {
+    if (isVhostd(kind)) {
       try {
         Deno.removeSync(b.socket); // a crashed vhostd leaves its socket behind
       } catch {

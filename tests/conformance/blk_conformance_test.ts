@@ -22,6 +22,7 @@ import {
   type BackendKind,
   type BackendOptions,
   BACKENDS,
+  isVhostd,
   readImage,
   REPO,
   type RunningBackend,
@@ -110,7 +111,7 @@ test("protocol features: MQ, REPLY_ACK and CONFIG offered; REPLY_ACK acks", asyn
     const inflight = (pf & bit(ProtocolFeature.INFLIGHT_SHMFD)) !== 0n;
     assert.deepEqual(
       { status, inflight },
-      kind === "vhostd" ? { status: true, inflight: true } : { status: false, inflight: false },
+      isVhostd(kind) ? { status: true, inflight: true } : { status: false, inflight: false },
     );
   });
 });

@@ -74,10 +74,14 @@ export class DaemonProcess {
 
   /** Sends `signal` and waits for the exit code. */
   async stop(signal: Deno.Signal = "SIGTERM"): Promise<number> {
-    try {
-      this.child.kill(signal);
-    } catch {
-      // already exited
+    // Under `deno task` the daemon is the task runner's child: signal it directly, as a
+    // terminal's Ctrl-C would (the runner forwards too, but can miss a signal while starting).
+    for (const pid of [...childrenOf(this.child.pid), this.child.pid]) {
+      try {
+        Deno.kill(pid, signal);
+      } catch {
+        // already exited
+      }
     }
     return await this.exit();
   }
@@ -110,4 +114,22 @@ export function sparseFile(path: string, bytes: number): void {
 export async function sha256(data: Uint8Array): Promise<string> {
   const d = await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>);
   return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Pids of the direct children of `pid`. */
+function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+      // The parent pid is the 2nd field after the ")" that closes the command name.
+      if (Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]) === pid) {
+        out.push(Number(e.name));
+      }
+    } catch {
+      // gone
+    }
+  }
+  return out;
 }

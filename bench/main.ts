@@ -1,0 +1,351 @@
+/**
+ * `deno task bench [--quick]`: the benchmark harness. It builds the guest kit, makes scratch
+ * images, runs every comparison (back-end only, guest fio, net stub, memory) and writes the raw
+ * results as JSON plus a Markdown report with SVG charts.
+ *
+ * Full mode writes `bench/results/<DATE>.json`, `bench/results/<DATE>-*.svg` and BENCHMARKS.md.
+ * `--quick` (one short run of each case: a smoke test of the harness, not figures) writes
+ * `bench/results/quick-<DATE>.json`, `.md` and SVGs, and leaves BENCHMARKS.md alone.
+ * Exits 1 with one `bench: FAILED: ...` line if any step failed.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { ensureKit } from "../tests/guest/qemu.ts";
+import { backendOnly, type BackendOnlyConfig } from "./backend_only.ts";
+import { type BackendLevers, DEFAULT_LEVERS, type Storage } from "./backends.ts";
+import { type FioJob, guestFio, type GuestFioConfig, type GuestVariant } from "./guest_fio.ts";
+import { killAllStarted, progress, REPO_ROOT, StepError, writeRandomImage } from "./lib.ts";
+import { memory, type MemoryConfig } from "./memory.ts";
+import { net } from "./net.ts";
+import { type BenchResult, charts, markdown } from "./report.ts";
+import { systemInfo } from "./system.ts";
+
+/** Comparisons that can be selected with `--only`. */
+export type Comparison = "backend" | "guest" | "net" | "memory";
+
+/** How to run the harness. */
+export interface BenchOptions {
+  /** Smoke mode: one short run of each case. */
+  quick: boolean;
+  /** Comparisons to run (default all). */
+  only: Comparison[];
+  /** Repetitions (default 3 full, 1 quick). */
+  runs?: number;
+  /** Seconds per load-generator run (default 10 full, 1 quick). */
+  loadSeconds?: number;
+  /** Seconds per guest fio job (default 10 full, 3 quick). */
+  guestSeconds?: number;
+  /** Directory for JSON, SVG (and quick Markdown); default bench/results. */
+  resultsDir: string;
+  /** Markdown report of a full run; default BENCHMARKS.md at the repository root. */
+  markdownPath: string;
+  /** Back-end I/O levers. */
+  levers: BackendLevers;
+  /** The command line shown in the report. */
+  command: string;
+}
+
+/** Where a run put its output. */
+export interface BenchOutput {
+  /** The results. */
+  result: BenchResult;
+  /** The JSON file. */
+  jsonPath: string;
+  /** The Markdown file. */
+  markdownPath: string;
+  /** The SVG files. */
+  chartPaths: string[];
+}
+
+const HELP = `Usage: deno task bench [--quick] [options]
+
+Runs vhostd's benchmarks side by side with qemu-storage-daemon and QEMU's own virtio-blk, and
+writes bench/results/<DATE>.json, SVG charts and BENCHMARKS.md (full mode), or
+bench/results/quick-<DATE>.{json,md} (--quick: a smoke run of the harness, not figures).
+
+Options:
+  --quick               one short run of each case (CI smoke test; a few minutes)
+  --only LIST           comma-separated: backend,guest,net,memory (default all)
+  --runs N              repetitions per case; medians are reported (default 3; quick 1)
+  --seconds S           seconds per load-generator run (default 10; quick 1)
+  --guest-seconds S     seconds per guest fio job (default 10; quick 3)
+  --qsd-disk-aio MODE   qemu-storage-daemon aio on disk: native, io_uring or threads (default native)
+  --qsd-tmpfs-aio MODE  qemu-storage-daemon aio on tmpfs: threads or io_uring (default threads)
+  --no-vhostd-direct    serve the disk image without O_DIRECT in vhostd (a lever, not a fair run)
+  --results-dir DIR     where JSON and SVG go (default bench/results)
+  --markdown PATH       report of a full run (default BENCHMARKS.md)
+  -h, --help            this text
+`;
+
+const MiB = 1 << 20;
+
+/** Runs the selected comparisons and writes the outputs. Never throws for a failed step. */
+export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
+  const t0 = performance.now();
+  const startedAt = new Date().toISOString();
+  const quick = opts.quick;
+  const runs = opts.runs ?? (quick ? 1 : 3);
+  const loadSeconds = opts.loadSeconds ?? (quick ? 1 : 10);
+  const guestSeconds = opts.guestSeconds ?? (quick ? 3 : 10);
+  const imageBytes = quick ? 256 * MiB : 1024 * MiB;
+  const failures: string[] = [];
+  const stepSeconds: Record<string, number> = {};
+  const system = await systemInfo();
+  const result: BenchResult = {
+    schema: 1,
+    mode: quick ? "quick" : "full",
+    startedAt,
+    durationSeconds: 0,
+    stepSeconds,
+    command: opts.command,
+    system,
+    net: net(),
+    failures,
+    only: opts.only,
+  };
+  const step = async (name: string, fn: () => Promise<void>) => {
+    const s = performance.now();
+    progress(`${name}: starting`);
+    try {
+      await fn();
+      progress(`${name}: done in ${Math.round((performance.now() - s) / 1000)} s`);
+    } catch (e) {
+      const line = e instanceof StepError ? e.message : `${name}: ${(e as Error).message}`;
+      failures.push(line.split("\n")[0]);
+      progress(`FAILED: ${line.split("\n")[0]}`);
+    }
+    stepSeconds[name] = Math.round((performance.now() - s) / 100) / 10;
+  };
+
+  const shmDir = await Deno.makeTempDir({ dir: "/dev/shm", prefix: "vhostd-bench-" });
+  const diskDir = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "vhostd-bench-" });
+  const tmpfsImage = `${shmDir}/tmpfs.img`;
+  const diskImage = `${diskDir}/disk.img`;
+  const cleanup = () => {
+    for (const d of [shmDir, diskDir]) {
+      try {
+        Deno.removeSync(d, { recursive: true });
+      } catch {
+        // gone already
+      }
+    }
+  };
+  const onSignal = () => {
+    killAllStarted();
+    cleanup();
+    Deno.exit(130);
+  };
+  Deno.addSignalListener("SIGINT", onSignal);
+  Deno.addSignalListener("SIGTERM", onSignal);
+  try {
+    await step("prepare", async () => {
+      for (const tool of ["qemu-storage-daemon", "qemu-system-x86_64"]) {
+        const key = tool === "qemu-storage-daemon" ? "qsd" : "qemu";
+        if (!system[key]) {
+          throw new StepError("prepare", `${tool} not found (apt-get install qemu-system-x86)`);
+        }
+      }
+      if (opts.only.includes("guest")) {
+        progress("building the guest kit (tests/guest/build-kit.sh; quick when up to date)");
+        try {
+          await ensureKit();
+        } catch (e) {
+          throw new StepError(
+            "prepare",
+            `guest kit: ${(e as Error).message.split("\n").slice(-2).join(" ")}`,
+          );
+        }
+        system.guestKit = (await systemInfo()).guestKit;
+      }
+      progress(`writing ${imageBytes / MiB} MiB scratch images (${tmpfsImage}, ${diskImage})`);
+      writeRandomImage(tmpfsImage, imageBytes);
+      writeRandomImage(diskImage, imageBytes);
+    });
+    const prepared = failures.length === 0;
+
+    if (prepared && opts.only.includes("backend")) {
+      await step("backend", async () => {
+        const cfg: BackendOnlyConfig = {
+          storages: ["tmpfs", "disk", "null"] as Storage[],
+          shapes: [
+            { label: "1q-qd32", queues: 1, depth: 32 },
+            { label: "4q-qd32", queues: 4, depth: 32 },
+          ],
+          backends: ["vhostd", "qsd"],
+          runs,
+          seconds: loadSeconds,
+          blockSize: 4096,
+          deviceQueues: 4,
+          tmpfsImage,
+          diskImage,
+          nullSizeBytes: 1 << 30,
+          socketDir: shmDir,
+          levers: opts.levers,
+        };
+        result.backendOnly = await backendOnly(cfg);
+      });
+    }
+    if (prepared && opts.only.includes("guest")) {
+      await step("guest", async () => {
+        const jobs: FioJob[] = [
+          { name: "randread-4k-qd32", rw: "randread", bs: 4096, depth: 32 },
+          { name: "randwrite-4k-qd32", rw: "randwrite", bs: 4096, depth: 32 },
+          { name: "read-128k-qd32", rw: "read", bs: 128 * 1024, depth: 32 },
+        ];
+        const cfg: GuestFioConfig = {
+          variants: ["in-qemu", "qsd", "vhostd"] as GuestVariant[],
+          jobs,
+          runs,
+          seconds: guestSeconds,
+          diskImage,
+          socketDir: shmDir,
+          smp: 1,
+          memoryMiB: 512,
+          deviceQueues: 1,
+          levers: opts.levers,
+        };
+        result.guestFio = await guestFio(cfg);
+      });
+    }
+    if (opts.only.includes("net")) {
+      progress(`net: ${result.net.reason}`);
+    }
+    if (prepared && opts.only.includes("memory")) {
+      await step("memory", async () => {
+        const cfg: MemoryConfig = {
+          image: tmpfsImage,
+          devices: 4,
+          queues: 4,
+          runs,
+          socketDir: shmDir,
+          settleMs: quick ? 1000 : 2000,
+        };
+        result.memory = await memory(cfg);
+      });
+    }
+  } finally {
+    Deno.removeSignalListener("SIGINT", onSignal);
+    Deno.removeSignalListener("SIGTERM", onSignal);
+    cleanup();
+  }
+
+  system.loadavgEnd = Deno.readTextFileSync("/proc/loadavg").trim();
+  result.durationSeconds = Math.round((performance.now() - t0) / 100) / 10;
+  return writeOutputs(result, opts);
+}
+
+function writeOutputs(result: BenchResult, opts: BenchOptions): BenchOutput {
+  const date = result.startedAt.slice(0, 10);
+  const base = result.mode === "quick" ? `quick-${date}` : date;
+  Deno.mkdirSync(opts.resultsDir, { recursive: true });
+  const jsonPath = `${opts.resultsDir}/${base}.json`;
+  Deno.writeTextFileSync(jsonPath, JSON.stringify(result, null, 2) + "\n");
+  const svgs = charts(result, `${base}-`);
+  const chartPaths: string[] = [];
+  for (const [name, svg] of Object.entries(svgs)) {
+    const p = `${opts.resultsDir}/${name}`;
+    Deno.writeTextFileSync(p, svg);
+    chartPaths.push(p);
+  }
+  const mdPath = result.mode === "quick" ? `${opts.resultsDir}/${base}.md` : opts.markdownPath;
+  const mdDir = mdPath.includes("/") ? mdPath.slice(0, mdPath.lastIndexOf("/")) : ".";
+  const rel = (p: string) => relativePath(mdDir, p);
+  Deno.writeTextFileSync(mdPath, markdown(result, rel(opts.resultsDir), `${base}-`, rel(jsonPath)));
+  return { result, jsonPath, markdownPath: mdPath, chartPaths };
+}
+
+function relativePath(fromDir: string, to: string): string {
+  const a = absolute(fromDir).split("/").filter(Boolean);
+  const b = absolute(to).split("/").filter(Boolean);
+  let i = 0;
+  while (i < a.length && i < b.length && a[i] === b[i]) i++;
+  const up = a.slice(i).map(() => "..");
+  return [...up, ...b.slice(i)].join("/") || ".";
+}
+
+function absolute(p: string): string {
+  return p.startsWith("/") ? p : `${Deno.cwd()}/${p}`;
+}
+
+/** Parses the command line; throws with a one-line message on bad input. */
+export function parseBenchArgs(args: string[]): BenchOptions | null {
+  const { values } = parseArgs({
+    args,
+    strict: true,
+    options: {
+      quick: { type: "boolean" },
+      only: { type: "string" },
+      runs: { type: "string" },
+      seconds: { type: "string" },
+      "guest-seconds": { type: "string" },
+      "qsd-disk-aio": { type: "string" },
+      "qsd-tmpfs-aio": { type: "string" },
+      "no-vhostd-direct": { type: "boolean" },
+      "results-dir": { type: "string" },
+      markdown: { type: "string" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  if (values.help) return null;
+  const count = (name: string, v: string | undefined): number | undefined => {
+    if (v === undefined) return undefined;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1) throw new Error(`--${name} must be a whole number ≥ 1`);
+    return n;
+  };
+  const all: Comparison[] = ["backend", "guest", "net", "memory"];
+  const only = (values.only ?? all.join(",")).split(",").map((s) => s.trim()) as Comparison[];
+  for (const o of only) if (!all.includes(o)) throw new Error(`--only: unknown comparison "${o}"`);
+  const diskAio = values["qsd-disk-aio"] ?? DEFAULT_LEVERS.qsdDiskAio;
+  if (!["native", "io_uring", "threads"].includes(diskAio)) {
+    throw new Error("--qsd-disk-aio must be native, io_uring or threads");
+  }
+  const tmpfsAio = values["qsd-tmpfs-aio"] ?? DEFAULT_LEVERS.qsdTmpfsAio;
+  if (!["threads", "io_uring"].includes(tmpfsAio)) {
+    throw new Error("--qsd-tmpfs-aio must be threads or io_uring");
+  }
+  return {
+    quick: values.quick === true,
+    only,
+    runs: count("runs", values.runs),
+    loadSeconds: count("seconds", values.seconds),
+    guestSeconds: count("guest-seconds", values["guest-seconds"]),
+    resultsDir: values["results-dir"] ?? `${REPO_ROOT}/bench/results`,
+    markdownPath: values.markdown ?? `${REPO_ROOT}/BENCHMARKS.md`,
+    levers: {
+      vhostdDirect: values["no-vhostd-direct"] !== true,
+      qsdDiskAio: diskAio as BackendLevers["qsdDiskAio"],
+      qsdTmpfsAio: tmpfsAio as BackendLevers["qsdTmpfsAio"],
+    },
+    command: ["deno task bench", ...args].join(" "),
+  };
+}
+
+if (import.meta.main) {
+  let opts: BenchOptions | null;
+  try {
+    opts = parseBenchArgs(Deno.args);
+  } catch (e) {
+    console.error(`bench: ${(e as Error).message.split("\n")[0]}`);
+    Deno.exit(2);
+  }
+  if (!opts) {
+    console.log(HELP);
+    Deno.exit(0);
+  }
+  const out = await runBench(opts);
+  const r = out.result;
+  console.log(`bench: ${r.mode} run took ${Math.round(r.durationSeconds)} s`);
+  console.log(
+    `bench: wrote ${out.jsonPath}, ${out.markdownPath} and ${out.chartPaths.length} charts`,
+  );
+  if (r.failures.length) {
+    const more = r.failures.length > 1
+      ? ` (and ${r.failures.length - 1} more step(s); see above)`
+      : "";
+    console.error(`bench: FAILED: ${r.failures[0]}${more}`);
+    Deno.exit(1);
+  }
+}

@@ -1,0 +1,469 @@
+/**
+ * Turns a benchmark result into Markdown tables and hand-written SVG bar charts.
+ *
+ * @module
+ */
+
+import type { BackendOnlyResult } from "./backend_only.ts";
+import type { GuestFioResult } from "./guest_fio.ts";
+import type { MemoryResult } from "./memory.ts";
+import type { NetResult } from "./net.ts";
+import type { SystemInfo } from "./system.ts";
+
+/** Everything one `deno task bench` run produced. */
+export interface BenchResult {
+  /** Format version of this JSON. */
+  schema: 1;
+  /** `full` (medians of `runs`) or `quick` (a smoke run: not figures to quote). */
+  mode: "full" | "quick";
+  /** ISO time the run started. */
+  startedAt: string;
+  /** Wall seconds of the whole run. */
+  durationSeconds: number;
+  /** Wall seconds per comparison. */
+  stepSeconds: Record<string, number>;
+  /** The command that produced this. */
+  command: string;
+  /** Machine and versions. */
+  system: SystemInfo;
+  /** Comparison 1 (absent if it failed or was not selected). */
+  backendOnly?: BackendOnlyResult;
+  /** Comparison 2. */
+  guestFio?: GuestFioResult;
+  /** Comparison 3: an explicit not-measured entry. */
+  net: NetResult;
+  /** Comparison 4. */
+  memory?: MemoryResult;
+  /** Steps that failed, one line each. */
+  failures: string[];
+  /** Comparisons selected for this run (`--only`). */
+  only: string[];
+}
+
+/** One bar in a chart group. */
+export interface Bar {
+  /** Series (back-end) name; picks the colour. */
+  series: string;
+  /** Value (bars are scaled to the largest in the chart). */
+  value: number;
+}
+
+/** A labelled group of bars (one case). */
+export interface BarGroup {
+  /** Case label shown at the left. */
+  label: string;
+  /** Bars in series order. */
+  bars: Bar[];
+}
+
+const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"];
+
+function esc(s: string): string {
+  return s.replaceAll("&", "&amp;").replaceAll("<", "&lt;").replaceAll(">", "&gt;");
+}
+
+/** Formats a number for people: thousands separators, or 3 significant digits when small. */
+export function fmt(x: number): string {
+  if (!Number.isFinite(x)) return "–";
+  if (Math.abs(x) >= 1000) return Math.round(x).toLocaleString("en-US");
+  return String(Number(x.toPrecision(3)));
+}
+
+/**
+ * A horizontal grouped bar chart as a standalone SVG document: one group per case, one bar per
+ * series, values written at the bar ends, a legend on top.
+ */
+export function barChart(
+  title: string,
+  unit: string,
+  series: string[],
+  groups: BarGroup[],
+): string {
+  const width = 760, labelW = 170, valueW = 90, barH = 16, gap = 12, top = 58;
+  const plotW = width - labelW - valueW - 20;
+  const max = Math.max(1e-12, ...groups.flatMap((g) => g.bars.map((b) => b.value)));
+  const color = (s: string) => COLORS[Math.max(0, series.indexOf(s)) % COLORS.length];
+  const out: string[] = [];
+  let y = top;
+  for (const g of groups) {
+    const gh = g.bars.length * barH;
+    out.push(
+      `<text x="${labelW - 8}" y="${y + gh / 2 + 4}" text-anchor="end">${esc(g.label)}</text>`,
+    );
+    for (const b of g.bars) {
+      const w = Math.max(1, (b.value / max) * plotW);
+      out.push(
+        `<rect x="${labelW}" y="${y}" width="${w.toFixed(1)}" height="${barH - 2}" ` +
+          `fill="${color(b.series)}"><title>${
+            esc(`${b.series}: ${fmt(b.value)} ${unit}`)
+          }</title></rect>`,
+        `<text x="${labelW + w + 4}" y="${y + barH - 5}" font-size="11">${
+          esc(fmt(b.value))
+        }</text>`,
+      );
+      y += barH;
+    }
+    y += gap;
+  }
+  const height = y + 10;
+  const legend = series.map((s, i) =>
+    `<rect x="${labelW + i * 150}" y="30" width="12" height="12" fill="${color(s)}"/>` +
+    `<text x="${labelW + i * 150 + 16}" y="40">${esc(s)}</text>`
+  ).join("");
+  return [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" ` +
+    `viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="12">`,
+    `<rect width="100%" height="100%" fill="#fff"/>`,
+    `<text x="10" y="18" font-size="14" font-weight="bold">${esc(title)} (${esc(unit)})</text>`,
+    legend,
+    `<line x1="${labelW}" y1="${top - 4}" x2="${labelW}" y2="${height - 10}" stroke="#888"/>`,
+    ...out,
+    `</svg>`,
+    "",
+  ].join("\n");
+}
+
+/** SVG files for a result: file name (no directory) → content. */
+export function charts(r: BenchResult, prefix: string): Record<string, string> {
+  const files: Record<string, string> = {};
+  const b = r.backendOnly;
+  if (b) {
+    const groups = (pick: (c: BackendOnlyResult["cases"][number]) => number): BarGroup[] => {
+      const out: BarGroup[] = [];
+      for (const storage of b.config.storages) {
+        for (const shape of b.config.shapes) {
+          const bars = b.config.backends.flatMap((be) => {
+            const c = b.cases.find((x) =>
+              x.storage === storage && x.shape === shape.label && x.backend === be
+            );
+            return c ? [{ series: be, value: pick(c) }] : [];
+          });
+          if (bars.length) out.push({ label: `${storage}, ${shape.label}`, bars });
+        }
+      }
+      return out;
+    };
+    files[`${prefix}backend-iops.svg`] = barChart(
+      "Back-end only, 4k random read",
+      "IOPS, higher is better",
+      b.config.backends,
+      groups((c) => c.iops),
+    );
+    files[`${prefix}backend-cpu.svg`] = barChart(
+      "Back-end CPU per I/O, 4k random read",
+      "µs, lower is better",
+      b.config.backends,
+      groups((c) => c.cpuUsPerIo),
+    );
+  }
+  const g = r.guestFio;
+  if (g) {
+    const groups = (pick: (c: GuestFioResult["cases"][number]) => number): BarGroup[] =>
+      g.config.jobs.map((j) => ({
+        label: j.name,
+        bars: g.config.variants.flatMap((v) => {
+          const c = g.cases.find((x) => x.job === j.name && x.variant === v);
+          return c ? [{ series: v, value: pick(c) }] : [];
+        }),
+      })).filter((x) => x.bars.length > 0);
+    const accel = g.accelerator.toUpperCase();
+    files[`${prefix}guest-iops.svg`] = barChart(
+      `Guest fio (${accel} guest)`,
+      "IOPS, higher is better",
+      g.config.variants,
+      groups((c) => c.iops),
+    );
+    files[`${prefix}guest-cpu.svg`] = barChart(
+      `Guest fio: back-end CPU per I/O (${accel})`,
+      "µs, lower is better",
+      g.config.variants,
+      groups((c) => c.cpuUsPerIo),
+    );
+  }
+  const m = r.memory;
+  if (m) {
+    files[`${prefix}memory.svg`] = barChart("Idle resident memory", "MiB, lower is better", [
+      "vhostd",
+      "qsd",
+      "target",
+    ], [
+      { label: "vhostd blk (CLI), 1 dev", bars: [{ series: "vhostd", value: m.cliOneDeviceMiB }] },
+      { label: "vhostd, 1 device", bars: [{ series: "vhostd", value: m.oneDeviceMiB }] },
+      {
+        label: `vhostd, ${m.config.devices} devices`,
+        bars: [{ series: "vhostd", value: m.manyDevicesMiB }],
+      },
+      { label: "qsd, 1 export", bars: [{ series: "qsd", value: m.qsdOneDeviceMiB }] },
+      { label: "target, 1 device", bars: [{ series: "target", value: m.targetMiB }] },
+    ]);
+  }
+  return files;
+}
+
+function notRun(r: BenchResult, which: string): string {
+  return r.only.includes(which)
+    ? "Not measured: the step failed (see failed steps)."
+    : `Not run in this invocation (\`--only ${r.only.join(",")}\`).`;
+}
+
+function table(head: string[], rows: string[][]): string {
+  const line = (cells: string[]) => `| ${cells.join(" | ")} |`;
+  return [line(head), line(head.map(() => "---")), ...rows.map(line)].join("\n");
+}
+
+function ratio(x: number, goodAtLeast: boolean): string {
+  if (!Number.isFinite(x)) return "–";
+  const ok = goodAtLeast ? x >= 1 : x <= 1;
+  return `${ok ? "**" : ""}${fmt(x)}×${ok ? "**" : ""}`;
+}
+
+/**
+ * The Markdown report. `chartDir` is where the SVGs are, relative to the Markdown file;
+ * `prefix` is the SVG file-name prefix; `jsonPath` the raw results, relative too.
+ */
+export function markdown(
+  r: BenchResult,
+  chartDir: string,
+  prefix: string,
+  jsonPath: string,
+): string {
+  const s = r.system;
+  const accel = s.accelerator.toUpperCase();
+  const img = (name: string, alt: string) => `![${alt}](${chartDir}/${prefix}${name})`;
+  const out: string[] = [];
+  out.push("# Benchmarks", "");
+  if (r.mode === "quick") {
+    out.push(
+      "**QUICK SMOKE RUN: one short run of each case, to check the harness works. These are not " +
+        "figures to quote.**",
+      "",
+    );
+  }
+  out.push(
+    `Generated by \`${r.command}\` on ${r.startedAt.slice(0, 10)} (${r.mode} mode; ` +
+      (r.mode === "full" ? "every figure is the median of several runs" : "one run per case") +
+      `; ${Math.round(r.durationSeconds / 60)} min). Raw data: [${jsonPath}](${jsonPath}). ` +
+      `Re-run with \`deno task bench\` (about the same time) or \`deno task bench --quick\` ` +
+      "(a smoke run).",
+    "",
+    `**Guests ran under ${accel}**${
+      s.accelerator === "tcg"
+        ? " (software emulation: the CPU shows neither vmx nor svm, so the guest's emulated CPU " +
+          "is the bottleneck of comparison 2 and the back-end CPU per I/O is the figure to read)"
+        : ""
+    }.`,
+    "",
+    "## Machine",
+    "",
+    table(["", ""], [
+      ["CPU", `${s.cpuModel}, ${s.nproc} CPUs (nproc), ${s.memoryGiB} GiB`],
+      [
+        "accelerator",
+        `${accel}${s.hardwareVirtualization ? " (vmx/svm present)" : " (no vmx/svm)"}`,
+      ],
+      ["OS, kernel", `${s.os}, Linux ${s.kernel}`],
+      ["QEMU", s.qemu],
+      ["qemu-storage-daemon", s.qsd],
+      ["Deno", s.deno],
+      ["fio", s.fio],
+      ["guest kit", s.guestKit || "–"],
+      ["load average (start / end)", `${s.loadavgStart} / ${s.loadavgEnd}`],
+    ]),
+    "",
+  );
+  const load1 = Number(s.loadavgStart.split(" ")[0]);
+  if (load1 > 0.5) {
+    out.push(
+      `> The machine was not idle when the run started (1-minute load average ${load1}): other ` +
+        "work shared the CPUs, so absolute figures are low and noisy. Back-ends ran interleaved, " +
+        "so ratios are less affected.",
+      "",
+    );
+  }
+  if (r.failures.length) {
+    out.push("## Failed steps", "", ...r.failures.map((f) => `- ${f}`), "");
+  }
+
+  const b = r.backendOnly;
+  out.push("## 1. Back-end only (load generator, no guest)", "");
+  if (b) {
+    const c = b.config;
+    out.push(
+      `${c.blockSize / 1024} KiB random reads from \`vhostd load\` (vhostd's own front-end and ` +
+        `driver, one thread per queue), ${c.seconds} s per run, ${c.runs} run(s), ` +
+        `every back-end offering ${c.deviceQueues} queues. CPU per I/O is the back-end ` +
+        "process's utime+stime (all threads, /proc/PID/stat) during the run divided by the " +
+        "requests completed. Storage: `tmpfs` = image in /dev/shm (page cache, buffered I/O); " +
+        `\`disk\` = image on ext4 with O_DIRECT (vhostd \`--direct\`; qsd \`cache.direct=on,` +
+        `aio=${c.levers.qsdDiskAio}\`); \`null\` = no I/O (vhostd's null target vs qsd ` +
+        "`null-co`), the cost of the protocol and the rings alone.",
+      "",
+      img("backend-iops.svg", "back-end IOPS chart"),
+      "",
+      img("backend-cpu.svg", "back-end CPU per I/O chart"),
+      "",
+    );
+    const rows: string[][] = [];
+    for (const storage of c.storages) {
+      for (const shape of c.shapes) {
+        const v = b.cases.find((x) =>
+          x.storage === storage && x.shape === shape.label && x.backend === "vhostd"
+        );
+        const q = b.cases.find((x) =>
+          x.storage === storage && x.shape === shape.label && x.backend === "qsd"
+        );
+        const rt = b.ratios.find((x) => x.storage === storage && x.shape === shape.label);
+        rows.push([
+          storage,
+          shape.label,
+          v ? fmt(v.iops) : "–",
+          q ? fmt(q.iops) : "–",
+          rt ? ratio(rt.iopsRatio, true) : "–",
+          v ? fmt(v.cpuUsPerIo) : "–",
+          q ? fmt(q.cpuUsPerIo) : "–",
+          rt ? ratio(rt.cpuPerIoRatio, false) : "–",
+          v && q ? `${fmt(v.p99Us)} / ${fmt(q.p99Us)}` : "–",
+        ]);
+      }
+    }
+    out.push(
+      table([
+        "storage",
+        "load",
+        "vhostd IOPS",
+        "qsd IOPS",
+        "vhostd / qsd (target ≥ 1)",
+        "vhostd CPU µs/IO",
+        "qsd CPU µs/IO",
+        "vhostd / qsd CPU (target ≤ 1)",
+        "p99 µs vhostd / qsd",
+      ], rows),
+      "",
+      "The generator shares the machine's CPUs with the back-end; its own CPU per request is in " +
+        "the JSON (`generatorCpuUsPerIo`).",
+      "",
+    );
+  } else {
+    out.push(notRun(r, "backend"), "");
+  }
+
+  const g = r.guestFio;
+  out.push("## 2. Guest fio", "");
+  if (g) {
+    const c = g.config;
+    out.push(
+      `fio in a ${accel} guest (${c.smp} vCPU, ${c.memoryMiB} MiB, Debian 6.1 kernel, libaio, ` +
+        `direct, ${c.seconds} s per job, ${c.runs} boot(s) per back-end), against /dev/vda ` +
+        "served from the same image on disk: in-QEMU `virtio-blk-pci` (aio=native, " +
+        `cache.direct=on), qemu-storage-daemon (aio=${c.levers.qsdDiskAio}, cache.direct=on) and ` +
+        `vhostd (--direct), the vhost-user devices with ${c.deviceQueues} queue(s). ` +
+        "**Back-end CPU** is the back-end process for qsd and vhostd, and for in-QEMU " +
+        "virtio-blk the QEMU process's non-vCPU threads (main loop and AIO threads, which do " +
+        "its I/O). QEMU total CPU (vCPU threads included) is in the second table. Each job's " +
+        "CPU window includes up to about a second of idle time around it.",
+      "",
+      img("guest-iops.svg", "guest fio IOPS chart"),
+      "",
+      img("guest-cpu.svg", "guest back-end CPU per I/O chart"),
+      "",
+    );
+    const anchor = c.variants[0];
+    const others = c.variants.slice(1);
+    const rows = c.jobs.map((j) => [
+      j.name,
+      ...c.variants.map((v) =>
+        fmt(g.cases.find((x) => x.job === j.name && x.variant === v)?.iops ?? NaN)
+      ),
+      ...others.map((v) => {
+        const rt = g.ratios.find((x) => x.job === j.name && x.variant === v);
+        return rt ? ratio(rt.iopsRatio, true) : "–";
+      }),
+    ]);
+    out.push(
+      table([
+        "job",
+        ...c.variants.map((v) => `${v} IOPS`),
+        ...others.map((v) => `${v} / ${anchor}`),
+      ], rows),
+      "",
+    );
+    const cpuRows = c.jobs.map((j) => [
+      j.name,
+      ...c.variants.map((v) => {
+        const x = g.cases.find((y) => y.job === j.name && y.variant === v);
+        return x ? `${fmt(x.cpuUsPerIo)} (${fmt(x.qemuTotalCpuUsPerIo)})` : "–";
+      }),
+    ]);
+    out.push(
+      "Back-end CPU µs per I/O (QEMU total CPU µs per I/O in parentheses):",
+      "",
+      table(["job", ...c.variants], cpuRows),
+      "",
+      "fio in the guest: " + c.jobs.map((j) => `\`${g.fioCommands[j.name]}\``).join("; "),
+      "",
+    );
+  } else {
+    out.push(notRun(r, "guest"), "");
+  }
+
+  out.push(
+    "## 3. Net",
+    "",
+    `**${r.net.reason}.** No figures are given until there is something to measure. Planned:`,
+    "",
+    ...r.net.planned.map((p) => `- ${p}`),
+    "",
+  );
+
+  const m = r.memory;
+  out.push("## 4. Memory", "");
+  if (m) {
+    out.push(
+      `Resident set size (VmRSS) of idle back-ends: listening, no front-end, ` +
+        `${m.config.settleMs} ms after start-up; ${m.config.runs} sample(s), median.`,
+      "",
+      img("memory.svg", "memory chart"),
+      "",
+      table(["what", "RSS MiB"], [
+        [`\`vhostd blk\` (CLI), 1 device (${m.cliThreads} threads)`, fmt(m.cliOneDeviceMiB)],
+        ["vhostd, 1 device in one process (bench/blk_targets.ts)", fmt(m.oneDeviceMiB)],
+        [`vhostd, ${m.config.devices} devices in one process`, fmt(m.manyDevicesMiB)],
+        ["**increment per extra device**", `**${fmt(m.perExtraDeviceMiB)}**`],
+        ["qemu-storage-daemon, 1 export (reference)", fmt(m.qsdOneDeviceMiB)],
+        ["target for one blk device", `≤ ${m.targetMiB}`],
+      ]),
+      "",
+    );
+  } else {
+    out.push(notRun(r, "memory"), "");
+  }
+
+  out.push(
+    "## Commands",
+    "",
+    "Run from the repository root; paths are those of this run.",
+    "",
+    "```sh",
+  );
+  if (b) {
+    const seen = new Set<string>();
+    for (const c of b.cases) {
+      if (!seen.has(c.backendCommand)) {
+        seen.add(c.backendCommand);
+        out.push(c.backendCommand);
+      }
+    }
+    const loads = new Set(b.cases.filter((c) => c.backend === "vhostd").map((c) => c.loadCommand));
+    out.push(...loads);
+  }
+  if (g) {
+    for (const [v, cmd] of Object.entries(g.commands)) {
+      out.push(`# guest fio, ${v}`);
+      if (cmd.backend) out.push(cmd.backend);
+      out.push(cmd.qemu);
+    }
+  }
+  if (m) out.push("# memory", ...m.commands);
+  out.push("```", "");
+  return out.join("\n");
+}

@@ -1,0 +1,273 @@
+/**
+ * Serving block devices: `vhostd blk`, `vhostd start`, and the `blk` planner of config files.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { openImage, UsageError } from "../devices/blk/image.ts";
+import type { BlkOptions } from "../devices/blk/device.ts";
+import type { LogSettings } from "./log.ts";
+import type { ServiceOptions } from "./service.ts";
+import { runServices } from "./serve.ts";
+import {
+  type Access,
+  accessOptions,
+  parseAccess,
+  parseIntOption,
+  parseServeOptions,
+  SERVE_OPTIONS_HELP,
+  serveOptions,
+  usage,
+} from "./cli.ts";
+import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
+import { closeQuietly } from "../sys/libc.ts";
+
+/** `vhostd blk --help`. */
+export const BLK_HELP = `Usage: deno task vhostd blk --socket PATH --image FILE [options]
+
+Serves FILE (a raw image or a block device) as a virtio-blk device on the vhost-user
+socket PATH, until SIGINT or SIGTERM.
+
+Options:
+  --socket PATH       vhost-user socket to create (required)
+  --image FILE        raw disk image or block device (required)
+  --read-only         serve read-only (VIRTIO_BLK_F_RO); writes fail
+  --queues N          queues offered, 1-64 (default 16; QEMU uses one per vCPU by default)
+  --direct            open the image with O_DIRECT (bypass the host page cache)
+  --serial ID         serial number the guest sees (default: vhostd-<image name>)
+  --socket-mode MODE  octal mode of the socket file (default 0600: only the owner may connect)
+  --socket-group GRP  group of the socket file (name or gid; use with --socket-mode 0660)
+  --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${SERVE_OPTIONS_HELP}
+
+Example:
+  deno task vhostd blk --socket /run/vhostd/vm1-disk.sock --image /var/lib/vm1.img --queues 4 \\
+    --metrics 127.0.0.1:9101
+`;
+
+/** `vhostd start --help`. */
+export const START_HELP = `Usage: deno task start [options]
+
+Creates a sparse 1 GiB image (once) in vhostd's own folder
+($XDG_STATE_HOME/vhostd/default, or ~/.local/state/vhostd/default) and serves it as a
+virtio-blk device, printing the QEMU arguments that attach to it.
+
+Options:
+  --socket-mode MODE  octal mode of the socket file (default 0600)
+  --socket-group GRP  group of the socket file
+  --allow-uid UID     accept front-ends of these uids only
+${SERVE_OPTIONS_HELP}
+
+Example:
+  deno task start --metrics 127.0.0.1:9101
+`;
+
+/** Everything needed to serve one block device. */
+export interface BlkPlan {
+  /** The vhost-user socket. */
+  socket: string;
+  /** The service to start. */
+  service: ServiceOptions;
+  /** The device's options (holding the opened image fd). */
+  blk: BlkOptions;
+}
+
+/** Block device settings, from flags or a config file. */
+export interface BlkFlags {
+  /** Serve read-only. */
+  readOnly: boolean;
+  /** Open with O_DIRECT. */
+  direct: boolean;
+  /** Queues offered. */
+  queues: number;
+  /** Serial number (default vhostd-<image name>). */
+  serial?: string;
+  /** Device name in logs, metrics and status (default `blk`). */
+  name?: string;
+}
+
+/** Opens the image (all its problems are usage errors) and plans the service. */
+export function planBlk(
+  socket: string,
+  image: string,
+  flags: BlkFlags,
+  log: LogSettings,
+  access: Access,
+): BlkPlan {
+  const { fd, sizeBytes } = openImage(image, flags.readOnly, flags.direct);
+  const base = image.split("/").pop() ?? "disk";
+  const name = flags.name ?? "blk";
+  const blk: BlkOptions = {
+    fd,
+    path: image,
+    sizeBytes,
+    readOnly: flags.readOnly,
+    queues: flags.queues,
+    serial: flags.serial ?? `vhostd-${base}`.slice(0, 20),
+    name,
+    faultKillAfter: Number(Deno.env.get("VHOSTD_FAULT_KILL_AFTER") ?? 0) || undefined,
+  };
+  const service: ServiceOptions = {
+    socket,
+    module: new URL("../devices/blk/mod.ts", import.meta.url),
+    options: blk,
+    name,
+    type: "blk",
+    log,
+    ...access,
+  };
+  return { socket, service, blk };
+}
+
+/** The QEMU 7.2 arguments attaching a vhost-user-blk device on `socket`. */
+export function blkQemuArgs(socket: string, id: string, queues?: number): string[] {
+  const nq = queues === undefined ? "" : `,num-queues=${queues}`;
+  return [
+    "-chardev",
+    `socket,id=${id},path=${socket},reconnect=1`,
+    "-device",
+    `vhost-user-blk-pci,chardev=${id}${nq}`,
+  ];
+}
+
+function qemuLine(socket: string): string {
+  return [
+    "qemu-system-x86_64 -m 1G \\",
+    "  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem \\",
+    `  -chardev socket,id=vhostd0,path=${socket},reconnect=1 \\`,
+    "  -device vhost-user-blk-pci,chardev=vhostd0 ...",
+  ].join("\n");
+}
+
+function sizeText(bytes: number): string {
+  return `${(bytes / 1048576).toFixed(bytes % 1048576 ? 1 : 0)} MiB`;
+}
+
+function describe(plan: BlkPlan): string {
+  const b = plan.blk;
+  return `vhostd: serving ${b.path} (${sizeText(b.sizeBytes)}, ${
+    b.readOnly ? "read-only" : "read-write"
+  }, ` +
+    `${b.queues} queues) on ${plan.socket}\nAttach it to QEMU 7.2 or newer with:\n` +
+    qemuLine(plan.socket) + "\n";
+}
+
+/** `vhostd blk`. */
+export async function cmdBlk(args: string[]): Promise<number> {
+  const { values } = usage(() =>
+    parseArgs({
+      args,
+      strict: true,
+      options: {
+        ...serveOptions,
+        ...accessOptions,
+        socket: { type: "string" },
+        image: { type: "string" },
+        "read-only": { type: "boolean" },
+        queues: { type: "string" },
+        direct: { type: "boolean" },
+        serial: { type: "string" },
+      },
+    })
+  );
+  if (values.help) {
+    console.log(BLK_HELP);
+    return 0;
+  }
+  if (!values.socket) throw new UsageError("blk needs --socket PATH");
+  if (!values.image) throw new UsageError("blk needs --image FILE");
+  const { log, extras } = parseServeOptions(values);
+  const plan = planBlk(
+    values.socket,
+    values.image,
+    {
+      readOnly: values["read-only"] ?? false,
+      direct: values.direct ?? false,
+      queues: parseIntOption("queues", values.queues, 16, 1, 64),
+      serial: values.serial,
+    },
+    log,
+    parseAccess(values),
+  );
+  return await runServices([plan.service], log, describe(plan), extras);
+}
+
+/** `vhostd start`. */
+export async function cmdStart(args: string[]): Promise<number> {
+  const { values } = usage(() =>
+    parseArgs({ args, strict: true, options: { ...serveOptions, ...accessOptions } })
+  );
+  if (values.help) {
+    console.log(START_HELP);
+    return 0;
+  }
+  const { log, extras } = parseServeOptions(values);
+  const home = Deno.env.get("HOME") ?? "/root";
+  const dir = `${Deno.env.get("XDG_STATE_HOME") ?? `${home}/.local/state`}/vhostd/default`;
+  Deno.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const image = `${dir}/disk.img`;
+  try {
+    Deno.statSync(image);
+  } catch {
+    const f = Deno.openSync(image, { create: true, write: true });
+    f.truncateSync(1 << 30);
+    f.close();
+  }
+  const plan = planBlk(
+    `${dir}/blk.sock`,
+    image,
+    { readOnly: false, direct: false, queues: 16 },
+    log,
+    parseAccess(values),
+  );
+  return await runServices([plan.service], log, describe(plan), extras);
+}
+
+/**
+ * The `blk` planner of config files. Fields: `image` (required), `socket`, `readOnly`,
+ * `direct`, `queues` (1-64, default 4), `serial`.
+ */
+export function planBlkDevice(ctx: PlanContext): DevicePlan {
+  const f = ctx.fields;
+  const image = f.string("image", true);
+  try {
+    const info = Deno.statSync(image);
+    if (!info.isFile && !info.isBlockDevice) {
+      throw new ConfigError(f.at("image"), `${image} is not a regular file or block device`);
+    }
+  } catch (e) {
+    if (e instanceof ConfigError) throw e;
+    if (e instanceof Deno.errors.NotFound) {
+      throw new ConfigError(f.at("image"), `file not found: ${image}`);
+    }
+    throw new ConfigError(f.at("image"), (e as Error).message);
+  }
+  const flags: BlkFlags = {
+    readOnly: f.boolean("readOnly", false),
+    direct: f.boolean("direct", false),
+    queues: f.integer("queues", 4, 1, 64),
+    serial: f.string("serial"),
+    name: ctx.id,
+  };
+  if (flags.serial !== undefined && new TextEncoder().encode(flags.serial).length > 20) {
+    throw new ConfigError(f.at("serial"), "must be at most 20 bytes");
+  }
+  const socket = ctx.socketPath();
+  let plan: BlkPlan;
+  try {
+    plan = planBlk(socket, image, flags, ctx.log, ctx.access);
+  } catch (e) {
+    // openImage's messages already name the image; say which field it came from.
+    throw new ConfigError(f.at("image"), (e as Error).message);
+  }
+  const b = plan.blk;
+  return {
+    services: [plan.service],
+    describe: `${ctx.id}: blk ${b.path} (${sizeText(b.sizeBytes)}, ${
+      b.readOnly ? "read-only" : "read-write"
+    }, ${b.queues} queues) on ${socket}`,
+    qemuArgs: blkQemuArgs(socket, ctx.id),
+    release: () => closeQuietly(b.fd),
+  };
+}

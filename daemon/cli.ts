@@ -1,0 +1,159 @@
+/**
+ * Command-line pieces every serving command shares: logging, metrics, control socket and socket
+ * access options, with one parser so that `blk`, `net`, `switch`, `console` and `run` accept
+ * them alike.
+ *
+ * A serving command spreads {@link serveOptions} into its `parseArgs` options and hands the values
+ * to {@link parseServeOptions}; the result goes to `runServices`:
+ *
+ * @example
+ * ```ts
+ * import { parseArgs } from "node:util";
+ * const { values } = usage(() =>
+ *   parseArgs({ args, strict: true, options: { ...serveOptions, socket: { type: "string" } } })
+ * );
+ * const { log, extras } = parseServeOptions(values);
+ * return await runServices([service], log, banner, extras);
+ * ```
+ *
+ * @module
+ */
+
+import { UsageError } from "../devices/blk/image.ts";
+import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
+import { type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
+
+/** `parseArgs` options of logging, metrics and the control socket (spread them in). */
+export const serveOptions = {
+  "log-level": { type: "string" },
+  "log-format": { type: "string" },
+  metrics: { type: "string" },
+  control: { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+/** `parseArgs` options of socket access: mode, group, allowed uids. */
+export const accessOptions = {
+  "socket-mode": { type: "string" },
+  "socket-group": { type: "string" },
+  "allow-uid": { type: "string", multiple: true },
+} as const;
+
+/** The help lines of {@link serveOptions}, to paste into a command's help text. */
+export const SERVE_OPTIONS_HELP =
+  `  --metrics ADDR      serve Prometheus metrics on http://ADDR/metrics (and /healthz),
+                      e.g. 127.0.0.1:9101
+  --control PATH      answer "vhostd status --control PATH" on this Unix socket
+  --log-level LEVEL   trace, debug, info, warning, error (default info)
+  --log-format FMT    text or json (default text)
+  -h, --help          show this text`;
+
+/** What the main thread serves besides the devices. */
+export interface ServeExtras {
+  /** Address of the metrics HTTP server, if any. */
+  metrics?: MetricsAddress;
+  /** Path of the control socket `status` talks to, if any. */
+  control?: string;
+  /** Name of this daemon (the VM) in status output and systemd STATUS lines. */
+  name?: string;
+}
+
+/** Values of {@link serveOptions} as `parseArgs` returns them. */
+export interface ServeOptionValues {
+  "log-level"?: string;
+  "log-format"?: string;
+  metrics?: string;
+  control?: string;
+}
+
+/** Checks the shared serving options: logging settings and {@link ServeExtras}. */
+export function parseServeOptions(
+  values: ServeOptionValues,
+): { log: LogSettings; extras: ServeExtras } {
+  const extras: ServeExtras = {};
+  if (values.metrics !== undefined) extras.metrics = parseMetricsAddress(values.metrics);
+  if (values.control !== undefined) extras.control = values.control;
+  return { log: logSettings(values), extras };
+}
+
+/** Checks `--log-level` and `--log-format`. */
+export function logSettings(values: { "log-level"?: string; "log-format"?: string }): LogSettings {
+  const level = values["log-level"] ?? defaultLogSettings.level;
+  if (!(LOG_LEVELS as readonly string[]).includes(level)) {
+    throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(", ")}, not "${level}"`);
+  }
+  const format = values["log-format"] ?? defaultLogSettings.format;
+  if (format !== "text" && format !== "json") {
+    throw new UsageError(`--log-format must be text or json, not "${format}"`);
+  }
+  return { level: level as LogSettings["level"], format };
+}
+
+/** Who may connect: the socket's mode and group, and the peer uids accepted. */
+export interface Access {
+  /** Socket file mode. */
+  socketMode: number;
+  /** Group id of the socket file. */
+  socketGroup?: number;
+  /** Front-end uids accepted (default: anyone who can open the socket). */
+  allowUids?: number[];
+}
+
+/** Parses an octal mode such as `0660` (default 0600). */
+export function parseMode(s: string | undefined, what = "--socket-mode"): number {
+  if (s === undefined) return 0o600;
+  if (!/^[0-7]{3,4}$/.test(s)) throw new UsageError(`${what} must be octal like 0660, not "${s}"`);
+  return parseInt(s, 8);
+}
+
+/** Resolves a group name or number to a gid. */
+export function parseGroup(group: string, what = "--socket-group"): number {
+  if (/^\d+$/.test(group)) return Number(group);
+  const line = Deno.readTextFileSync("/etc/group").split("\n").find((l) =>
+    l.split(":")[0] === group
+  );
+  if (!line) throw new UsageError(`${what}: no group named "${group}"`);
+  return Number(line.split(":")[2]);
+}
+
+/** Checks {@link accessOptions}. */
+export function parseAccess(
+  values: { "socket-mode"?: string; "socket-group"?: string; "allow-uid"?: string[] },
+): Access {
+  const access: Access = { socketMode: parseMode(values["socket-mode"]) };
+  const group = values["socket-group"];
+  if (group !== undefined) access.socketGroup = parseGroup(group);
+  const uids = values["allow-uid"]?.flatMap((s) => s.split(","));
+  if (uids) {
+    access.allowUids = uids.map((u) => {
+      if (!/^\d+$/.test(u)) throw new UsageError(`--allow-uid takes numeric uids, not "${u}"`);
+      return Number(u);
+    });
+  }
+  return access;
+}
+
+/** Parses a whole-number option within bounds (`def` when absent). */
+export function parseIntOption(
+  name: string,
+  s: string | undefined,
+  def: number,
+  min: number,
+  max: number,
+): number {
+  if (s === undefined) return def;
+  const n = Number(s);
+  if (!Number.isInteger(n) || n < min || n > max) {
+    throw new UsageError(`--${name} must be a whole number from ${min} to ${max}, not "${s}"`);
+  }
+  return n;
+}
+
+/** Runs parseArgs, turning its errors (unknown flag, missing value) into a UsageError. */
+export function usage<T>(parse: () => T): T {
+  try {
+    return parse();
+  } catch (e) {
+    throw new UsageError((e as Error).message.split("\n")[0]);
+  }
+}

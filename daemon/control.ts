@@ -1,0 +1,251 @@
+/**
+ * The control socket: a Unix stream socket on the main thread that answers `vhostd status`. A
+ * client sends one JSON line (`{"command":"status"}`) and gets one JSON line back.
+ *
+ * The answer is built from shared memory only (daemon/stats.ts): the workers are never asked.
+ *
+ * @module
+ */
+
+import { UsageError } from "../devices/blk/image.ts";
+import { probeSocketPath } from "../sys/socket.ts";
+import { QueueFlag } from "./stats.ts";
+import { LATENCY_BUCKETS, QueueStat } from "../ring/queue_stats.ts";
+import type { ObservedDevice } from "./metrics.ts";
+
+/** One queue in a status report. */
+export interface QueueStatus {
+  /** Queue index. */
+  index: number;
+  /** Ring size (0: not set up). */
+  size: number;
+  /** SET_VRING_ENABLE state. */
+  enabled: boolean;
+  /** Started by SET_VRING_KICK and not stopped since. */
+  started: boolean;
+  /** Broken by the guest (stopped until reset). */
+  broken: boolean;
+  /** Requests completed. */
+  requests: number;
+  /** Bytes moved. */
+  bytes: number;
+  /** Failed requests and ring errors. */
+  errors: number;
+  /** Kicks received. */
+  kicks: number;
+  /** Interrupts sent. */
+  interrupts: number;
+  /** Requests in flight now. */
+  inFlight: number;
+  /** Mean latency in microseconds (0 without requests). */
+  meanLatencyUs: number;
+}
+
+/** One device in a status report. */
+export interface DeviceStatus {
+  /** Device name (config id). */
+  name: string;
+  /** Device type. */
+  type: string;
+  /** vhost-user socket. */
+  socket: string;
+  /** Worker still serving. */
+  running: boolean;
+  /** Connected front-end, or null. */
+  frontEnd: { pid: number; uid: number; gid: number } | null;
+  /** Front-end connections since start. */
+  connects: number;
+  /** Virtio status byte. */
+  status: number;
+  /** Offered virtio features, hex. */
+  offeredFeatures: string;
+  /** Negotiated virtio features, hex. */
+  ackedFeatures: string;
+  /** Negotiated vhost-user protocol features, hex. */
+  protocolFeatures: string;
+  /** Queues. */
+  queues: QueueStatus[];
+}
+
+/** What `status` receives. */
+export interface StatusReport {
+  /** Daemon name (the VM). */
+  name: string;
+  /** Daemon pid. */
+  pid: number;
+  /** Seconds since start. */
+  uptimeSeconds: number;
+  /** Devices. */
+  devices: DeviceStatus[];
+}
+
+/** Builds a status report from the devices' shared state. */
+export function statusReport(
+  name: string,
+  startedAt: number,
+  devices: readonly ObservedDevice[],
+): StatusReport {
+  return {
+    name,
+    pid: Deno.pid,
+    uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
+    devices: devices.map((d) => {
+      const s = d.snapshot;
+      return {
+        name: d.name,
+        type: d.type,
+        socket: d.socket,
+        running: d.running,
+        frontEnd: s.connected ? s.peer : null,
+        connects: s.connects,
+        status: s.status,
+        offeredFeatures: "0x" + s.offeredFeatures.toString(16),
+        ackedFeatures: "0x" + s.ackedFeatures.toString(16),
+        protocolFeatures: "0x" + s.protocolFeatures.toString(16),
+        queues: s.queues.map((q) => {
+          const c = q.counters;
+          let timed = 0;
+          for (let i = 0; i < LATENCY_BUCKETS; i++) timed += c[QueueStat.LATENCY_BUCKET0 + i];
+          return {
+            index: q.index,
+            size: q.size,
+            enabled: (q.flags & QueueFlag.ENABLED) !== 0,
+            started: (q.flags & QueueFlag.STARTED) !== 0,
+            broken: (q.flags & QueueFlag.BROKEN) !== 0,
+            requests: c[QueueStat.REQUESTS],
+            bytes: c[QueueStat.BYTES],
+            errors: c[QueueStat.ERRORS],
+            kicks: c[QueueStat.KICKS],
+            interrupts: c[QueueStat.INTERRUPTS],
+            inFlight: c[QueueStat.IN_FLIGHT],
+            meanLatencyUs: timed ? Math.round(c[QueueStat.LATENCY_SUM] / timed * 1e7) / 10 : 0,
+          };
+        }),
+      };
+    }),
+  };
+}
+
+/** A listening control socket. */
+export interface ControlServer {
+  /** Its path. */
+  path: string;
+  /** Stops listening and removes the socket file. */
+  close(): void;
+}
+
+/**
+ * Listens on `path` (mode 0600: status shows who is connected, so only the daemon's user may ask)
+ * and answers each connection's request with `report()`.
+ */
+export function startControlServer(path: string, report: () => StatusReport): ControlServer {
+  const state = probeSocketPath(path);
+  if (state === "live") {
+    throw new UsageError(`control socket ${path} is in use by a running daemon`);
+  }
+  if (state === "not-a-socket") {
+    throw new UsageError(`${path} exists and is not a socket; refusing to replace it`);
+  }
+  if (state === "stale") Deno.removeSync(path);
+  let listener: Deno.UnixListener;
+  try {
+    listener = Deno.listen({ transport: "unix", path });
+  } catch (e) {
+    throw new UsageError(`cannot listen on ${path}: ${(e as Error).message}`);
+  }
+  Deno.chmodSync(path, 0o600);
+  (async () => {
+    try {
+      for await (const conn of listener) answer(conn, report).catch(() => {});
+    } catch {
+      // the listener was closed
+    }
+  })();
+  return {
+    path,
+    close() {
+      try {
+        listener.close();
+      } catch {
+        // already closed
+      }
+      try {
+        Deno.removeSync(path);
+      } catch {
+        // already gone
+      }
+    },
+  };
+}
+
+async function answer(conn: Deno.UnixConn, report: () => StatusReport): Promise<void> {
+  const encoder = new TextEncoder();
+  try {
+    const request = await readLine(conn, 4096, 2000);
+    let reply: unknown;
+    try {
+      const cmd = JSON.parse(request) as { command?: string };
+      reply = cmd.command === "status"
+        ? report()
+        : { error: `unknown command ${JSON.stringify(cmd.command)}` };
+    } catch {
+      reply = { error: 'expected one JSON line like {"command":"status"}' };
+    }
+    const bytes = encoder.encode(JSON.stringify(reply) + "\n");
+    for (let off = 0; off < bytes.length;) off += await conn.write(bytes.subarray(off));
+  } finally {
+    try {
+      conn.close();
+    } catch {
+      // closed by the read time-out
+    }
+  }
+}
+
+/** Reads up to a newline (or EOF), at most `max` bytes, within `timeoutMs`. */
+async function readLine(conn: Deno.Conn, max: number, timeoutMs: number): Promise<string> {
+  const buf = new Uint8Array(max);
+  let len = 0;
+  const timer = setTimeout(() => conn.close(), timeoutMs);
+  try {
+    while (len < max) {
+      const n = await conn.read(buf.subarray(len));
+      if (n === null) break;
+      len += n;
+      if (buf.subarray(0, len).includes(10)) break;
+    }
+  } finally {
+    clearTimeout(timer);
+  }
+  return new TextDecoder().decode(buf.subarray(0, len)).split("\n")[0];
+}
+
+/** Asks the daemon listening on `path` for its status. */
+export async function requestStatus(path: string): Promise<StatusReport> {
+  let conn: Deno.UnixConn;
+  try {
+    conn = await Deno.connect({ transport: "unix", path });
+  } catch (e) {
+    throw new Error(`no daemon answers on ${path}: ${(e as Error).message.split("\n")[0]}`);
+  }
+  try {
+    await conn.write(new TextEncoder().encode('{"command":"status"}\n'));
+    const chunks: Uint8Array<ArrayBuffer>[] = [];
+    const buf = new Uint8Array(65536);
+    for (;;) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      chunks.push(buf.slice(0, n));
+    }
+    const text = new TextDecoder().decode(await new Blob(chunks).bytes());
+    const reply = JSON.parse(text) as StatusReport | { error: string };
+    if ("error" in reply) throw new Error(reply.error);
+    return reply;
+  } finally {
+    try {
+      conn.close();
+    } catch {
+      // closed by the daemon
+    }
+  }
+}

@@ -1,0 +1,264 @@
+/**
+ * `vhostd net` (a guest on a TAP interface) and `vhostd switch` (guests joined by vhostd's own
+ * learning switch, optionally with a TAP uplink).
+ *
+ * TAP fds are opened here, in the main thread, so that a missing permission or a bad name is
+ * reported as one line before anything listens; the worker gets the fds.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { UsageError } from "../devices/blk/image.ts";
+import type { NetSwitchOptions } from "../devices/net/switch.ts";
+import type { NetTapOptions } from "../devices/net/tap_device.ts";
+import { SysError } from "../sys/libc.ts";
+import { MAX_IFNAME, TapDevice, TUN_F_CSUM } from "../sys/tap.ts";
+import {
+  type Access,
+  accessOptions,
+  parseAccess,
+  parseIntOption,
+  parseServeOptions,
+  SERVE_OPTIONS_HELP,
+  serveOptions,
+  usage,
+} from "./cli.ts";
+import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
+import type { LogSettings } from "./log.ts";
+import { runServices } from "./serve.ts";
+import type { ServiceOptions } from "./service.ts";
+
+/** `vhostd net --help`. */
+export const NET_HELP = `Usage: deno task vhostd net --socket PATH --tap NAME [options]
+
+Serves a virtio-net device on the vhost-user socket PATH whose frames go to and come from the
+TAP interface NAME (created if it does not exist; needs CAP_NET_ADMIN), until SIGINT or SIGTERM.
+Checksum and segmentation offloads pass through to the host stack.
+
+Options:
+  --socket PATH       vhost-user socket to create (required)
+  --tap NAME          TAP interface to open or create (required, at most ${MAX_IFNAME} characters)
+  --queues N          queue pairs, 1-16 (default 1); N > 1 opens a multi-queue TAP
+  --socket-mode MODE  octal mode of the socket file (default 0600)
+  --socket-group GRP  group of the socket file (name or gid)
+  --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${SERVE_OPTIONS_HELP}
+
+QEMU (7.2 under TCG needs vectors=0 on the device; with KVM use vectors=2N+2):
+  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem -m 1G
+  -chardev socket,id=net0c,path=PATH,reconnect=1
+  -netdev vhost-user,id=net0,chardev=net0c,queues=N
+  -device virtio-net-pci,netdev=net0,mq=on
+`;
+
+/** `vhostd switch --help`. */
+export const SWITCH_HELP =
+  `Usage: deno task vhostd switch --socket A.sock --socket B.sock [...] [options]
+
+Serves one virtio-net port per --socket, joined by a learning L2 switch (unknown and broadcast
+frames are flooded, learned addresses age out), until SIGINT or SIGTERM. Partial checksums are
+carried to guests that accept them and completed by the switch for the others. Ports offer no
+segmentation offload (TSO): use a large MTU (up to 9000 tested) for large frames.
+
+Options:
+  --socket PATH       a port's vhost-user socket (repeat: at least one)
+  --uplink-tap NAME   also switch to and from this TAP interface (created if missing)
+  --mac-age SECONDS   how long a learned address is kept (default 300)
+  --socket-mode MODE  octal mode of the socket files (default 0600)
+  --socket-group GRP  group of the socket files (name or gid)
+  --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${SERVE_OPTIONS_HELP}
+
+QEMU, one per port (7.2 under TCG needs vectors=0 on the device):
+  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem -m 1G
+  -chardev socket,id=net0c,path=A.sock,reconnect=1
+  -netdev vhost-user,id=net0,chardev=net0c
+  -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01
+`;
+
+/** Opens a TAP, turning the usual failures into one-line usage errors. */
+function openTap(name: string, queues: number): TapDevice {
+  if (name.length === 0 || name.length > MAX_IFNAME || /[\s/:]/.test(name)) {
+    throw new UsageError(`TAP name "${name}" must be 1-${MAX_IFNAME} characters, no / : or space`);
+  }
+  try {
+    return TapDevice.open(name, queues);
+  } catch (e) {
+    if (e instanceof SysError && (e.code === "EPERM" || e.code === "EACCES")) {
+      throw new UsageError(`cannot open TAP ${name}: needs CAP_NET_ADMIN (run as root)`);
+    }
+    if (e instanceof SysError && e.code === "EINVAL") {
+      throw new UsageError(
+        `cannot open TAP ${name}: it exists with other flags (not a multi-queue TAP with ` +
+          `vnet_hdr, or not a TAP at all)`,
+      );
+    }
+    if (e instanceof SysError && e.code === "ENOENT") {
+      throw new UsageError("cannot open /dev/net/tun: the tun module is not loaded");
+    }
+    throw new UsageError(`cannot open TAP ${name}: ${(e as Error).message}`);
+  }
+}
+
+const netModule = new URL("../devices/net/mod.ts", import.meta.url);
+
+/** A TAP-backed net device, ready to serve. */
+interface NetPlan {
+  service: ServiceOptions;
+  tap: TapDevice;
+  qemuArgs: string[];
+}
+
+function planNet(
+  socket: string,
+  tapName: string,
+  queues: number,
+  log: LogSettings,
+  access: Access,
+  name: string,
+): NetPlan {
+  const tap = openTap(tapName, queues);
+  const options: NetTapOptions = { kind: "tap", tap: tap.name, fds: tap.fds };
+  const service: ServiceOptions = { socket, module: netModule, options, name, log, ...access };
+  const mq = queues > 1 ? `,queues=${queues}` : "";
+  const qemuArgs = [
+    "-chardev",
+    `socket,id=${name}c,path=${socket},reconnect=1`,
+    "-netdev",
+    `vhost-user,id=${name},chardev=${name}c${mq}`,
+    "-device",
+    `virtio-net-pci,netdev=${name}${queues > 1 ? ",mq=on" : ""}`,
+  ];
+  return { service, tap, qemuArgs };
+}
+
+/** Plans a `"type": "net"` device of a config file: `tap` (required), `queues` (1-16). */
+export function planNetDevice(ctx: PlanContext): DevicePlan {
+  const f = ctx.fields;
+  const tapName = f.string("tap", true);
+  const queues = f.integer("queues", 1, 1, 16);
+  let plan: NetPlan;
+  try {
+    plan = planNet(ctx.socketPath(), tapName, queues, ctx.log, ctx.access, ctx.id);
+  } catch (e) {
+    throw new ConfigError(f.at("tap"), (e as Error).message);
+  }
+  return {
+    services: [plan.service],
+    describe: `${ctx.id}: net on TAP ${plan.tap.name} (${queues} queue pair${
+      queues > 1 ? "s" : ""
+    }) on ${plan.service.socket}`,
+    qemuArgs: plan.qemuArgs,
+    release: () => plan.tap.close(),
+  };
+}
+
+/** `vhostd net`. */
+export async function cmdNet(args: string[]): Promise<number> {
+  const { values } = usage(() =>
+    parseArgs({
+      args,
+      strict: true,
+      options: {
+        ...serveOptions,
+        ...accessOptions,
+        socket: { type: "string" },
+        tap: { type: "string" },
+        queues: { type: "string" },
+      },
+    })
+  );
+  if (values.help) {
+    console.log(NET_HELP);
+    return 0;
+  }
+  if (!values.socket) throw new UsageError("net needs --socket PATH");
+  if (!values.tap) throw new UsageError("net needs --tap NAME");
+  const { log, extras } = parseServeOptions(values);
+  const queues = parseIntOption("queues", values.queues, 1, 1, 16);
+  const { service, tap, qemuArgs } = planNet(
+    values.socket,
+    values.tap,
+    queues,
+    log,
+    parseAccess(values),
+    "net0",
+  );
+  const banner = `vhostd: serving net on ${values.socket} (TAP ${tap.name}, ${queues} queue ` +
+    `pair${queues > 1 ? "s" : ""})\nAttach it to QEMU 7.2 or newer with:\n  ` +
+    [0, 2, 4].map((i) => `${qemuArgs[i]} ${qemuArgs[i + 1]}`).join(" \\\n  ") + "\n";
+  try {
+    return await runServices([service], log, banner, extras);
+  } catch (e) {
+    // The worker never took the fds over (it closes them itself once it has).
+    tap.close();
+    throw e;
+  }
+}
+
+/** `vhostd switch`. */
+export async function cmdSwitch(args: string[]): Promise<number> {
+  const { values } = usage(() =>
+    parseArgs({
+      args,
+      strict: true,
+      options: {
+        ...serveOptions,
+        ...accessOptions,
+        socket: { type: "string", multiple: true },
+        "uplink-tap": { type: "string" },
+        "mac-age": { type: "string" },
+      },
+    })
+  );
+  if (values.help) {
+    console.log(SWITCH_HELP);
+    return 0;
+  }
+  const sockets = values.socket ?? [];
+  if (sockets.length === 0) throw new UsageError("switch needs at least one --socket PATH");
+  if (new Set(sockets).size !== sockets.length) {
+    throw new UsageError("switch: each --socket must be a different path");
+  }
+  if (sockets.length > 64) throw new UsageError("switch: at most 64 ports");
+  const { log, extras } = parseServeOptions(values);
+  const acc = parseAccess(values);
+  const macAge = parseIntOption("mac-age", values["mac-age"], 300, 1, 86400);
+  let uplink: TapDevice | null = null;
+  if (values["uplink-tap"] !== undefined) {
+    uplink = openTap(values["uplink-tap"], 1);
+    // The switch completes partial checksums for guests that need it, so the kernel may hand
+    // them over; it never segments, so no TSO.
+    uplink.setOffload(TUN_F_CSUM);
+  }
+  const options: NetSwitchOptions = {
+    kind: "switch",
+    ports: sockets.length,
+    uplinkFd: uplink?.fds[0] ?? -1,
+    uplinkName: uplink?.name,
+    macAgeMs: macAge * 1000,
+  };
+  const service: ServiceOptions = {
+    socket: sockets,
+    module: netModule,
+    options,
+    name: "switch",
+    log,
+    ...acc,
+  };
+  const lines = sockets.map((s, i) =>
+    `  port ${i}: -chardev socket,id=net${i}c,path=${s},reconnect=1 ` +
+    `-netdev vhost-user,id=net${i},chardev=net${i}c -device virtio-net-pci,netdev=net${i}`
+  );
+  const banner = `vhostd: serving switch with ${sockets.length} ports` +
+    (uplink ? ` and uplink TAP ${uplink.name}` : "") +
+    `\nAttach each QEMU 7.2 or newer guest to its port:\n${lines.join("\n")}\n`;
+  try {
+    return await runServices([service], log, banner, extras);
+  } catch (e) {
+    // The worker never took the fd over (it closes it itself once it has).
+    uplink?.close();
+    throw e;
+  }
+}

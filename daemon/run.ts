@@ -1,0 +1,122 @@
+/**
+ * `vhostd run --config FILE`: every device of one VM, from one process, each on its own socket.
+ * This is what the systemd template unit `vhostd@<vm>` runs.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { UsageError } from "../devices/blk/image.ts";
+import type { LogSettings } from "./log.ts";
+import { runServices } from "./serve.ts";
+import { logSettings, SERVE_OPTIONS_HELP, serveOptions, usage } from "./cli.ts";
+import {
+  type ConfigOverrides,
+  planVm,
+  readConfigFile,
+  registerPlanner,
+  type VmPlan,
+} from "./config.ts";
+import { parseMetricsAddress } from "./metrics.ts";
+import { planBlkDevice } from "./blk.ts";
+import { planConsoleDevice } from "./console.ts";
+import { planNetDevice } from "./net.ts";
+
+// The device types a config file may use, one planner per type. A device kind plugs in here:
+// its module exports a DevicePlanner (see daemon/config.ts) and one line registers it.
+registerPlanner("blk", planBlkDevice);
+registerPlanner("console", planConsoleDevice);
+registerPlanner("net", planNetDevice);
+
+/** `vhostd run --help`. */
+export const RUN_HELP = `Usage: deno task vhostd run --config FILE [options]
+
+Serves every device of one VM, described in the JSON file FILE, from one process: each
+device on its own vhost-user socket, all in the socket folder. The whole file is checked
+before anything starts; a mistake is reported as one line naming the field, exit code 2.
+Under systemd (Type=notify) it sends READY=1 once every socket listens.
+
+Options:
+  --config FILE       the VM's config (required); format: examples/config/vm1.json
+  --socket-dir DIR    folder of the sockets, overriding the file's socketDir
+                      (default: socketDir, else $RUNTIME_DIRECTORY set by systemd)
+  --check             check the file, print what would be served, and exit
+${SERVE_OPTIONS_HELP}
+  (--metrics, --control and the log options override the file's settings)
+
+Example:
+  deno task vhostd run --config /etc/vhostd/vm1.json --metrics 127.0.0.1:9101
+  deno task vhostd status --config /etc/vhostd/vm1.json
+`;
+
+/** Turns the command line into a checked plan (or "help"). */
+export function planRun(args: string[]): VmPlan | "help" | { check: VmPlan } {
+  const { values } = usage(() =>
+    parseArgs({
+      args,
+      strict: true,
+      options: {
+        ...serveOptions,
+        config: { type: "string" },
+        "socket-dir": { type: "string" },
+        check: { type: "boolean" },
+      },
+    })
+  );
+  if (values.help) return "help";
+  if (!values.config) throw new UsageError("run needs --config FILE");
+  const overrides: ConfigOverrides = {};
+  if (values["socket-dir"] !== undefined) overrides.socketDir = values["socket-dir"];
+  if (values["log-level"] !== undefined || values["log-format"] !== undefined) {
+    const given: Partial<LogSettings> = {};
+    const checked = logSettings(values);
+    if (values["log-level"] !== undefined) given.level = checked.level;
+    if (values["log-format"] !== undefined) given.format = checked.format;
+    overrides.log = given;
+  }
+  if (values.metrics !== undefined) overrides.metrics = parseMetricsAddress(values.metrics);
+  if (values.control !== undefined) overrides.control = values.control;
+  const plan = planVm(readConfigFile(values.config), overrides);
+  return values.check ? { check: plan } : plan;
+}
+
+function banner(plan: VmPlan): string {
+  const lines = [`vhostd: serving ${plan.name}: ${plan.devices.length} device(s)`];
+  for (const d of plan.devices) lines.push(`  ${d.describe}`);
+  lines.push(`  status: deno task vhostd status --control ${plan.control}`);
+  if (plan.metrics && plan.metrics.port !== 0) {
+    lines.push(`  metrics: http://${plan.metrics.hostname}:${plan.metrics.port}/metrics`);
+  }
+  lines.push("Attach them to QEMU 7.2 or newer with (guest RAM must be a shared memfd):");
+  const qemu = [
+    "  -object memory-backend-memfd,id=mem,size=<RAM>,share=on -machine memory-backend=mem",
+  ];
+  for (const d of plan.devices) {
+    for (let i = 0; i < d.qemuArgs.length; i += 2) {
+      qemu.push(`  ${d.qemuArgs[i]} ${d.qemuArgs[i + 1] ?? ""}`.trimEnd());
+    }
+  }
+  return lines.join("\n") + "\n" + qemu.join(" \\\n") + "\n";
+}
+
+/** `vhostd run`. */
+export async function cmdRun(args: string[]): Promise<number> {
+  const planned = planRun(args);
+  if (planned === "help") {
+    console.log(RUN_HELP);
+    return 0;
+  }
+  if ("check" in planned) {
+    const plan = planned.check;
+    for (const d of plan.devices) d.release();
+    console.log(`${plan.name}: configuration OK\n` + banner(plan).split("\n").slice(1).join("\n"));
+    return 0;
+  }
+  const plan = planned;
+  return await runServices(
+    plan.devices.flatMap((d) => d.services),
+    plan.log,
+    banner(plan),
+    { metrics: plan.metrics, control: plan.control, name: plan.name },
+  );
+}

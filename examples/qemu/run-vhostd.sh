@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Serves vm1's devices without systemd, for trying things out: a scratch socket folder and
+# sparse images in $DIR (default /tmp/vhostd-vm1), metrics on 127.0.0.1:9101.
+#   examples/qemu/run-vhostd.sh &   then   SOCKETS=/tmp/vhostd-vm1 examples/qemu/vm1.sh KERNEL
+# and in a third terminal: deno task vhostd status --socket-dir /tmp/vhostd-vm1
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DIR=${DIR:-/tmp/vhostd-vm1}
+mkdir -p "$DIR"
+[ -e "$DIR/root.img" ] || truncate -s 4G "$DIR/root.img"
+[ -e "$DIR/data.img" ] || truncate -s 1G "$DIR/data.img"
+# The example config with this folder's images and sockets, and the caller's group on the sockets.
+sed -e "s#/var/lib/vhostd/vm1/#$DIR/#" -e "s#\"socketGroup\": \"kvm\"#\"socketGroup\": \"$(id -g)\"#" \
+  examples/config/vm1.json > "$DIR/vm1.json"
+exec deno run -A daemon/main.ts run --config "$DIR/vm1.json" --socket-dir "$DIR" --log-format text

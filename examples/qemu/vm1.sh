@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Starts VM vm1 with its disks served by vhostd ("vhostd run --config examples/config/vm1.json").
+#
+#   examples/qemu/vm1.sh KERNEL [INITRD]       # or set QEMU_EXTRA for a disk-booted guest
+#
+# vhostd must be running first (systemctl start vhostd@vm1, or run-vhostd.sh in another
+# terminal): QEMU connects to its sockets as a client. reconnect=1 lets QEMU survive a vhostd
+# restart: it redials every second and in-flight requests are resubmitted.
+# Guest RAM must be shared with vhostd: a memfd backend with share=on, the same size as -m.
+set -euo pipefail
+
+SOCKETS=${SOCKETS:-/run/vhostd/vm1}
+MEM=${MEM:-1G}
+CPUS=${CPUS:-2}
+ACCEL=${ACCEL:-kvm:tcg}   # tcg where nested KVM misbehaves
+kernel=${1:-}
+initrd=${2:-}
+
+for s in root data; do
+  [ -S "$SOCKETS/$s.sock" ] || { echo "no vhostd socket $SOCKETS/$s.sock: start vhostd first" >&2; exit 1; }
+done
+
+args=(
+  -machine q35,accel="$ACCEL",memory-backend=mem -cpu max -smp "$CPUS" -m "$MEM"
+  -object memory-backend-memfd,id=mem,size="$MEM",share=on
+  -chardev socket,id=root,path="$SOCKETS/root.sock",reconnect=1
+  -device vhost-user-blk-pci,chardev=root,num-queues="$CPUS",bootindex=1
+  -chardev socket,id=data,path="$SOCKETS/data.sock",reconnect=1
+  -device vhost-user-blk-pci,chardev=data,num-queues=1
+  -nographic -serial mon:stdio
+)
+# A net device served by "vhostd net" or a "net" entry in the config would add:
+#   -chardev socket,id=net0,path=$SOCKETS/net0.sock,reconnect=1
+#   -netdev vhost-user,id=n0,chardev=net0 -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56
+if [ -n "$kernel" ]; then
+  args+=(-kernel "$kernel" -append "console=ttyS0 root=/dev/vda rw")
+  [ -n "$initrd" ] && args+=(-initrd "$initrd")
+fi
+# shellcheck disable=SC2086
+exec qemu-system-x86_64 "${args[@]}" ${QEMU_EXTRA:-}

@@ -1,0 +1,93 @@
+/**
+ * Smoke test of the benchmark harness: `deno task bench --quick` must finish, exit 0, and write
+ * JSON holding every comparison with positive figures (net: the explicit not-measured entry),
+ * plus the quick Markdown report and its charts. Figures themselves are not judged.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import type { BenchResult } from "../bench/report.ts";
+
+const REPO = new URL("..", import.meta.url).pathname;
+
+function positive(x: unknown, what: string): void {
+  assert.ok(
+    typeof x === "number" && Number.isFinite(x) && x > 0,
+    `${what} should be > 0, got ${x}`,
+  );
+}
+
+Deno.test("deno task bench --quick runs every comparison and writes its results", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "vhostd-bench-smoke-" });
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["task", "bench", "--quick", "--results-dir", dir, "--markdown", `${dir}/never.md`],
+    cwd: REPO,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
+  try {
+    const out = await child.output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 0, `bench --quick exited ${out.code}:\n${text}`);
+
+    const names = [...Deno.readDirSync(dir)].map((e) => e.name);
+    const json = names.find((n) => /^quick-\d{4}-\d\d-\d\d\.json$/.test(n));
+    assert.ok(json, `no quick-DATE.json in ${names.join(", ")}`);
+    assert.ok(names.some((n) => /^quick-.*\.md$/.test(n)), "no quick Markdown report");
+    assert.ok(!names.includes("never.md"), "quick mode must not write the full report");
+    assert.ok(names.filter((n) => n.endsWith(".svg")).length >= 5, "charts missing");
+    for (const svg of names.filter((n) => n.endsWith(".svg"))) {
+      const s = Deno.readTextFileSync(`${dir}/${svg}`);
+      assert.ok(s.startsWith("<svg") && s.trimEnd().endsWith("</svg>"), `${svg} is not an SVG`);
+    }
+
+    const r = JSON.parse(Deno.readTextFileSync(`${dir}/${json}`)) as BenchResult;
+    assert.equal(r.mode, "quick");
+    assert.deepEqual(r.failures, []);
+    assert.ok(["tcg", "kvm"].includes(r.system.accelerator));
+    assert.ok(r.system.nproc > 0 && r.system.qemu && r.system.qsd && r.system.deno);
+
+    const b = r.backendOnly;
+    assert.ok(b, "backendOnly missing");
+    assert.equal(b.cases.length, 3 * 2 * 2, "storages × shapes × back-ends");
+    for (const c of b.cases) {
+      const what = `back-end ${c.storage} ${c.shape} ${c.backend}`;
+      positive(c.iops, `${what} IOPS`);
+      positive(c.cpuUsPerIo, `${what} CPU/IO`);
+      assert.ok(c.backendCommand && c.loadCommand);
+    }
+    for (const x of b.ratios) positive(x.iopsRatio, `ratio ${x.storage} ${x.shape}`);
+
+    const g = r.guestFio;
+    assert.ok(g, "guestFio missing");
+    assert.equal(g.cases.length, 3 * 3, "jobs × variants");
+    for (const c of g.cases) {
+      positive(c.iops, `guest ${c.job} ${c.variant} IOPS`);
+      positive(c.cpuUsPerIo, `guest ${c.job} ${c.variant} back-end CPU/IO`);
+      positive(c.qemuTotalCpuUsPerIo, `guest ${c.job} ${c.variant} QEMU CPU/IO`);
+    }
+    assert.equal(Object.keys(g.commands).length, 3);
+
+    assert.equal(r.net.status, "not-measured");
+    assert.match(r.net.reason, /not measured: no vhostd net device yet/);
+
+    const m = r.memory;
+    assert.ok(m, "memory missing");
+    positive(m.cliOneDeviceMiB, "RSS of vhostd blk");
+    positive(m.oneDeviceMiB, "RSS of 1 device");
+    positive(m.manyDevicesMiB, "RSS of 4 devices");
+    positive(m.qsdOneDeviceMiB, "RSS of qsd");
+    assert.ok(Number.isFinite(m.perExtraDeviceMiB), "increment per device");
+  } finally {
+    try {
+      child.kill("SIGKILL");
+    } catch {
+      // exited already
+    }
+    await child.status;
+    await Deno.remove(dir, { recursive: true }).catch(() => undefined);
+  }
+});
