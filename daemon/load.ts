@@ -11,6 +11,7 @@
  */
 
 import { parseArgs } from "node:util";
+import { usage } from "./cli.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import { BlkFrontend } from "../vhost-user/frontend/blk_frontend.ts";
 import {
@@ -249,9 +250,8 @@ function text(r: LoadReport): string {
 
 /** `vhostd load`: returns 0 on a clean run, 1 if any request failed or a thread gave up. */
 export async function cmdLoad(args: string[]): Promise<number> {
-  let values;
-  try {
-    values = parseArgs({
+  const { values } = usage(() =>
+    parseArgs({
       args,
       strict: true,
       options: {
@@ -264,10 +264,8 @@ export async function cmdLoad(args: string[]): Promise<number> {
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
-    }).values;
-  } catch (e) {
-    throw new UsageError((e as Error).message.split("\n")[0]);
-  }
+    })
+  );
   if (values.help) {
     console.log(HELP);
     return 0;

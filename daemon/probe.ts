@@ -8,6 +8,7 @@
  */
 
 import { parseArgs } from "node:util";
+import { usage } from "./cli.ts";
 import { BlkFeature } from "../devices/blk/device.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import { SysError } from "../sys/libc.ts";
@@ -133,9 +134,8 @@ function text(r: ProbeReport): string {
 
 /** `vhostd probe --socket PATH [--json]`. */
 export async function cmdProbe(args: string[]): Promise<number> {
-  let values;
-  try {
-    values = parseArgs({
+  const { values } = usage(() =>
+    parseArgs({
       args,
       strict: true,
       options: {
@@ -143,10 +143,8 @@ export async function cmdProbe(args: string[]): Promise<number> {
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
-    }).values;
-  } catch (e) {
-    throw new UsageError((e as Error).message.split("\n")[0]);
-  }
+    })
+  );
   if (values.help) {
     console.log(HELP);
     return 0;
