@@ -15,11 +15,14 @@ import {
   DEFAULT_INPUT_LIMIT,
   DEFAULT_SCROLLBACK,
   type PortConfig,
+  type TerminalConfig,
 } from "../devices/console/port_hub.ts";
 import type { ChardevWorkerInit, ChardevWorkerReport } from "../devices/console/chardev_worker.ts";
 import { queueCount } from "../devices/console/protocol.ts";
 import { createEventFd, signalEventFd } from "../sys/event.ts";
 import { closeQuietly, O, openFile } from "../sys/libc.ts";
+import { type IpAddress, ipText, isLoopback, listenTcp, parseIpAddress } from "../sys/socket.ts";
+import { isTerminal, makeRaw, openPty, restoreTerminal } from "../sys/pty.ts";
 import { type LogSettings, setupLogging } from "./log.ts";
 import { runServices } from "./serve.ts";
 import { bindSocket, type ServiceOptions } from "./service.ts";
@@ -37,6 +40,7 @@ import {
 import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 
 const O_APPEND = 0o2000;
+const O_NOCTTY = 0o400;
 
 /** Ports of one console at most (port 0 included). */
 export const MAX_PORTS = 31;
@@ -66,11 +70,27 @@ Ports: port 0 is the console (/dev/hvc0 in the guest), named "console". Ports 1.
 channels (/dev/virtio-ports/<name>), named by --name in order (default port<N>).
 
 Per port:
-  attach socket  PATH.<name> (Unix stream; any number of clients). A client first gets the
-                 scrollback, then live output; what it sends goes to the guest. Sending
-                 ESC [ 8 ; ROWS ; COLS t resizes the console instead.
+  attach socket  PATH.<name> (Unix stream; any number of clients), or what --attach says. A
+                 client first gets the scrollback, then live output; what it sends goes to the
+                 guest. Sending ESC [ 8 ; ROWS ; COLS t resizes the console instead.
   log            every byte the guest wrote, appended: --log FILE for port 0 and FILE.<name>
                  for the others, or PATH.<name>.log without --log.
+
+Attach modes (--attach, one per port from port 0 on; ports without one get unix:PATH.<name>):
+  unix:SOCK       the attach socket is SOCK instead of PATH.<name>
+  tcp:[HOST:]PORT the attach socket is TCP on HOST (default 127.0.0.1; [::1] for IPv6), in place
+                  of the Unix one; PORT 0 picks a free port (printed in the banner). TCP has no
+                  access control: any local user can connect. A HOST that is not loopback is
+                  refused unless --attach-any-address is given.
+  pty             a pseudo-terminal attached for the daemon's life, besides the Unix socket; its
+                  path is printed and linked as PATH.<name>.pty (screen, minicom or cat open it).
+                  Output nobody reads fills the pty's buffer (about 20 KiB) and is then skipped
+                  (the log and scrollback keep all). A size set on the pty reaches the guest with the next
+                  input from it.
+  stdio           port 0 only: the daemon's own stdin and stdout (a terminal or a pipe), besides
+                  the Unix socket. A terminal is put in raw mode (Ctrl-C still stops vhostd) and
+                  restored on exit; its size becomes the console's, and a resize reaches the guest
+                  with the next keystroke. The banner is printed to stdout before guest output.
 
 Options:
   --socket PATH       vhost-user socket (or port 0's chardev socket with --chardev); required
@@ -78,9 +98,10 @@ Options:
   --ports N           number of ports, 1-${MAX_PORTS} (default: 1 + number of --name)
   --name NAME         name of the next port from port 1 on; repeat for more ports
   --log FILE          log file of port 0 (others get FILE.<name>)
-  --attach unix:PATH  attach socket of the next port from port 0 on (repeatable); only unix:
-                      is built (tcp:, pty and stdio are not)
-  --size COLSxROWS    initial console size (default 80x24)
+  --attach MODE       unix:SOCK, tcp:[HOST:]PORT, pty or stdio for the next port from port 0
+                      on (repeatable; see above)
+  --attach-any-address  allow tcp: on an address that is not loopback
+  --size COLSxROWS    initial console size (default 80x24; a terminal on stdio gives its own)
   --scrollback BYTES  scrollback per port, ${MIN_SCROLLBACK}-${MAX_SCROLLBACK} (default ${DEFAULT_SCROLLBACK})
   --socket-mode MODE  octal mode of every socket file, attach sockets included (default 0600)
   --socket-group GRP  group of every socket file (name or gid; use with --socket-mode 0660)
@@ -96,6 +117,63 @@ Example:
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
+/** How one port's clients attach (resolved from `--attach` or a config's `attach`). */
+export interface PortAttach {
+  /** Listening Unix socket, or null when {@link tcp} replaces it. */
+  unix: string | null;
+  /** Listening TCP address (port 0: the kernel chooses). */
+  tcp: { addr: IpAddress; port: number } | null;
+  /** A terminal attached for the daemon's life. */
+  terminal: "pty" | "stdio" | null;
+  /** The symlink to the pty (`pty` only). */
+  ptyLink: string;
+}
+
+/**
+ * Parses one attach value for the port named `name` of the console on `socket`; throws an Error
+ * whose message completes "--attach ..." or "attach[i] ...". TCP defaults to loopback, because an
+ * attach socket has no authentication: whoever connects types into the guest's console.
+ */
+export function parseAttach(
+  text: string,
+  socket: string,
+  name: string,
+  anyAddress: boolean,
+  anyAddressName: string,
+): PortAttach {
+  const base: PortAttach = { unix: `${socket}.${name}`, tcp: null, terminal: null, ptyLink: "" };
+  if (text.startsWith("unix:") && text.length > 5) return { ...base, unix: text.slice(5) };
+  if (text === "pty") return { ...base, terminal: "pty", ptyLink: `${socket}.${name}.pty` };
+  if (text === "stdio") return { ...base, terminal: "stdio" };
+  const tcp = /^tcp:(?:(\[[^\]]*\]|[^:[\]]*):)?(\d{1,5})$/.exec(text);
+  if (!tcp) {
+    throw new Error(`must be unix:PATH, tcp:[HOST:]PORT, pty or stdio, not "${text}"`);
+  }
+  const port = Number(tcp[2]);
+  if (port > 65535) throw new Error(`${text}: port must be 0-65535`);
+  const host = tcp[1] === undefined || tcp[1] === "localhost"
+    ? "127.0.0.1"
+    : tcp[1].replace(/^\[(.*)\]$/, "$1");
+  const addr = parseIpAddress(host);
+  if (addr === null || (addr.family === 6) !== (tcp[1]?.startsWith("[") ?? false)) {
+    throw new Error(
+      `${text}: HOST must be an IPv4 address, [IPv6] in brackets, or localhost`,
+    );
+  }
+  if (!isLoopback(addr) && !anyAddress) {
+    throw new Error(
+      `${text} would let anyone who reaches ${host} type into the console (no authentication); ` +
+        `use a loopback address, or allow it with ${anyAddressName}`,
+    );
+  }
+  return { ...base, unix: null, tcp: { addr, port } };
+}
+
+/** `HOST:PORT` of a TCP attach socket, IPv6 in brackets. */
+function tcpText(addr: IpAddress, port: number): string {
+  return addr.family === 6 ? `[${ipText(addr)}]:${port}` : `${ipText(addr)}:${port}`;
+}
+
 /** A fully resolved console server plan. */
 export interface ConsolePlan {
   /** vhost-user socket, or port 0's chardev socket. */
@@ -104,8 +182,8 @@ export interface ConsolePlan {
   chardev: boolean;
   /** Port names, port 0 first. */
   names: string[];
-  /** Attach socket per port. */
-  attachPaths: string[];
+  /** How clients attach, per port. */
+  attach: PortAttach[];
   /** Log file per port. */
   logPaths: string[];
   /** Chardev socket per port (chardev mode). */
@@ -130,8 +208,14 @@ interface ConsoleRequest {
   names: string[];
   /** Log file of port 0 (the others get FILE.<name>); default PATH.<name>.log per port. */
   log?: string;
-  /** Attach socket paths from port 0 on (default PATH.<name>). */
+  /** `--attach` values from port 0 on (default unix:PATH.<name>). */
   attach?: string[];
+  /** Whether tcp: may bind an address that is not loopback. */
+  anyAddress: boolean;
+  /** What to name when refusing a non-loopback address (the flag or the config field). */
+  anyAddressName: string;
+  /** Whether stdio may be used (not in a config file: the daemon then runs as a service). */
+  allowStdio: boolean;
   /** Initial size, COLSxROWS (default 80x24). */
   size?: string;
   /** Scrollback bytes per port (already range-checked by the caller). */
@@ -167,7 +251,32 @@ function resolveConsole(req: ConsoleRequest, reject: Reject): ConsolePlan {
   if (new Set(names).size !== names.length) {
     reject("names", `must be unique (and "console" is port 0): ${names.join(", ")}`);
   }
-  const attachPaths = names.map((n, i) => req.attach?.[i] ?? `${socket}.${n}`);
+  const attach = names.map((n, i) => {
+    try {
+      return parseAttach(
+        req.attach?.[i] ?? `unix:${socket}.${n}`,
+        socket,
+        n,
+        req.anyAddress,
+        req.anyAddressName,
+      );
+    } catch (e) {
+      return reject("attach", (e as Error).message, i);
+    }
+  });
+  attach.forEach((a, i) => {
+    if (a.terminal === "stdio" && !req.allowStdio) {
+      reject("attach", "stdio is for `vhostd console` run interactively, not a config file", i);
+    }
+    if (a.terminal === "stdio" && i !== 0) {
+      reject("attach", `stdio is for port 0 (the console) only, not port ${i}`, i);
+    }
+  });
+  const endpoints = attach.flatMap((a) =>
+    a.tcp && a.tcp.port !== 0 ? [tcpText(a.tcp.addr, a.tcp.port)] : []
+  );
+  const sharedTcp = endpoints.find((p, i) => endpoints.indexOf(p) !== i);
+  if (sharedTcp !== undefined) reject("attach", `would put two ports on tcp:${sharedTcp}`);
   const logPaths = names.map((n, i) =>
     req.log === undefined ? `${socket}.${n}.log` : i === 0 ? req.log : `${req.log}.${n}`
   );
@@ -176,14 +285,18 @@ function resolveConsole(req: ConsoleRequest, reject: Reject): ConsolePlan {
   if (!size || Number(size[1]) > 0xffff || Number(size[2]) > 0xffff) {
     reject("size", `must be COLSxROWS like 120x40, not "${req.size}"`);
   }
-  const all = [socket, ...attachPaths, ...(req.chardev ? chardevPaths.slice(1) : [])];
+  const all = [
+    socket,
+    ...attach.flatMap((a) => [a.unix ?? "", a.ptyLink].filter((p) => p !== "")),
+    ...(req.chardev ? chardevPaths.slice(1) : []),
+  ];
   const shared = all.find((p, i) => all.indexOf(p) !== i);
   if (shared !== undefined) reject("attach", `would put two sockets on ${shared}`);
   return {
     socket,
     chardev: req.chardev,
     names,
-    attachPaths,
+    attach,
     logPaths,
     chardevPaths,
     cols: Number(size![1]),
@@ -220,6 +333,7 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
         name: { type: "string", multiple: true },
         log: { type: "string" },
         attach: { type: "string", multiple: true },
+        "attach-any-address": { type: "boolean" },
         size: { type: "string" },
         scrollback: { type: "string" },
       },
@@ -247,13 +361,6 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
   for (let i = given.length + 1; i < ports; i++) names.push(`port${i}`);
   const attach = v.attach ?? [];
   if (attach.length > ports) throw new UsageError(`${attach.length} --attach for ${ports} port(s)`);
-  const attachPaths = attach.map((a) => {
-    if (a.startsWith("unix:") && a.length > 5) return a.slice(5);
-    if (/^(tcp:|pty$|stdio$)/.test(a)) {
-      throw new UsageError(`--attach ${a} is not built yet; use unix:PATH`);
-    }
-    throw new UsageError(`--attach must be unix:PATH, not "${a}"`);
-  });
   const scrollback = parseIntOption(
     "scrollback",
     v.scrollback,
@@ -267,7 +374,10 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
       chardev,
       names,
       log: v.log,
-      attach: attachPaths,
+      attach,
+      anyAddress: v["attach-any-address"] ?? false,
+      anyAddressName: "--attach-any-address",
+      allowStdio: true,
       size: v.size,
       scrollback,
       access,
@@ -281,21 +391,28 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
 
 /** What a console opened in the main thread, to undo if it does not start. */
 interface Opened {
-  /** Log and attach socket fds (and chardev sockets). */
+  /** Log and attach socket fds (and chardev sockets, ptys, reopened stdin and stdout). */
   fds: number[];
-  /** Sockets bound. */
+  /** Sockets bound and pty links made. */
   paths: string[];
   /** Log files that did not exist before (removed by {@link closePorts} while still empty). */
   newLogs: string[];
+  /** Puts a terminal in raw mode back as it was (run whether or not the console started). */
+  restore: (() => void)[];
+  /** Per port, where clients attach, for the banner: "PATH", "tcp 127.0.0.1:4000", ... */
+  where: string[];
 }
 
 /** A port's log or attach socket could not be opened; `setting` is the config field to blame. */
 class PortOpenError extends UsageError {
-  /** `log` or `socket` (attach sockets are named after the socket). */
-  readonly setting: "log" | "socket";
-  constructor(setting: "log" | "socket", message: string) {
+  /** `log`, `socket` (attach sockets are named after the socket) or `attach`. */
+  readonly setting: "log" | "socket" | "attach";
+  /** The port whose attach mode failed. */
+  readonly port: number;
+  constructor(setting: "log" | "socket" | "attach", message: string, port = 0) {
     super(message);
     this.setting = setting;
+    this.port = port;
   }
 }
 
@@ -318,19 +435,53 @@ function openPorts(plan: ConsolePlan, opened: Opened): PortConfig[] {
     }
     opened.fds.push(logFd);
     if (!existed) opened.newLogs.push(logPath);
+    const a = plan.attach[id];
     let attachFd: number;
-    try {
-      attachFd = bindSocket(plan.attachPaths[id], socketMode, socketGroup);
-    } catch (e) {
-      throw new PortOpenError("socket", (e as Error).message);
+    const where: string[] = [];
+    if (a.unix !== null) {
+      try {
+        attachFd = bindSocket(a.unix, socketMode, socketGroup);
+      } catch (e) {
+        throw new PortOpenError("socket", (e as Error).message);
+      }
+      opened.paths.push(a.unix);
+      where.push(a.unix);
+    } else {
+      const { addr, port } = a.tcp!;
+      let bound: number;
+      try {
+        ({ fd: attachFd, port: bound } = listenTcp(addr, port));
+      } catch (e) {
+        throw new PortOpenError(
+          "attach",
+          `cannot listen on tcp:${tcpText(addr, port)}: ${(e as Error).message}`,
+          id,
+        );
+      }
+      where.push(`tcp ${tcpText(addr, bound)}`);
     }
     opened.fds.push(attachFd);
-    opened.paths.push(plan.attachPaths[id]);
+    let terminal: TerminalConfig | undefined;
+    try {
+      if (a.terminal === "pty") {
+        terminal = openPortPty(a.ptyLink, opened);
+        where.push(`pty ${Deno.readLinkSync(a.ptyLink)} (linked as ${a.ptyLink})`);
+      } else if (a.terminal === "stdio") {
+        terminal = openStdio(opened);
+        where.push("stdio");
+      }
+    } catch (e) {
+      if (e instanceof PortOpenError) throw new PortOpenError(e.setting, e.message, id);
+      throw e;
+    }
+    opened.where.push(where.join(", "));
     return {
       id,
       name,
       attachFd,
-      attachPath: plan.attachPaths[id],
+      attachPath: a.unix ?? "",
+      attachTcp: a.tcp !== null,
+      terminal,
       logFd,
       scrollbackBytes: plan.scrollback,
       inputBytes: DEFAULT_INPUT_LIMIT,
@@ -338,8 +489,102 @@ function openPorts(plan: ConsolePlan, opened: Opened): PortConfig[] {
   });
 }
 
+/** Opens a pty for a port and links it at `link`, replacing a link a previous run left. */
+function openPortPty(link: string, opened: Opened): TerminalConfig {
+  let old: Deno.FileInfo | null = null;
+  try {
+    old = Deno.lstatSync(link);
+  } catch {
+    // absent, as it should be
+  }
+  if (old !== null && !old.isSymlink) {
+    throw new PortOpenError(
+      "attach",
+      `${link} exists and is not a symlink; refusing to replace it`,
+    );
+  }
+  let pty;
+  try {
+    pty = openPty();
+  } catch (e) {
+    throw new PortOpenError("attach", `cannot open a pty: ${(e as Error).message}`);
+  }
+  opened.fds.push(pty.master, pty.slave);
+  try {
+    if (old !== null) Deno.removeSync(link);
+    Deno.symlinkSync(pty.path, link);
+  } catch (e) {
+    throw new PortOpenError(
+      "attach",
+      `cannot link ${link} to ${pty.path}: ${(e as Error).message}`,
+    );
+  }
+  opened.paths.push(link);
+  return {
+    kind: "pty",
+    readFd: pty.master,
+    writeFd: pty.master,
+    sizeFd: pty.master,
+    holdFds: [pty.slave],
+    linkPath: link,
+  };
+}
+
+/**
+ * Attaches the daemon's stdin and stdout. They are reopened through /proc rather than used as
+ * fds 0 and 1: O_NONBLOCK belongs to the open file description, and setting it on the inherited
+ * one would leak into the shell (and into this process's own stdout writes).
+ */
+function openStdio(opened: Opened): TerminalConfig {
+  const tty = isTerminal(0);
+  let fifo = false;
+  try {
+    fifo = Deno.statSync("/proc/self/fd/0").isFifo === true;
+  } catch {
+    // no stdin at all
+  }
+  if (!tty && !fifo) {
+    throw new PortOpenError("attach", "stdio needs stdin to be a terminal or a pipe");
+  }
+  let readFd: number, writeFd: number;
+  try {
+    readFd = openFile("/proc/self/fd/0", O.RDONLY | O.NONBLOCK | O_NOCTTY);
+  } catch (e) {
+    throw new PortOpenError("attach", `cannot reopen stdin: ${(e as Error).message}`);
+  }
+  opened.fds.push(readFd);
+  try {
+    writeFd = openFile("/proc/self/fd/1", O.WRONLY | O.NONBLOCK | O_NOCTTY | O_APPEND);
+  } catch (e) {
+    throw new PortOpenError(
+      "attach",
+      `stdio needs stdout to be a terminal, pipe or file: ${(e as Error).message}`,
+    );
+  }
+  opened.fds.push(writeFd);
+  if (tty) {
+    let saved: Uint8Array<ArrayBuffer>;
+    try {
+      saved = makeRaw(0, true);
+    } catch (e) {
+      throw new PortOpenError("attach", `cannot set the terminal raw: ${(e as Error).message}`);
+    }
+    const restore = () => restoreTerminal(0, saved);
+    opened.restore.push(restore);
+    // A second Ctrl-C exits at once (Deno.exit), past every finally: unload still runs.
+    globalThis.addEventListener("unload", restore);
+  }
+  return { kind: "stdio", readFd, writeFd, sizeFd: tty ? readFd : -1, holdFds: [], linkPath: "" };
+}
+
+/** Puts terminals back as they were; safe to call more than once. */
+function restoreTerminals(opened: Opened): void {
+  for (const r of opened.restore.splice(0)) r();
+}
+
 /** Closes what {@link openPorts} opened and removes its sockets and still-empty new logs. */
 function closePorts(opened: Opened): void {
+  restoreTerminals(opened);
   for (const fd of opened.fds.splice(0)) closeQuietly(fd);
   removeAll(opened.paths.splice(0));
   for (const p of opened.newLogs.splice(0)) {
@@ -363,7 +608,7 @@ function removeAll(paths: string[]): void {
 
 /** Opens every port's log and attach socket; on failure, undoes what was opened and rethrows. */
 function openConsole(plan: ConsolePlan): { ports: PortConfig[]; opened: Opened } {
-  const opened: Opened = { fds: [], paths: [], newLogs: [] };
+  const opened: Opened = { fds: [], paths: [], newLogs: [], restore: [], where: [] };
   try {
     return { ports: openPorts(plan, opened), opened };
   } catch (e) {
@@ -403,7 +648,7 @@ export function consoleQemuArgs(socket: string, id: string, ports: number): stri
   ];
 }
 
-function banner(plan: ConsolePlan): string {
+function banner(plan: ConsolePlan, opened: Opened): string {
   const lines = [
     `vhostd: serving console (${plan.names.length} port(s), ${
       plan.chardev ? "character-device" : "vhost-user"
@@ -411,7 +656,7 @@ function banner(plan: ConsolePlan): string {
   ];
   plan.names.forEach((n, i) => {
     const via = plan.chardev ? ` chardev ${plan.chardevPaths[i]},` : "";
-    lines.push(`  port ${i} ${n}:${via} attach ${plan.attachPaths[i]}, log ${plan.logPaths[i]}`);
+    lines.push(`  port ${i} ${n}:${via} attach ${opened.where[i]}, log ${plan.logPaths[i]}`);
   });
   if (plan.chardev) {
     lines.push("Attach it to QEMU (any version) with:");
@@ -442,26 +687,30 @@ export async function cmdConsole(args: string[]): Promise<number> {
   }
   const { plan, log, extras } = command;
   const { ports, opened } = openConsole(plan);
-  if (plan.chardev) return await runChardev(plan, ports, log, opened);
   try {
+    if (plan.chardev) return await runChardev(plan, ports, log, opened);
     return await runServices(
       [consoleService(plan, ports, "console", log)],
       log,
-      banner(plan),
+      banner(plan, opened),
       extras,
     );
   } finally {
-    // The worker closed the ports; this removes whatever a failed start left behind.
+    // The worker closed the ports; this removes whatever a failed start left behind, and gives
+    // a terminal on stdin its settings back.
     removeAll(opened.paths);
+    restoreTerminals(opened);
   }
 }
 
 /**
  * The `console` planner of config files (vhost-user mode; QEMU 10.2 or newer). Fields: `socket`,
  * `names` (ports besides the console), `log` (port 0's log; the others FILE.<name>; default
- * `<socket>.<name>.log`), `size` (COLSxROWS, default 80x24), `scrollback` (bytes per port).
- * The logs and attach sockets (`<socket>.<name>`) are opened while planning, as the command line
- * does, so their problems are config errors too.
+ * `<socket>.<name>.log`), `size` (COLSxROWS, default 80x24), `scrollback` (bytes per port),
+ * `attach` (the `--attach` strings from port 0 on, stdio excepted: a service has no terminal) and
+ * `attachAnyAddress` (allow TCP beyond loopback). The logs, attach sockets (`<socket>.<name>` by
+ * default) and ptys are opened while planning, as the command line does, so their problems are
+ * config errors too.
  */
 export function planConsoleDevice(ctx: PlanContext): DevicePlan {
   const f = ctx.fields;
@@ -478,12 +727,42 @@ export function planConsoleDevice(ctx: PlanContext): DevicePlan {
     }
     return n;
   });
+  const attach = f.has("attach")
+    ? f.array("attach").map((a, i) => {
+      if (typeof a !== "string") {
+        throw new ConfigError(
+          `${f.at("attach")}[${i}]`,
+          `must be a string, not ${JSON.stringify(a)}`,
+        );
+      }
+      return a;
+    })
+    : undefined;
+  if (attach !== undefined && attach.length > names.length + 1) {
+    throw new ConfigError(
+      f.at("attach"),
+      `has ${attach.length} entries for ${names.length + 1} port(s) (port 0 is the console)`,
+    );
+  }
+  const anyAddress = f.boolean("attachAnyAddress", false);
   const logField = f.string("log");
   const size = f.string("size");
   const scrollback = f.integer("scrollback", DEFAULT_SCROLLBACK, MIN_SCROLLBACK, MAX_SCROLLBACK);
   const socket = ctx.socketPath();
   const plan = resolveConsole(
-    { socket, chardev: false, names, log: logField, size, scrollback, access: ctx.access },
+    {
+      socket,
+      chardev: false,
+      names,
+      log: logField,
+      attach,
+      anyAddress,
+      anyAddressName: `"attachAnyAddress": true`,
+      allowStdio: false,
+      size,
+      scrollback,
+      access: ctx.access,
+    },
     (setting, message, index) => {
       throw new ConfigError(f.at(setting) + (index === undefined ? "" : `[${index}]`), message);
     },
@@ -492,7 +771,10 @@ export function planConsoleDevice(ctx: PlanContext): DevicePlan {
   try {
     ({ ports, opened } = openConsole(plan));
   } catch (e) {
-    if (e instanceof PortOpenError) throw new ConfigError(f.at(e.setting), e.message);
+    if (e instanceof PortOpenError) {
+      const at = e.setting === "attach" && attach !== undefined ? `[${e.port}]` : "";
+      throw new ConfigError(f.at(e.setting) + at, e.message);
+    }
     throw e;
   }
   const n = plan.names.length;
@@ -504,7 +786,11 @@ export function planConsoleDevice(ctx: PlanContext): DevicePlan {
   return {
     services: [consoleService(plan, ports, ctx.id, ctx.log)],
     describe: `${ctx.id}: console (${n} port(s): ${plan.names.join(", ")}; QEMU 10.2 or newer) ` +
-      `on ${socket}, attach ${socket}.<port>, log ${logs}`,
+      `on ${socket}, attach ${
+        attach === undefined
+          ? `${socket}.<port>`
+          : plan.names.map((name, i) => `${name} ${opened.where[i]}`).join("; ")
+      }, log ${logs}`,
     qemuArgs: consoleQemuArgs(socket, ctx.id, n),
     release: () => closePorts(opened),
   };
@@ -572,7 +858,7 @@ async function runChardev(
     finish();
     throw e;
   }
-  console.log(banner(plan));
+  console.log(banner(plan, opened));
   let stopping = false;
   const onSignal = (sig: Deno.Signal) => {
     if (stopping) {

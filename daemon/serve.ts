@@ -58,6 +58,40 @@ export async function runServices(
     await metrics?.close();
     metrics = null;
   };
+  // Signal handlers go in before anything starts: a supervisor may send SIGTERM the moment it
+  // sees READY=1, and the default action would kill us without removing the sockets.
+  let firstSignalAt = 0;
+  let stopRequested: Deno.Signal | null = null;
+  let started = false;
+  let stopping: Promise<unknown> | null = null;
+  const beginStop = (sig: Deno.Signal) => {
+    logger.info("{signal}: finishing in-flight requests and stopping", { signal: sig });
+    notifier.stopping(`${name}: stopping (${sig})`);
+    stopping = Promise.all(services.map((s) => s.stop()));
+  };
+  const onSignal = (sig: Deno.Signal) => {
+    // Under `deno task` or npx a terminal's Ctrl-C reaches us twice at once (from the terminal
+    // and forwarded by the wrapper): a repeat within 300 ms is the same request.
+    const now = Date.now();
+    if (firstSignalAt !== 0 && now - firstSignalAt < 300) return;
+    if (firstSignalAt !== 0) {
+      logger.warn("second {signal}: exiting now", { signal: sig });
+      for (const s of services) s.removeSocket();
+      control?.close();
+      Deno.exit(1);
+    }
+    firstSignalAt = now;
+    stopRequested = sig;
+    if (started) beginStop(sig);
+  };
+  const sigint = () => onSignal("SIGINT");
+  const sigterm = () => onSignal("SIGTERM");
+  Deno.addSignalListener("SIGINT", sigint);
+  Deno.addSignalListener("SIGTERM", sigterm);
+  const removeSignalListeners = () => {
+    Deno.removeSignalListener("SIGINT", sigint);
+    Deno.removeSignalListener("SIGTERM", sigterm);
+  };
   try {
     // The endpoints first: a metrics port in use should fail before any device socket appears.
     if (extras.metrics) metrics = await startMetricsServer(extras.metrics, () => observe(services));
@@ -71,8 +105,10 @@ export async function runServices(
   } catch (e) {
     await Promise.all(services.map((s) => s.stop()));
     await closeEndpoints();
+    removeSignalListeners();
     throw e;
   }
+  started = true;
   console.log(banner);
   if (metrics) {
     const m = (metrics as MetricsServer).address;
@@ -92,28 +128,8 @@ export async function runServices(
     const now = summary();
     if (now !== lastStatus) notifier.status(lastStatus = now);
   }, 1000);
-  let firstSignalAt = 0;
-  let stopping: Promise<unknown> | null = null;
-  const onSignal = (sig: Deno.Signal) => {
-    // Under `deno task` or npx a terminal's Ctrl-C reaches us twice at once (from the terminal
-    // and forwarded by the wrapper): a repeat within 300 ms is the same request.
-    const now = Date.now();
-    if (firstSignalAt !== 0 && now - firstSignalAt < 300) return;
-    if (firstSignalAt !== 0) {
-      logger.warn("second {signal}: exiting now", { signal: sig });
-      for (const s of services) s.removeSocket();
-      control?.close();
-      Deno.exit(1);
-    }
-    firstSignalAt = now;
-    logger.info("{signal}: finishing in-flight requests and stopping", { signal: sig });
-    notifier.stopping(`${name}: stopping (${sig})`);
-    stopping = Promise.all(services.map((s) => s.stop()));
-  };
-  const sigint = () => onSignal("SIGINT");
-  const sigterm = () => onSignal("SIGTERM");
-  Deno.addSignalListener("SIGINT", sigint);
-  Deno.addSignalListener("SIGTERM", sigterm);
+  // A signal that came while the devices were starting is acted on now that they run.
+  if (stopRequested !== null) beginStop(stopRequested);
   try {
     await Promise.race(services.map((s) => s.done));
     if (stopping) await stopping;
@@ -134,8 +150,7 @@ export async function runServices(
     clearInterval(statusTimer);
     notifier.stopWatchdog();
     await closeEndpoints();
-    Deno.removeSignalListener("SIGINT", sigint);
-    Deno.removeSignalListener("SIGTERM", sigterm);
+    removeSignalListeners();
   }
 }
 

@@ -51,6 +51,16 @@ const symbols = {
   getpid: { parameters: [], result: "i32" },
   clock_gettime: { parameters: ["i32", "buffer"], result: "i32" },
   getuid: { parameters: [], result: "u32" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  inet_pton: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  posix_openpt: { parameters: ["i32"], result: "i32" },
+  grantpt: { parameters: ["i32"], result: "i32" },
+  unlockpt: { parameters: ["i32"], result: "i32" },
+  ptsname_r: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+  isatty: { parameters: ["i32"], result: "i32" },
+  tcgetattr: { parameters: ["i32", "buffer"], result: "i32" },
+  tcsetattr: { parameters: ["i32", "i32", "buffer"], result: "i32" },
+  cfmakeraw: { parameters: ["buffer"], result: "void" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 

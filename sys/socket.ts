@@ -287,3 +287,104 @@ export class FdSocket {
     closeQuietly(this.fd);
   }
 }
+
+const AF_INET = 2;
+const AF_INET6 = 10;
+const SO_REUSEADDR = 2;
+const IPPROTO_TCP = 6;
+const TCP_NODELAY = 1;
+
+/** An IP address parsed for {@link listenTcp}. */
+export interface IpAddress {
+  /** 4 or 6. */
+  family: 4 | 6;
+  /** The address in network byte order (4 or 16 bytes). */
+  bytes: Uint8Array<ArrayBuffer>;
+}
+
+/** Parses an IPv4 or IPv6 literal (no brackets, no host names), or returns null. */
+export function parseIpAddress(text: string): IpAddress | null {
+  const family = text.includes(":") ? 6 : 4;
+  const bytes = new Uint8Array(family === 4 ? 4 : 16);
+  const ok = libc.inet_pton(family === 4 ? AF_INET : AF_INET6, cstring(text), bytes);
+  return ok === 1 ? { family, bytes } : null;
+}
+
+/** Whether `addr` is a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x.y.z). */
+export function isLoopback(addr: IpAddress): boolean {
+  const b = addr.bytes;
+  if (addr.family === 4) return b[0] === 127;
+  if (b.subarray(0, 15).every((x) => x === 0)) return b[15] === 1;
+  const mapped = b.subarray(0, 10).every((x) => x === 0) && b[10] === 0xff && b[11] === 0xff;
+  return mapped && b[12] === 127;
+}
+
+function sockaddrIn(addr: IpAddress, port: number): Uint8Array<ArrayBuffer> {
+  // sockaddr_in is 16 bytes, sockaddr_in6 28; the port is big-endian, the family native.
+  const out = new Uint8Array(addr.family === 4 ? 16 : 28);
+  const dv = new DataView(out.buffer);
+  dv.setUint16(0, addr.family === 4 ? AF_INET : AF_INET6, true);
+  dv.setUint16(2, port, false);
+  out.set(addr.bytes, addr.family === 4 ? 4 : 8);
+  return out;
+}
+
+/**
+ * Creates a listening TCP socket on `addr`:`port` (port 0 lets the kernel choose) with
+ * SO_REUSEADDR, so that a restarted daemon can bind while old connections sit in TIME_WAIT.
+ * Returns the fd and the port actually bound.
+ */
+export function listenTcp(
+  addr: IpAddress,
+  port: number,
+  backlog = 16,
+): { fd: number; port: number } {
+  const where = `${addr.family === 6 ? "[" : ""}${ipText(addr)}${
+    addr.family === 6 ? "]" : ""
+  }:${port}`;
+  const fd = check(
+    libc.socket(addr.family === 4 ? AF_INET : AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0),
+    "socket",
+  );
+  try {
+    const one = new Int32Array([1]);
+    check(libc.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, one, 4), "setsockopt(SO_REUSEADDR)");
+    const sa = sockaddrIn(addr, port);
+    check(libc.bind(fd, sa, sa.length), "bind", where);
+    check(libc.listen(fd, backlog), "listen", where);
+    const bound = new Uint8Array(28);
+    const len = new Uint32Array([bound.length]);
+    check(libc.getsockname(fd, bound, len), "getsockname");
+    return { fd, port: new DataView(bound.buffer).getUint16(2, false) };
+  } catch (e) {
+    closeQuietly(fd);
+    throw e;
+  }
+}
+
+/** The usual text form of an address (for messages). */
+export function ipText(addr: IpAddress): string {
+  if (addr.family === 4) return addr.bytes.join(".");
+  const words: string[] = [];
+  const dv = new DataView(addr.bytes.buffer);
+  for (let i = 0; i < 16; i += 2) words.push(dv.getUint16(i, false).toString(16));
+  // Shorten the longest run of zero words to "::", as inet_ntop does.
+  let best = -1, bestLen = 1;
+  for (let i = 0; i < 8;) {
+    let j = i;
+    while (j < 8 && words[j] === "0") j++;
+    if (j - i > bestLen) [best, bestLen] = [i, j - i];
+    i = j === i ? i + 1 : j;
+  }
+  if (best < 0) return words.join(":");
+  return `${words.slice(0, best).join(":")}::${words.slice(best + bestLen).join(":")}`;
+}
+
+/**
+ * Turns Nagle's algorithm off on a connected TCP socket: a console sends single keystrokes, which
+ * must not wait for the previous segment's acknowledgement.
+ */
+export function setTcpNoDelay(fd: number): void {
+  const one = new Int32Array([1]);
+  check(libc.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, one, 4), "setsockopt(TCP_NODELAY)");
+}

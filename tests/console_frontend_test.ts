@@ -213,7 +213,7 @@ Deno.test("console: bad command lines are usage errors (exit 2, one line)", asyn
       ["console", "--socket", "/tmp/x", "--ports", "0"],
       ["console", "--socket", "/tmp/x", "--name", "a b"],
       ["console", "--socket", "/tmp/x", "--ports", "1", "--name", "agent"],
-      ["console", "--socket", "/tmp/x", "--attach", "pty"],
+      ["console", "--socket", "/tmp/x", "--attach", "serial"],
       ["console", "--socket", "/tmp/x", "--size", "80"],
     ]
   ) {

@@ -1,7 +1,8 @@
 /**
  * The host side of one console port, whatever carries it to the guest (vhost-user queues or a
- * QEMU character device): an append-only log, a scrollback ring, the attach socket and its
- * clients, and the input waiting for the guest.
+ * QEMU character device): an append-only log, a scrollback ring, the attach socket (Unix or TCP)
+ * and its clients, an optional terminal (a pty's master, or the daemon's stdin and stdout), and
+ * the input waiting for the guest.
  *
  * Everything is a non-blocking fd in the caller's epoll loop: the data plane blocks in
  * `epoll_wait`, so no Deno async API would ever run here.
@@ -11,7 +12,8 @@
 
 import { getLogger, type Logger } from "@logtape/logtape";
 import { closeQuietly, Errno, errno, libc, setNonBlocking } from "../../sys/libc.ts";
-import { acceptUnix } from "../../sys/socket.ts";
+import { acceptUnix, setTcpNoDelay } from "../../sys/socket.ts";
+import { windowSize } from "../../sys/pty.ts";
 import { ByteRing } from "./byte_ring.ts";
 
 /** Where a port registers its fds: the device's event loop. */
@@ -28,16 +30,43 @@ export interface PortConfig {
   id: number;
   /** Name the guest sees (`/dev/virtio-ports/NAME`), and used in socket and log names. */
   name: string;
-  /** Listening (Unix) attach socket fd, or -1. */
+  /** Listening attach socket fd (Unix or TCP), or -1. */
   attachFd: number;
-  /** Path of the attach socket, removed on close (or "" for none). */
+  /** Path of the attach socket, removed on close (or "" for none, as for TCP). */
   attachPath: string;
+  /** The attach socket is TCP (its clients get TCP_NODELAY). */
+  attachTcp?: boolean;
+  /** A terminal attached for the port's whole life (`--attach pty` or `stdio`). */
+  terminal?: TerminalConfig;
   /** Log file opened O_APPEND, or -1. */
   logFd: number;
   /** Scrollback bytes kept for clients that attach later. */
   scrollbackBytes: number;
   /** Client input held while the guest cannot take it. */
   inputBytes: number;
+}
+
+/**
+ * A client that is there from start to stop: a pty's master or the daemon's stdin and stdout.
+ * Unlike a socket client it is never dropped for being slow (output it cannot take now is
+ * skipped: the log and scrollback keep it) and gets no scrollback (it sees everything live).
+ */
+export interface TerminalConfig {
+  /** `pty` or `stdio`, for logs. */
+  kind: "pty" | "stdio";
+  /** Where input comes from (O_NONBLOCK), or -1. */
+  readFd: number;
+  /** Where output goes (O_NONBLOCK). May equal {@link readFd}. */
+  writeFd: number;
+  /**
+   * A terminal whose window size is read (TIOCGWINSZ) whenever input arrives, or -1. A blocked
+   * worker never sees SIGWINCH, so a resize reaches the guest with the next keystroke.
+   */
+  sizeFd: number;
+  /** Fds only held open, closed with the port (a pty's slave, see `sys/pty.ts`). */
+  holdFds: number[];
+  /** A symlink to the pty removed on close, or "". */
+  linkPath: string;
 }
 
 /** Default scrollback per port. */
@@ -84,6 +113,20 @@ export function findResize(buf: Uint8Array, from = 0): ResizeRequest | null {
   return null;
 }
 
+/** A connected reader and writer of the port: a socket client or the terminal. */
+interface Client {
+  /** Input is read here (-1 once it ended). */
+  readFd: number;
+  /** Output is written here (-1 once it failed). */
+  writeFd: number;
+  /** The terminal: never dropped, fds closed only with the port. */
+  permanent: boolean;
+  /** Whether {@link readFd} is in the loop. */
+  watched: boolean;
+  /** Last window size seen on the terminal (see {@link TerminalConfig.sizeFd}). */
+  size: string;
+}
+
 /** One port's host side. */
 export class PortHub {
   /** Port number. */
@@ -99,12 +142,14 @@ export class PortHub {
   /** Called when a client asked for a new terminal size. */
   onResize: (cols: number, rows: number) => void = () => {};
   readonly #config: PortConfig;
-  readonly #clients = new Set<number>();
+  readonly #clients = new Set<Client>();
   readonly #readBuf = new Uint8Array(READ_CHUNK);
   readonly #log: Logger;
   #loop: FdWatcher | null = null;
   /** Clients are not read while the input ring is full (back-pressure instead of dropping). */
   #paused = false;
+  /** Output bytes the terminal could not take (nobody reading the pty, a stalled stdout). */
+  #terminalSkipped = 0;
 
   /** Builds the port from fds opened by the main thread. */
   constructor(config: PortConfig) {
@@ -116,17 +161,32 @@ export class PortHub {
     this.#log = getLogger(["vhostd", "console", config.name]);
   }
 
-  /** Number of attached clients. */
+  /** Number of attached clients (the terminal included). */
   get clientCount(): number {
     return this.#clients.size;
   }
 
-  /** Starts accepting clients in `loop`. */
+  /** Starts accepting clients in `loop`, and reading the terminal if there is one. */
   start(loop: FdWatcher): void {
     this.#loop = loop;
     if (this.#config.attachFd >= 0) {
       setNonBlocking(this.#config.attachFd);
       loop.watch(this.#config.attachFd, () => this.#accept());
+    }
+    const t = this.#config.terminal;
+    if (t) {
+      if (t.readFd >= 0) setNonBlocking(t.readFd);
+      setNonBlocking(t.writeFd);
+      const c: Client = {
+        readFd: t.readFd,
+        writeFd: t.writeFd,
+        permanent: true,
+        watched: false,
+        size: "",
+      };
+      this.#clients.add(c);
+      this.#checkSize(c);
+      this.#watch(c);
     }
   }
 
@@ -139,8 +199,30 @@ export class PortHub {
       this.#config.logFd = -1;
     }
     this.scrollback.append(data);
-    for (const fd of this.#clients) {
-      if (!writeAll(fd, data, false)) this.#drop(fd, "it does not keep up or went away");
+    for (const c of this.#clients) {
+      if (c.writeFd < 0 || writeAll(c.writeFd, data, false)) continue;
+      if (!c.permanent) {
+        this.#drop(c, "it does not keep up or went away");
+        continue;
+      }
+      const err = errno();
+      if (err === Errno.EAGAIN) {
+        // Nobody reads the pty (or stdout stalls): skip rather than stall the guest.
+        if (this.#terminalSkipped === 0) {
+          this.#log.debug("the {kind} of port {port} is full; output skipped", {
+            kind: this.#config.terminal!.kind,
+            port: this.id,
+          });
+        }
+        this.#terminalSkipped += data.length;
+      } else {
+        this.#log.warn("writing to the {kind} of port {port} failed (errno {errno}); it stops", {
+          kind: this.#config.terminal!.kind,
+          port: this.id,
+          errno: err,
+        });
+        c.writeFd = -1;
+      }
     }
   }
 
@@ -149,18 +231,38 @@ export class PortHub {
     this.input.consume(n);
     if (this.#paused && this.input.free > 0) {
       this.#paused = false;
-      for (const fd of this.#clients) this.#loop?.watch(fd, () => this.#readClient(fd));
+      for (const c of this.#clients) this.#watch(c);
     }
+  }
+
+  #watch(c: Client): void {
+    if (this.#paused || c.watched || c.readFd < 0) return;
+    c.watched = true;
+    this.#loop?.watch(c.readFd, () => this.#readClient(c));
+  }
+
+  #unwatch(c: Client): void {
+    if (!c.watched) return;
+    c.watched = false;
+    this.#loop?.unwatch(c.readFd);
   }
 
   #accept(): void {
     let fd: number;
     try {
+      // accept4 takes any stream listener: the Unix and the TCP attach socket alike.
       fd = acceptUnix(this.#config.attachFd);
     } catch {
       return; // EAGAIN: another wake-up took it
     }
     setNonBlocking(fd);
+    if (this.#config.attachTcp) {
+      try {
+        setTcpNoDelay(fd);
+      } catch {
+        // only latency is at stake
+      }
+    }
     // A new client sees the recent past first, then live output.
     for (const part of [0, 1] as const) {
       const seg = this.scrollback.segment(part);
@@ -169,31 +271,45 @@ export class PortHub {
         return;
       }
     }
-    this.#clients.add(fd);
-    if (!this.#paused) this.#loop?.watch(fd, () => this.#readClient(fd));
+    const c: Client = { readFd: fd, writeFd: fd, permanent: false, watched: false, size: "" };
+    this.#clients.add(c);
+    this.#watch(c);
     this.#log.info("client attached to port {port} ({clients} attached)", {
       port: this.id,
       clients: this.#clients.size,
     });
   }
 
-  #readClient(fd: number): void {
+  /** Reads the terminal's window size and passes a change on as a resize. */
+  #checkSize(c: Client): void {
+    const fd = c.permanent ? this.#config.terminal!.sizeFd : -1;
+    if (fd < 0) return;
+    const ws = windowSize(fd);
+    if (ws === null) return;
+    const size = `${ws.cols}x${ws.rows}`;
+    if (size === c.size) return;
+    c.size = size;
+    this.onResize(ws.cols, ws.rows);
+  }
+
+  #readClient(c: Client): void {
     const room = Math.min(this.input.free, READ_CHUNK);
     if (room === 0) {
       this.#pause();
       return;
     }
-    const n = Number(libc.read(fd, this.#readBuf, BigInt(room)));
+    const n = Number(libc.read(c.readFd, this.#readBuf, BigInt(room)));
     if (n < 0) {
       const err = errno();
       if (err === Errno.EAGAIN || err === Errno.EINTR) return;
-      this.#drop(fd, `read failed (errno ${err})`);
+      this.#drop(c, `read failed (errno ${err})`);
       return;
     }
     if (n === 0) {
-      this.#drop(fd, "it disconnected");
+      this.#drop(c, "it disconnected");
       return;
     }
+    this.#checkSize(c);
     let chunk = this.#readBuf.subarray(0, n);
     for (let r = findResize(chunk); r !== null; r = findResize(chunk)) {
       this.input.write(chunk.subarray(0, r.index));
@@ -207,34 +323,72 @@ export class PortHub {
 
   #pause(): void {
     if (this.#paused) return;
+    for (const c of this.#clients) this.#unwatch(c);
     this.#paused = true;
-    for (const fd of this.#clients) this.#loop?.unwatch(fd);
   }
 
-  #drop(fd: number, why: string): void {
-    this.#loop?.unwatch(fd);
-    this.#clients.delete(fd);
-    closeQuietly(fd);
+  /**
+   * A socket client leaves for good. The terminal only stops being read (stdin reached its end,
+   * or the pty failed): its fds are the port's, and output still goes to it.
+   */
+  #drop(c: Client, why: string): void {
+    this.#unwatch(c);
+    if (c.permanent) {
+      c.readFd = -1;
+      this.#log.info("input from the {kind} of port {port} ended: {why}", {
+        kind: this.#config.terminal!.kind,
+        port: this.id,
+        why,
+      });
+      return;
+    }
+    this.#clients.delete(c);
+    closeQuietly(c.readFd);
     this.#log.info("client left port {port}: {why}", { port: this.id, why });
   }
 
-  /** Disconnects the clients, stops listening, removes the socket and closes the log. */
+  /**
+   * Disconnects the clients, stops listening, closes the terminal, removes the socket and the
+   * pty link, and closes the log.
+   */
   close(): void {
-    for (const fd of [...this.#clients]) this.#drop(fd, "the daemon is stopping");
+    for (const c of [...this.#clients]) {
+      if (!c.permanent) this.#drop(c, "the daemon is stopping");
+      else this.#unwatch(c);
+    }
+    this.#clients.clear();
+    const t = this.#config.terminal;
+    if (t) {
+      const fds = new Set([t.readFd, t.writeFd, ...t.holdFds]);
+      for (const fd of fds) closeQuietly(fd);
+      t.readFd = t.writeFd = -1;
+      t.holdFds = [];
+      if (t.linkPath) removeQuietly(t.linkPath);
+      if (this.#terminalSkipped > 0) {
+        this.#log.info("{bytes} bytes of output were not taken by the {kind} of port {port}", {
+          bytes: this.#terminalSkipped,
+          kind: t.kind,
+          port: this.id,
+        });
+      }
+      this.#config.terminal = undefined;
+    }
     if (this.#config.attachFd >= 0) {
       this.#loop?.unwatch(this.#config.attachFd);
       closeQuietly(this.#config.attachFd);
       this.#config.attachFd = -1;
-      if (this.#config.attachPath) {
-        try {
-          Deno.removeSync(this.#config.attachPath);
-        } catch {
-          // already gone
-        }
-      }
+      if (this.#config.attachPath) removeQuietly(this.#config.attachPath);
     }
     closeQuietly(this.#config.logFd);
     this.#config.logFd = -1;
+  }
+}
+
+function removeQuietly(path: string): void {
+  try {
+    Deno.removeSync(path);
+  } catch {
+    // already gone
   }
 }
 

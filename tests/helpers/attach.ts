@@ -1,19 +1,44 @@
 /**
- * A client of a console port's attach socket, for tests: collects everything the port sends and
- * waits for text to appear.
+ * Clients of a console port for tests: an attach socket (Unix or TCP) or a pty, each collecting
+ * everything the port sends and waiting for text to appear.
  *
  * @module
  */
+
+import { closeQuietly, Errno, errno, libc, O, openFile } from "../../sys/libc.ts";
+
+/** Polls `text()` until `pattern` matches; throws with what arrived after `ms`. */
+async function waitForText(
+  what: string,
+  text: () => string,
+  pattern: string | RegExp,
+  ms: number,
+): Promise<RegExpMatchArray | string> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const t = text();
+    if (typeof pattern === "string") {
+      if (t.includes(pattern)) return pattern;
+    } else {
+      const m = t.match(pattern);
+      if (m) return m;
+    }
+    if (Date.now() >= deadline) {
+      throw new Error(`${what}: no ${pattern} within ${ms} ms; got ${JSON.stringify(t)}`);
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
 
 /** One connection to an attach socket. */
 export class AttachClient {
   /** Everything received so far, decoded as UTF-8. */
   text = "";
-  readonly #conn: Deno.UnixConn;
+  readonly #conn: Deno.Conn;
   readonly #pump: Promise<void>;
   #closed = false;
 
-  private constructor(conn: Deno.UnixConn) {
+  private constructor(conn: Deno.Conn) {
     this.#conn = conn;
     this.#pump = (async () => {
       const dec = new TextDecoder();
@@ -44,6 +69,11 @@ export class AttachClient {
     }
   }
 
+  /** Connects to a TCP attach socket on loopback (or `hostname`). */
+  static async connectTcp(port: number, hostname = "127.0.0.1"): Promise<AttachClient> {
+    return new AttachClient(await Deno.connect({ transport: "tcp", hostname, port }));
+  }
+
   /** Whether the server closed the connection. */
   get closed(): boolean {
     return this.#closed;
@@ -56,22 +86,8 @@ export class AttachClient {
   }
 
   /** Waits until `pattern` matches the received text; throws with what arrived after `ms`. */
-  async waitFor(pattern: string | RegExp, ms = 30_000): Promise<RegExpMatchArray | string> {
-    const deadline = Date.now() + ms;
-    for (;;) {
-      if (typeof pattern === "string") {
-        if (this.text.includes(pattern)) return pattern;
-      } else {
-        const m = this.text.match(pattern);
-        if (m) return m;
-      }
-      if (Date.now() >= deadline) {
-        throw new Error(
-          `attach client: no ${pattern} within ${ms} ms; got ${JSON.stringify(this.text)}`,
-        );
-      }
-      await new Promise((r) => setTimeout(r, 25));
-    }
+  waitFor(pattern: string | RegExp, ms = 30_000): Promise<RegExpMatchArray | string> {
+    return waitForText("attach client", () => this.text, pattern, ms);
   }
 
   /** Closes the connection and waits for the reader to finish. */
@@ -82,5 +98,56 @@ export class AttachClient {
       // already closed
     }
     await this.#pump;
+  }
+}
+
+/**
+ * A user of a port's pty: opens the slave path as `screen` or `cat` would. It reads through FFI
+ * with O_NONBLOCK, polled from a timer, because an async Deno read of a tty occupies a blocking
+ * thread that closing the file does not release.
+ */
+export class PtyClient {
+  /** Everything read so far, decoded as UTF-8. */
+  text = "";
+  /** The open slave (for ioctls such as a window size). */
+  readonly fd: number;
+  readonly #timer: ReturnType<typeof setInterval>;
+  readonly #buf = new Uint8Array(4096);
+  readonly #dec = new TextDecoder();
+
+  /** Opens the pty at `path` (a symlink to it is fine). */
+  constructor(path: string) {
+    this.fd = openFile(path, O.RDWR | O.NONBLOCK | 0o400 /* O_NOCTTY */);
+    this.#timer = setInterval(() => this.#poll(), 10);
+  }
+
+  #poll(): void {
+    for (;;) {
+      const n = Number(libc.read(this.fd, this.#buf, BigInt(this.#buf.length)));
+      if (n <= 0) return;
+      this.text += this.#dec.decode(this.#buf.subarray(0, n), { stream: true });
+    }
+  }
+
+  /** Writes text to the pty (it is small: a pty takes it at once). */
+  send(text: string): void {
+    const bytes = new TextEncoder().encode(text);
+    for (let off = 0; off < bytes.length;) {
+      const part = bytes.subarray(off);
+      const n = Number(libc.write(this.fd, part, BigInt(part.length)));
+      if (n < 0 && errno() !== Errno.EAGAIN) throw new Error(`pty write: errno ${errno()}`);
+      off += Math.max(n, 0);
+    }
+  }
+
+  /** Waits until `pattern` matches what was read. */
+  waitFor(pattern: string | RegExp, ms = 30_000): Promise<RegExpMatchArray | string> {
+    return waitForText("pty client", () => this.text, pattern, ms);
+  }
+
+  /** Stops polling and closes the pty. */
+  close(): void {
+    clearInterval(this.#timer);
+    closeQuietly(this.fd);
   }
 }
