@@ -81,6 +81,7 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
   } finally {
     for (const s of servers) s.close();
     try {
+      slowShutdownForTests();
       for (const d of devices) d.close?.();
     } finally {
       loop.close();
@@ -89,3 +90,12 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
     }
   }
 };
+
+/**
+ * Fault injection for shutdown tests: VHOSTD_FAULT_SLOW_SHUTDOWN_MS makes the worker take that
+ * long to finish, as a flush to a slow disk would, so a test can send a second signal meanwhile.
+ */
+function slowShutdownForTests(): void {
+  const ms = Number(Deno.env.get("VHOSTD_FAULT_SLOW_SHUTDOWN_MS") ?? 0);
+  if (ms > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}

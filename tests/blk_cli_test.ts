@@ -188,3 +188,23 @@ Deno.test("blk: --socket-group and --socket-mode widen the socket; --allow-uid r
       /no group named "no-such-group"/,
     );
   }));
+
+Deno.test("blk: a second signal during a slow shutdown exits at once, socket removed", () =>
+  withDir(async (dir) => {
+    sparseFile(`${dir}/d.img`, 1 << 20);
+    const sock = `${dir}/slow.sock`;
+    const d = await DaemonProcess.start(
+      ["blk", "--socket", sock, "--image", `${dir}/d.img`],
+      { VHOSTD_FAULT_SLOW_SHUTDOWN_MS: "20000" },
+    );
+    d.child.kill("SIGTERM");
+    await d.waitFor(() => d.stderr.includes("SIGTERM: finishing"), 5000, "the first signal");
+    await new Promise((r) => setTimeout(r, 500));
+    const t0 = Date.now();
+    d.child.kill("SIGTERM");
+    const code = await d.exit();
+    assert.ok(Date.now() - t0 < 3000, "exited at once");
+    assert.equal(code, 1);
+    assert.match(d.stderr, /second SIGTERM: exiting now/);
+    assert.throws(() => Deno.lstatSync(sock), Deno.errors.NotFound);
+  }));
