@@ -84,9 +84,9 @@ export function shellQuote(s: string): string {
   return /^[A-Za-z0-9_./:=,+@%-]+$/.test(s) ? s : `'${s.replaceAll("'", `'\\''`)}'`;
 }
 
-/** A command line as one shell-quoted string (this Deno binary shown as `deno`). */
+/** A command line as one shell-quoted string (this Deno binary shown as `deno`, wherever it is). */
 export function commandLine(argv: readonly string[]): string {
-  return argv.map((a, i) => i === 0 && a === Deno.execPath() ? "deno" : shellQuote(a)).join(" ");
+  return argv.map((a) => a === Deno.execPath() ? "deno" : shellQuote(a)).join(" ");
 }
 
 const LIVE = new Set<Deno.ChildProcess>();
@@ -116,13 +116,15 @@ export interface RunningBackend {
 
 /**
  * Spawns `argv` and waits until `ready(output)` holds (output is stdout + stderr so far), or
- * fails with the output if it exits first or `timeoutMs` passes.
+ * fails with the output if it exits first or `timeoutMs` passes. `onOutput`, if given, sees every
+ * chunk of output the moment it arrives (e.g. to time-stamp periodic counters).
  */
 export async function startProcess(
   argv: string[],
   ready: (output: string, child: Deno.ChildProcess) => boolean,
   timeoutMs = 30_000,
   env: Record<string, string> = {},
+  onOutput?: (chunk: string, stream: "stdout" | "stderr") => void,
 ): Promise<RunningBackend> {
   const child = new Deno.Command(argv[0], {
     args: argv.slice(1),
@@ -134,11 +136,15 @@ export async function startProcess(
   }).spawn();
   let out = "";
   let exited = false;
-  const pump = async (s: ReadableStream<Uint8Array>) => {
+  const pump = async (s: ReadableStream<Uint8Array>, stream: "stdout" | "stderr") => {
     const dec = new TextDecoder();
-    for await (const chunk of s) out += dec.decode(chunk, { stream: true });
+    for await (const chunk of s) {
+      const text = dec.decode(chunk, { stream: true });
+      out += text;
+      onOutput?.(text, stream);
+    }
   };
-  const pumps = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const pumps = Promise.all([pump(child.stdout, "stdout"), pump(child.stderr, "stderr")]);
   LIVE.add(child);
   const status = child.status.finally(() => {
     exited = true;

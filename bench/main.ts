@@ -1,6 +1,6 @@
 /**
  * `deno task bench [--quick]`: the benchmark harness. It builds the guest kit, makes scratch
- * images, runs every comparison (back-end only, guest fio, net stub, memory) and writes the raw
+ * images, runs every comparison (back-end only, guest fio, net, memory) and writes the raw
  * results as JSON plus a Markdown report with SVG charts.
  *
  * Full mode writes `bench/results/<DATE>.json`, `bench/results/<DATE>-*.svg` and BENCHMARKS.md.
@@ -18,7 +18,14 @@ import { type BackendLevers, DEFAULT_LEVERS, type Storage } from "./backends.ts"
 import { type FioJob, guestFio, type GuestFioConfig, type GuestVariant } from "./guest_fio.ts";
 import { killAllStarted, progress, REPO_ROOT, StepError, writeRandomImage } from "./lib.ts";
 import { memory, type MemoryConfig } from "./memory.ts";
-import { net } from "./net.ts";
+import {
+  cleanupNetSync,
+  defaultCpus,
+  type NetConfig,
+  netIperf,
+  netResult,
+  netTestpmd,
+} from "./net.ts";
 import { type BenchResult, charts, markdown } from "./report.ts";
 import { systemInfo } from "./system.ts";
 
@@ -37,6 +44,8 @@ export interface BenchOptions {
   loadSeconds?: number;
   /** Seconds per guest fio job (default 10 full, 3 quick). */
   guestSeconds?: number;
+  /** Seconds of each testpmd window and each guest iperf3 run (default 10 full, 3 quick). */
+  netSeconds?: number;
   /** Directory for JSON, SVG (and quick Markdown); default bench/results. */
   resultsDir: string;
   /** Markdown report of a full run; default BENCHMARKS.md at the repository root. */
@@ -71,6 +80,7 @@ Options:
   --runs N              repetitions per case; medians are reported (default 3; quick 1)
   --seconds S           seconds per load-generator run (default 10; quick 1)
   --guest-seconds S     seconds per guest fio job (default 10; quick 3)
+  --net-seconds S       seconds per testpmd window and per guest iperf3 run (default 10; quick 3)
   --qsd-disk-aio MODE   qemu-storage-daemon aio on disk: native, io_uring or threads (default native)
   --qsd-tmpfs-aio MODE  qemu-storage-daemon aio on tmpfs: threads or io_uring (default threads)
   --no-vhostd-direct    serve the disk image without O_DIRECT in vhostd (a lever, not a fair run)
@@ -89,6 +99,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
   const runs = opts.runs ?? (quick ? 1 : 3);
   const loadSeconds = opts.loadSeconds ?? (quick ? 1 : 10);
   const guestSeconds = opts.guestSeconds ?? (quick ? 3 : 10);
+  const netSeconds = opts.netSeconds ?? (quick ? 3 : 10);
   const imageBytes = quick ? 256 * MiB : 1024 * MiB;
   const failures: string[] = [];
   const stepSeconds: Record<string, number> = {};
@@ -101,7 +112,6 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
     stepSeconds,
     command: opts.command,
     system,
-    net: net(),
     failures,
     only: opts.only,
   };
@@ -134,6 +144,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
   };
   const onSignal = () => {
     killAllStarted();
+    cleanupNetSync();
     cleanup();
     Deno.exit(130);
   };
@@ -147,7 +158,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
           throw new StepError("prepare", `${tool} not found (apt-get install qemu-system-x86)`);
         }
       }
-      if (opts.only.includes("guest")) {
+      if (opts.only.includes("guest") || opts.only.includes("net")) {
         progress("building the guest kit (tests/guest/build-kit.sh; quick when up to date)");
         try {
           await ensureKit();
@@ -159,9 +170,11 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
         }
         system.guestKit = (await systemInfo()).guestKit;
       }
-      progress(`writing ${imageBytes / MiB} MiB scratch images (${tmpfsImage}, ${diskImage})`);
-      writeRandomImage(tmpfsImage, imageBytes);
-      writeRandomImage(diskImage, imageBytes);
+      if (opts.only.some((c) => c !== "net")) {
+        progress(`writing ${imageBytes / MiB} MiB scratch images (${tmpfsImage}, ${diskImage})`);
+        writeRandomImage(tmpfsImage, imageBytes);
+        writeRandomImage(diskImage, imageBytes);
+      }
     });
     const prepared = failures.length === 0;
 
@@ -209,8 +222,31 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
         result.guestFio = await guestFio(cfg);
       });
     }
-    if (opts.only.includes("net")) {
-      progress(`net: ${result.net.reason}`);
+    if (prepared && opts.only.includes("net")) {
+      const cfg: NetConfig = {
+        backends: ["dpdk", "vhostd"],
+        frameSizes: [64, 1500],
+        runs,
+        windowSeconds: netSeconds,
+        warmupSeconds: quick ? 1 : 2,
+        cpus: defaultCpus(system.nproc),
+        testpmdMemoryMiB: 512,
+        mbufs: 8192,
+        queueSize: 1024,
+        variants: ["in-qemu", "vhostd"],
+        iperfSeconds: netSeconds,
+        smp: 1,
+        memoryMiB: 512,
+        socketDir: shmDir,
+      };
+      const net = netResult(cfg);
+      result.net = net;
+      await step("net testpmd", async () => {
+        net.testpmd = await netTestpmd(cfg, net.commands);
+      });
+      await step("net guest", async () => {
+        net.iperf = await netIperf(cfg, net.commands);
+      });
     }
     if (prepared && opts.only.includes("memory")) {
       await step("memory", async () => {
@@ -280,6 +316,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       runs: { type: "string" },
       seconds: { type: "string" },
       "guest-seconds": { type: "string" },
+      "net-seconds": { type: "string" },
       "qsd-disk-aio": { type: "string" },
       "qsd-tmpfs-aio": { type: "string" },
       "no-vhostd-direct": { type: "boolean" },
@@ -312,6 +349,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
     runs: count("runs", values.runs),
     loadSeconds: count("seconds", values.seconds),
     guestSeconds: count("guest-seconds", values["guest-seconds"]),
+    netSeconds: count("net-seconds", values["net-seconds"]),
     resultsDir: values["results-dir"] ?? `${REPO_ROOT}/bench/results`,
     markdownPath: values.markdown ?? `${REPO_ROOT}/BENCHMARKS.md`,
     levers: {

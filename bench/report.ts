@@ -30,8 +30,8 @@ export interface BenchResult {
   backendOnly?: BackendOnlyResult;
   /** Comparison 2. */
   guestFio?: GuestFioResult;
-  /** Comparison 3: an explicit not-measured entry. */
-  net: NetResult;
+  /** Comparison 3 (absent if not selected; a failed half is absent inside it). */
+  net?: NetResult;
   /** Comparison 4. */
   memory?: MemoryResult;
   /** Steps that failed, one line each. */
@@ -180,6 +180,37 @@ export function charts(r: BenchResult, prefix: string): Record<string, string> {
       groups((c) => c.cpuUsPerIo),
     );
   }
+  const n = r.net;
+  if (n?.testpmd) {
+    const t = n.testpmd;
+    files[`${prefix}net-testpmd.svg`] = barChart(
+      "testpmd txonly -> back-end -> testpmd rxonly, received",
+      "Mpps, higher is better",
+      n.config.backends,
+      n.config.frameSizes.map((f) => ({
+        label: `${f} B frames`,
+        bars: n.config.backends.flatMap((be) => {
+          const c = t.cases.find((x) => x.frameBytes === f && x.backend === be);
+          return c ? [{ series: be, value: c.rxMpps }] : [];
+        }),
+      })).filter((g) => g.bars.length > 0),
+    );
+  }
+  if (n?.iperf) {
+    const i = n.iperf;
+    files[`${prefix}net-iperf.svg`] = barChart(
+      `Guest iperf3 TCP over a TAP (${i.accelerator.toUpperCase()} guest)`,
+      "Gbit/s, higher is better",
+      n.config.variants,
+      (["guest-to-ns", "ns-to-guest"] as const).map((d) => ({
+        label: d === "guest-to-ns" ? "guest -> namespace" : "namespace -> guest",
+        bars: n.config.variants.flatMap((v) => {
+          const c = i.cases.find((x) => x.direction === d && x.variant === v);
+          return c ? [{ series: v, value: c.gbps }] : [];
+        }),
+      })).filter((g) => g.bars.length > 0),
+    );
+  }
   const m = r.memory;
   if (m) {
     files[`${prefix}memory.svg`] = barChart("Idle resident memory", "MiB, lower is better", [
@@ -211,9 +242,9 @@ function table(head: string[], rows: string[][]): string {
   return [line(head), line(head.map(() => "---")), ...rows.map(line)].join("\n");
 }
 
-function ratio(x: number, goodAtLeast: boolean): string {
+function ratio(x: number, goodAtLeast: boolean, target = 1): string {
   if (!Number.isFinite(x)) return "–";
-  const ok = goodAtLeast ? x >= 1 : x <= 1;
+  const ok = goodAtLeast ? x >= target : x <= target;
   return `${ok ? "**" : ""}${fmt(x)}×${ok ? "**" : ""}`;
 }
 
@@ -266,6 +297,8 @@ export function markdown(
       ["qemu-storage-daemon", s.qsd],
       ["Deno", s.deno],
       ["fio", s.fio],
+      ["DPDK (testpmd, net_vhost, net_virtio_user)", s.dpdk || "–"],
+      ["iperf3", s.iperf3 || "–"],
       ["guest kit", s.guestKit || "–"],
       ["load average (start / end)", `${s.loadavgStart} / ${s.loadavgEnd}`],
     ]),
@@ -406,14 +439,103 @@ export function markdown(
     out.push(notRun(r, "guest"), "");
   }
 
-  out.push(
-    "## 3. Net",
-    "",
-    `**${r.net.reason}.** No figures are given until there is something to measure. Planned:`,
-    "",
-    ...r.net.planned.map((p) => `- ${p}`),
-    "",
-  );
+  out.push("## 3. Net", "");
+  const n = r.net;
+  if (n) {
+    const c = n.config;
+    out.push("### testpmd through the back-end (no guest)", "");
+    const t = n.testpmd;
+    if (t) {
+      const [anchor, ...others] = c.backends;
+      out.push(
+        "DPDK testpmd with a `net_virtio_user` port in `txonly` mode sends " +
+          `${c.frameSizes.join(" B and ")} B frames into one port of the back-end; a second ` +
+          "testpmd, `rxonly`, receives them from the other port. Back-ends: `vhostd switch` " +
+          "with two ports, and DPDK's own vhost-user back-end, a third testpmd with two " +
+          "`net_vhost` ports in `io` forward mode. The figure is the rxonly testpmd's own " +
+          `\`RX-packets\` counter over a ${c.windowSeconds} s window after ${c.warmupSeconds} s ` +
+          `of warm-up (Mpps; ${c.runs} run(s)${c.runs > 1 ? ", median" : ""}); the txonly ` +
+          "counter is shown for context (what it offered; the rest was dropped for lack of " +
+          "room).",
+        "",
+        `**CPU arrangement.** ${t.arrangement}`,
+        "",
+        img("net-testpmd.svg", "testpmd Mpps chart"),
+        "",
+      );
+      const rows = c.frameSizes.map((f) => {
+        const pick = (be: string) => t.cases.find((x) => x.frameBytes === f && x.backend === be);
+        return [
+          `${f} B`,
+          ...c.backends.map((be) => {
+            const x = pick(be);
+            return x ? `${fmt(x.rxMpps)} (${fmt(x.txMpps)})` : "–";
+          }),
+          ...others.map((be) => {
+            const rt = t.ratios.find((x) => x.frameBytes === f && x.backend === be);
+            return rt ? ratio(rt.mppsRatio, true, t.target) : "–";
+          }),
+        ];
+      });
+      out.push(
+        table([
+          "frame",
+          ...c.backends.map((be) => `${be} Mpps received (sent)`),
+          ...others.map((be) => `${be} / ${anchor} (target ≥ ${t.target})`),
+        ], rows),
+        "",
+      );
+    } else {
+      out.push("Not measured: the step failed (see failed steps).", "");
+    }
+    out.push("### Guest iperf3 over a TAP", "");
+    const i = n.iperf;
+    if (i) {
+      const [anchor, ...others] = c.variants;
+      const iaccel = i.accelerator.toUpperCase();
+      out.push(
+        `iperf3 TCP in a ${iaccel} guest (${c.smp} vCPU, ${c.memoryMiB} MiB, Debian 6.1 ` +
+          `kernel, ${c.iperfSeconds} s per direction, ${c.runs} boot(s) per variant` +
+          `${c.runs > 1 ? ", median" : ""}) to an iperf3 server in a network namespace the ` +
+          "harness creates, through a TAP interface moved into that namespace: `in-qemu` is " +
+          "QEMU's own virtio-net-pci on `-netdev tap` (userspace; there is no vhost-net here), " +
+          "`vhostd` is a vhost-user virtio-net-pci on `vhostd net --tap`. Same guest, same device " +
+          "options" +
+          (i.accelerator === "tcg"
+            ? " (`vectors=0` on both: QEMU 7.2 under TCG crashes starting a vhost-user net " +
+              "device with MSI-X). **TCG-bound**: the guest's emulated CPU, not the back-end, " +
+              "limits these figures."
+            : ".") +
+          ` Guest commands: \`${i.iperfCommands["guest-to-ns"]}\`, then ` +
+          `\`${i.iperfCommands["ns-to-guest"]}\`; receiver throughput.`,
+        "",
+        img("net-iperf.svg", "guest iperf3 chart"),
+        "",
+      );
+      const rows = (["guest-to-ns", "ns-to-guest"] as const).map((d) => [
+        d === "guest-to-ns" ? "guest → namespace" : "namespace → guest",
+        ...c.variants.map((v) =>
+          fmt(i.cases.find((x) => x.direction === d && x.variant === v)?.gbps ?? NaN)
+        ),
+        ...others.map((v) => {
+          const rt = i.ratios.find((x) => x.direction === d && x.variant === v);
+          return rt ? ratio(rt.gbpsRatio, true, i.target) : "–";
+        }),
+      ]);
+      out.push(
+        table([
+          "direction",
+          ...c.variants.map((v) => `${v} Gbit/s`),
+          ...others.map((v) => `${v} / ${anchor} (target ≥ ${i.target})`),
+        ], rows),
+        "",
+      );
+    } else {
+      out.push("Not measured: the step failed (see failed steps).", "");
+    }
+  } else {
+    out.push(notRun(r, "net"), "");
+  }
 
   const m = r.memory;
   out.push("## 4. Memory", "");
@@ -462,6 +584,9 @@ export function markdown(
       if (cmd.backend) out.push(cmd.backend);
       out.push(cmd.qemu);
     }
+  }
+  if (n) {
+    for (const [what, cmds] of Object.entries(n.commands)) out.push(`# net, ${what}`, ...cmds);
   }
   if (m) out.push("# memory", ...m.commands);
   out.push("```", "");

@@ -31,6 +31,10 @@ export interface SystemInfo {
   deno: string;
   /** Host fio (the guest kit copies the same binary). */
   fio: string;
+  /** DPDK (Debian package `dpdk-dev`: testpmd and the vhost/virtio PMDs), if installed. */
+  dpdk: string;
+  /** Host iperf3 (the guest kit copies the same binary). */
+  iperf3: string;
   /** Guest kit stamp (guest kernel package and tool versions), if built. */
   guestKit: string;
   /** /proc/loadavg when the run started and ended: a busy machine skews every figure. */
@@ -66,6 +70,8 @@ export async function systemInfo(): Promise<SystemInfo> {
     qsd: first(await commandOutput(["qemu-storage-daemon", "--version"])),
     deno: `deno ${Deno.version.deno}, v8 ${Deno.version.v8}, typescript ${Deno.version.typescript}`,
     fio: first(await commandOutput(["fio", "--version"])),
+    dpdk: first(await commandOutput(["dpkg-query", "-W", "-f=${Version}", "dpdk-dev"])),
+    iperf3: first(await commandOutput(["iperf3", "--version"])),
     guestKit: readOr(`${kitDir()}/stamp`).trim().split("\n").filter((l) => !l.startsWith("script"))
       .join("; "),
     loadavgStart: readOr("/proc/loadavg").trim(),
