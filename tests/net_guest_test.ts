@@ -16,19 +16,7 @@ import {
   parseResults,
   runGuest,
 } from "./guest/qemu.ts";
-
-/** QEMU arguments for a virtio-net device on a vhost-user socket. */
-function netArgs(id: string, socket: string, mac: string, queues = 1): string[] {
-  const mq = queues > 1 ? `,queues=${queues}` : "";
-  return [
-    "-chardev",
-    `socket,id=${id}c,path=${socket}`,
-    "-netdev",
-    `vhost-user,id=${id},chardev=${id}c${mq}`,
-    "-device",
-    `virtio-net-pci,netdev=${id},mac=${mac},vectors=0${queues > 1 ? ",mq=on" : ""}`,
-  ];
-}
+import { netDeviceArgs, run } from "./helpers/net.ts";
 
 /** Shell helpers shared by the guest scripts (busybox sh). */
 const SH_HELPERS = `
@@ -95,12 +83,12 @@ async function twoGuestsOnSwitch(mtu: number): Promise<void> {
     [ra, rb] = await Promise.all([
       runGuest({
         script: receiverScript(mtu),
-        extraArgs: netArgs("n0", a, "52:54:00:18:00:01"),
+        extraArgs: netDeviceArgs("n0", a, "52:54:00:18:00:01"),
         timeoutMs: 420_000,
       }),
       runGuest({
         script: senderScript(mtu),
-        extraArgs: netArgs("n0", b, "52:54:00:18:00:02"),
+        extraArgs: netDeviceArgs("n0", b, "52:54:00:18:00:02"),
         timeoutMs: 420_000,
       }),
     ]);
@@ -143,14 +131,6 @@ Deno.test({
   fn: () => twoGuestsOnSwitch(9000),
 });
 
-/** Runs a command; throws with its output unless it succeeds. */
-async function run(cmd: string, ...args: string[]): Promise<string> {
-  const out = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed (${out.code}): ${text}`);
-  return text;
-}
-
 Deno.test({
   name: "guest: vhostd net --tap, TAP in a test namespace: ping both ways and iperf3",
   sanitizeResources: false,
@@ -190,7 +170,7 @@ echo PING-ME
 nc -l -p 5002 >/dev/null
 exit 0
 `,
-        extraArgs: netArgs("n0", sock, "52:54:00:18:01:02"),
+        extraArgs: netDeviceArgs("n0", sock, "52:54:00:18:01:02"),
         timeoutMs: 300_000,
         onConsole: (chunk) => {
           if (pinged || !chunk.includes("PING-ME")) return;

@@ -15,6 +15,7 @@
  */
 
 import assert from "node:assert/strict";
+import { linkExists, netDeviceArgs, run } from "./helpers/net.ts";
 import { DaemonProcess } from "./helpers/daemon.ts";
 import {
   assertGuestSuccess,
@@ -30,18 +31,6 @@ const KILLS = 2;
 const REPLIES_PER_PHASE = 3;
 /** How long one phase may take to show its replies (a restart, QEMU's redial, ARP). */
 const PHASE_TIMEOUT_MS = 120_000;
-
-/** QEMU arguments for a virtio-net device on a vhost-user socket QEMU redials. */
-function netArgs(id: string, socket: string, mac: string): string[] {
-  return [
-    "-chardev",
-    `socket,id=${id}c,path=${socket},reconnect=1`,
-    "-netdev",
-    `vhost-user,id=${id},chardev=${id}c`,
-    "-device",
-    `virtio-net-pci,netdev=${id},mac=${mac},vectors=0`,
-  ];
-}
 
 /**
  * Guest script: address eth0, wait for the peer, then ping it once a second, one line per ping
@@ -136,14 +125,6 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-/** Runs a command; throws with its output unless it succeeds. */
-async function run(cmd: string, ...args: string[]): Promise<string> {
-  const out = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed (${out.code}): ${text}`);
-  return text;
-}
-
 /** Runs `cmd` until it succeeds, up to `tries` times a second apart; returns its output. */
 async function retry(tries: number, cmd: string, ...args: string[]): Promise<string> {
   for (let i = 1;; i++) {
@@ -154,13 +135,6 @@ async function retry(tries: number, cmd: string, ...args: string[]): Promise<str
       await sleep(1000);
     }
   }
-}
-
-/** Whether a network interface `name` exists in namespace `ns` (or in ours). */
-async function linkExists(name: string, ns?: string): Promise<boolean> {
-  const args = ns ? ["-n", ns, "link", "show", name] : ["link", "show", name];
-  const out = await new Deno.Command("ip", { args, stdout: "null", stderr: "null" }).output();
-  return out.success;
 }
 
 /**
@@ -216,7 +190,7 @@ Deno.test({
         `daemon logs:\n${[...logs, daemon?.stderr ?? ""].join("\n---\n")}`;
       const guest = runGuest({
         script: pingLoopScript(guestAddr, hostAddr, 5003),
-        extraArgs: netArgs("n0", sock, "52:54:00:18:02:02"),
+        extraArgs: netDeviceArgs("n0", sock, "52:54:00:18:02:02", { reconnect: true }),
         timeoutMs: 600_000,
         onConsole: (text) => pings.feed(text),
       }).then((res) => (r = res)).finally(() => (pings.ended = true));
@@ -306,7 +280,7 @@ Deno.test({
       const guests = [0, 1].map((i) =>
         runGuest({
           script: pingLoopScript(addrs[i], addrs[1 - i], 5003),
-          extraArgs: netArgs("n0", socks[i], `52:54:00:18:03:0${i + 1}`),
+          extraArgs: netDeviceArgs("n0", socks[i], `52:54:00:18:03:0${i + 1}`, { reconnect: true }),
           timeoutMs: 600_000,
           onConsole: (text) => pings[i].feed(text),
         }).then((res) => (results[i] = res)).finally(() => (pings[i].ended = true))

@@ -4,19 +4,10 @@
  */
 
 import assert from "node:assert/strict";
+import { linkExists } from "./helpers/net.ts";
 import { DaemonProcess, runVhostd, sparseFile } from "./helpers/daemon.ts";
 
 const TAP = "vhdcfg0";
-
-async function linkExists(name: string): Promise<boolean> {
-  const out = await new Deno.Command("ip", {
-    args: ["link", "show", name],
-    stderr: "null",
-    stdout: "null",
-  })
-    .output();
-  return out.code === 0;
-}
 
 Deno.test("run: a config with blk and net devices serves both from one process", async () => {
   const dir = await Deno.makeTempDir({ prefix: "vhostd-runnet-" });

@@ -1,0 +1,40 @@
+/**
+ * Helpers for the network tests: QEMU arguments of a vhost-user net device, and running `ip`
+ * and friends.
+ *
+ * @module
+ */
+
+/** QEMU arguments for a virtio-net device on a vhost-user socket (vectors=0: QEMU 7.2 TCG bug). */
+export function netDeviceArgs(
+  id: string,
+  socket: string,
+  mac: string,
+  options: { queues?: number; reconnect?: boolean } = {},
+): string[] {
+  const queues = options.queues ?? 1;
+  const mq = queues > 1 ? `,queues=${queues}` : "";
+  return [
+    "-chardev",
+    `socket,id=${id}c,path=${socket}${options.reconnect ? ",reconnect=1" : ""}`,
+    "-netdev",
+    `vhost-user,id=${id},chardev=${id}c${mq}`,
+    "-device",
+    `virtio-net-pci,netdev=${id},mac=${mac},vectors=0${queues > 1 ? ",mq=on" : ""}`,
+  ];
+}
+
+/** Runs a command; throws with its output unless it succeeds. */
+export async function run(cmd: string, ...args: string[]): Promise<string> {
+  const out = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed (${out.code}): ${text}`);
+  return text;
+}
+
+/** Whether a network interface `name` exists in namespace `ns` (or in ours). */
+export async function linkExists(name: string, ns?: string): Promise<boolean> {
+  const args = ns ? ["-n", ns, "link", "show", name] : ["link", "show", name];
+  const out = await new Deno.Command("ip", { args, stdout: "null", stderr: "null" }).output();
+  return out.success;
+}
