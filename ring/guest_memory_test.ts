@@ -1,12 +1,9 @@
 import assert from "node:assert/strict";
 import { createMemfd } from "../sys/mman.ts";
 import { GuestMemory, MemoryError } from "./guest_memory.ts";
+import { openFdCount } from "../tests/helpers/daemon.ts";
 
 const MiB = 1 << 20;
-
-function fdCount(): number {
-  return [...Deno.readDirSync("/proc/self/fd")].length;
-}
 
 Deno.test("translation finds the right region and refuses ranges that cross its end", () => {
   const m = new GuestMemory();
@@ -53,7 +50,7 @@ Deno.test("a region with an mmap offset maps the fd from that offset", () => {
 
 Deno.test("overlapping, empty and absurd regions are refused, and their fds closed", () => {
   const m = new GuestMemory();
-  const before = fdCount();
+  const before = openFdCount();
   try {
     m.add(
       { guestPhysAddr: 0, memorySize: MiB, userspaceAddr: 0x7000_0000_0000, mmapOffset: 0 },
@@ -72,7 +69,7 @@ Deno.test("overlapping, empty and absurd regions are refused, and their fds clos
   } finally {
     m.clear();
   }
-  assert.equal(fdCount(), before, "no fd leaked");
+  assert.equal(openFdCount(), before, "no fd leaked");
 });
 
 Deno.test("a region larger than its fd is refused (it would be SIGBUS when touched)", () => {

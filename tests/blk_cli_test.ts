@@ -4,16 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { DaemonProcess, runVhostd, sparseFile } from "./helpers/daemon.ts";
-
-async function withDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "vhostd-cli-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
+import { DaemonProcess, runVhostd, sparseFile, withDir } from "./helpers/daemon.ts";
 
 /** Asserts exit code 2 and exactly one line on stderr matching `message`. */
 async function assertUsageError(args: string[], message: RegExp): Promise<void> {
@@ -25,7 +16,7 @@ async function assertUsageError(args: string[], message: RegExp): Promise<void> 
 }
 
 Deno.test("blk: a missing image is one line and exit 2", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     await assertUsageError(
       ["blk", "--socket", `${dir}/s.sock`, "--image", `${dir}/nope.img`],
       /^vhostd blk: image not found: .*nope\.img$/,
@@ -33,7 +24,7 @@ Deno.test("blk: a missing image is one line and exit 2", () =>
   }));
 
 Deno.test("blk: an unknown flag is one line and exit 2", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     sparseFile(`${dir}/d.img`, 1 << 20);
     await assertUsageError(
       ["blk", "--socket", `${dir}/s.sock`, "--image", `${dir}/d.img`, "--bogus"],
@@ -42,7 +33,7 @@ Deno.test("blk: an unknown flag is one line and exit 2", () =>
   }));
 
 Deno.test("blk: missing --socket and bad --queues are usage errors", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     sparseFile(`${dir}/d.img`, 1 << 20);
     await assertUsageError(["blk", "--image", `${dir}/d.img`], /needs --socket/);
     await assertUsageError(
@@ -52,7 +43,7 @@ Deno.test("blk: missing --socket and bad --queues are usage errors", () =>
   }));
 
 Deno.test("blk: a read-only image opened writable is refused, and served with --read-only", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     const img = `${dir}/ro.img`;
     sparseFile(img, 1 << 20);
     Deno.chmodSync(img, 0o444);
@@ -73,7 +64,7 @@ Deno.test("blk: a read-only image opened writable is refused, and served with --
   }));
 
 Deno.test("blk: a socket in use by a live listener is never taken over", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     sparseFile(`${dir}/d.img`, 1 << 20);
     const sock = `${dir}/s.sock`;
     const first = await DaemonProcess.start(["blk", "--socket", sock, "--image", `${dir}/d.img`]);
@@ -89,7 +80,7 @@ Deno.test("blk: a socket in use by a live listener is never taken over", () =>
   }));
 
 Deno.test("blk: a stale socket is replaced; a regular file in the way is not", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     sparseFile(`${dir}/d.img`, 1 << 20);
     const sock = `${dir}/s.sock`;
     // A daemon killed with SIGKILL leaves a stale socket behind.
@@ -108,7 +99,7 @@ Deno.test("blk: a stale socket is replaced; a regular file in the way is not", (
   }));
 
 Deno.test("blk: SIGTERM and SIGINT stop cleanly, remove the socket, exit 0; socket is 0600", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     sparseFile(`${dir}/d.img`, 1 << 20);
     for (const sig of ["SIGTERM", "SIGINT"] as const) {
       const sock = `${dir}/${sig}.sock`;
@@ -122,7 +113,7 @@ Deno.test("blk: SIGTERM and SIGINT stop cleanly, remove the socket, exit 0; sock
   }));
 
 Deno.test("start: serves a sparse 1 GiB image in its own folder", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     const d = await DaemonProcess.start(["start"], { XDG_STATE_HOME: dir }, true);
     try {
       const img = `${dir}/vhostd/default/disk.img`;
@@ -150,7 +141,7 @@ Deno.test("help: every command has --help with an example or a description", asy
 });
 
 Deno.test("blk: --socket-group and --socket-mode widen the socket; --allow-uid refuses others", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     sparseFile(`${dir}/d.img`, 1 << 20);
     const sock = `${dir}/g.sock`;
     const d = await DaemonProcess.start([
@@ -190,7 +181,7 @@ Deno.test("blk: --socket-group and --socket-mode widen the socket; --allow-uid r
   }));
 
 Deno.test("blk: a second signal during a slow shutdown exits at once, socket removed", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-cli-", async (dir) => {
     sparseFile(`${dir}/d.img`, 1 << 20);
     const sock = `${dir}/slow.sock`;
     const d = await DaemonProcess.start(

@@ -4,19 +4,10 @@
  */
 
 import assert from "node:assert/strict";
-import { DaemonProcess, sha256, sparseFile } from "./helpers/daemon.ts";
+import { DaemonProcess, sha256, sparseFile, withDir } from "./helpers/daemon.ts";
 import { assertGuestSuccess, describeGuestRun, parseResults, runGuest } from "./guest/qemu.ts";
 
 const MiB = 1 << 20;
-
-async function withDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "vhostd-guest-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
 
 /** fio random write with crc32c verify; prints RESULT fio=ok only if fio passed with no errors. */
 const fioVerify = (dev: string, size: string, jobs = 1) => `
@@ -29,7 +20,7 @@ cat /tmp/fio.out
 `;
 
 Deno.test("guest: fio verify, ext2 round trip across a remount, data on the host image", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-guest-", async (dir) => {
     const img = `${dir}/disk.img`;
     const sock = `${dir}/blk.sock`;
     sparseFile(img, 128 * MiB);
@@ -75,7 +66,7 @@ sync
   }));
 
 Deno.test("guest: a read-only device refuses writes with an I/O error and stays unchanged", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-guest-", async (dir) => {
     const img = `${dir}/ro.img`;
     const data = new Uint8Array(8 * MiB);
     crypto.getRandomValues(data.subarray(0, 65536));
@@ -112,7 +103,7 @@ fi
   }));
 
 Deno.test("guest: two VMs on two daemons at once, discard and flush included", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-guest-", async (dir) => {
     const daemons: DaemonProcess[] = [];
     try {
       for (const n of [0, 1]) {
@@ -160,7 +151,7 @@ sync && echo "RESULT sync=ok"
   }));
 
 Deno.test("guest: RAM without a shared fd gets a clear error naming memory-backend-memfd", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-guest-", async (dir) => {
     sparseFile(`${dir}/d.img`, 16 * MiB);
     const sock = `${dir}/d.sock`;
     const d = await DaemonProcess.start(["blk", "--socket", sock, "--image", `${dir}/d.img`]);
@@ -199,7 +190,7 @@ Deno.test("guest: RAM without a shared fd gets a clear error naming memory-backe
   }));
 
 Deno.test("guest: a host write error (ENOSPC) reaches the guest as an I/O error", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-guest-", async (dir) => {
     const small = `${dir}/small`;
     Deno.mkdirSync(small);
     const mount = await new Deno.Command("mount", {
@@ -232,7 +223,7 @@ fi
   }));
 
 Deno.test("guest: SIGTERM during guest I/O stops within 5 s, exit 0, socket removed", () =>
-  withDir(async (dir) => {
+  withDir("vhostd-guest-", async (dir) => {
     sparseFile(`${dir}/d.img`, 64 * MiB);
     const sock = `${dir}/d.sock`;
     const d = await DaemonProcess.start(["blk", "--socket", sock, "--image", `${dir}/d.img`]);

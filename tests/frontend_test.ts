@@ -7,6 +7,7 @@
  */
 
 import assert from "node:assert/strict";
+import { openFdCount } from "./helpers/daemon.ts";
 import { BlkStatus } from "../devices/blk/device.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import { Flags, Request, u64Payload } from "../vhost-user/message.ts";
@@ -21,10 +22,6 @@ import {
 import { cmdProbe } from "../daemon/probe.ts";
 import { histBucket, histBucketLimit } from "../daemon/load_worker.ts";
 import { type RunningBackend, startBackend } from "./conformance/backends.ts";
-
-function openFds(): number {
-  return [...Deno.readDirSync("/proc/self/fd")].length;
-}
 
 async function withVhostd(fn: (b: RunningBackend) => Promise<void> | void): Promise<void> {
   const b = await startBackend("vhostd", { queues: 2 });
@@ -196,7 +193,7 @@ Deno.test("raw messages: hostile input drops the connection, the daemon serves o
         }
       }],
     ];
-    const before = openFds();
+    const before = openFdCount();
     for (const [what, send] of hostile) {
       const c = await FrontendConnection.connect(b.socket, { retryMs: 5000 });
       try {
@@ -206,7 +203,7 @@ Deno.test("raw messages: hostile input drops the connection, the daemon serves o
         c.close();
       }
     }
-    assert.equal(openFds(), before, "no fds leaked on our side");
+    assert.equal(openFdCount(), before, "no fds leaked on our side");
     // A well-behaved front-end still gets served.
     const s = await BlkFrontend.open({ socket: b.socket, queues: 2 });
     try {
@@ -219,7 +216,7 @@ Deno.test("raw messages: hostile input drops the connection, the daemon serves o
 
 Deno.test("BlkFrontend: open/close leaves no fds behind; I/O on both queues", async () => {
   await withVhostd(async (b) => {
-    const before = openFds();
+    const before = openFdCount();
     const s = await BlkFrontend.open({ socket: b.socket, queues: 2, record: true });
     try {
       const data = new Uint8Array(4096).map((_, i) => i & 0xff);
@@ -235,6 +232,6 @@ Deno.test("BlkFrontend: open/close leaves no fds behind; I/O on both queues", as
     } finally {
       s.close();
     }
-    assert.equal(openFds(), before);
+    assert.equal(openFdCount(), before);
   });
 });

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { DaemonProcess, sparseFile } from "../helpers/daemon.ts";
+import { DaemonProcess, openFdCount, sparseFile } from "../helpers/daemon.ts";
 import { BlkFrontend } from "../../vhost-user/frontend/mod.ts";
 import { runCase } from "./fuzzer.ts";
 
@@ -21,10 +21,6 @@ export interface FuzzResult {
   fdsBefore: number;
   fdsAfter: number;
   daemonLog: string;
-}
-
-function fdCount(pid: number): number {
-  return [...Deno.readDirSync(`/proc/${pid}/fd`)].length;
 }
 
 /** Runs `cases` cases from `seed`; throws with the failing seed on the first problem. */
@@ -59,7 +55,7 @@ export async function fuzzRun(
   };
   try {
     check();
-    const fdsBefore = fdCount(pid);
+    const fdsBefore = openFdCount(pid);
     let dropped = 0;
     for (let i = 0; i < cases; i++) {
       const caseSeed = (seed + i) >>> 0;
@@ -84,7 +80,7 @@ export async function fuzzRun(
     check();
     // Let the daemon notice the last hang-up before counting its fds.
     await new Promise((r) => setTimeout(r, 300));
-    const fdsAfter = fdCount(pid);
+    const fdsAfter = openFdCount(pid);
     return {
       cases,
       dropped,

@@ -20,18 +20,9 @@ import {
   qemuCommand,
   runGuest,
 } from "./qemu.ts";
+import { sha256 } from "../helpers/daemon.ts";
 
 const MiB = 1024 * 1024;
-
-async function sha256Hex(data: Uint8Array): Promise<string> {
-  const digest = await crypto.subtle.digest(
-    "SHA-256",
-    data as Uint8Array<ArrayBuffer>,
-  );
-  return [...new Uint8Array(digest)]
-    .map((b) => b.toString(16).padStart(2, "0"))
-    .join("");
-}
 
 /** Children of this process whose command name starts with `prefix`. */
 function childProcesses(prefix: string): number[] {
@@ -156,7 +147,7 @@ Deno.test("vhost-user-blk via qemu-storage-daemon: guest dd reaches the image", 
       pattern[i] = x >>> 24;
     }
     const offset = 3 * MiB;
-    const want = await sha256Hex(pattern);
+    const want = await sha256(pattern);
 
     qsd = new Deno.Command("qemu-storage-daemon", {
       args: [
@@ -231,7 +222,7 @@ exit 0
         n += k;
       }
       assert.equal(n, got.length);
-      assert.equal(await sha256Hex(got), want, "image does not hold the pattern");
+      assert.equal(await sha256(got), want, "image does not hold the pattern");
     } finally {
       disk.close();
     }

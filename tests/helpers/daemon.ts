@@ -133,3 +133,18 @@ function childrenOf(pid: number): number[] {
   }
   return out;
 }
+
+/** Runs `fn` with a fresh temporary directory, removed afterwards. */
+export async function withDir(prefix: string, fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** How many fds process `pid` (default: this one) has open. */
+export function openFdCount(pid: number | "self" = "self"): number {
+  return [...Deno.readDirSync(`/proc/${pid}/fd`)].length;
+}
