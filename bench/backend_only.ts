@@ -113,6 +113,11 @@ export interface BackendOnlyResult {
   cases: BackendCaseResult[];
   /** vhostd / qsd per (storage, shape): IOPS ratio (≥ 1 is the target) and CPU/IO ratio (≤ 1). */
   ratios: { storage: Storage; shape: string; iopsRatio: number; cpuPerIoRatio: number }[];
+  /**
+   * vhostd alone with busy-polling off (`--poll-us 0`), same shapes' first entry, to show what
+   * that lever is worth; absent when not measured.
+   */
+  noPoll?: BackendCaseResult[];
 }
 
 /** The argv of one load-generator run. */

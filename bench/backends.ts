@@ -36,6 +36,8 @@ export interface BackendLevers {
   qsdDiskAio: "native" | "io_uring" | "threads";
   /** qsd on tmpfs: `aio=` (`threads` is the default; tmpfs cannot do O_DIRECT for native). */
   qsdTmpfsAio: "threads" | "io_uring";
+  /** vhostd: busy-poll window in µs (`--poll-us`); undefined runs vhostd's default. */
+  vhostdPollUs?: number;
 }
 
 /** Levers as the benchmark uses them unless told otherwise. */
@@ -63,6 +65,7 @@ export function backendCommand(
         String(t.nullSizeBytes),
         "--queues",
         String(t.queues),
+        ...pollArgs(levers),
         t.socket,
       ];
     }
@@ -82,6 +85,7 @@ export function backendCommand(
       "warning",
     ];
     if (t.storage === "disk" && levers.vhostdDirect) argv.push("--direct");
+    argv.push(...pollArgs(levers));
     return argv;
   }
   let blockdev: string;
@@ -101,6 +105,10 @@ export function backendCommand(
     `type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=${t.socket},` +
     `writable=on,num-queues=${t.queues}`,
   ];
+}
+
+function pollArgs(levers: BackendLevers): string[] {
+  return levers.vhostdPollUs === undefined ? [] : ["--poll-us", String(levers.vhostdPollUs)];
 }
 
 /** Starts `backend` on `t` and waits until its socket listens. */

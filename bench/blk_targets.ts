@@ -14,6 +14,7 @@
  * @module
  */
 
+import { DEFAULT_POLL_US } from "../daemon/blk.ts";
 import { parseArgs } from "node:util";
 import { type BlkOptions, runServices, type ServiceOptions } from "../mod.ts";
 import { openImage } from "../devices/blk/image.ts";
@@ -32,6 +33,8 @@ export interface TargetSpec {
   queues: number;
   /** Open images with O_DIRECT. */
   direct: boolean;
+  /** Busy-poll window in µs (default: vhostd blk's). */
+  pollUs?: number;
 }
 
 const log = { level: "warning", format: "text" } as const;
@@ -72,6 +75,7 @@ export function targetPlans(spec: TargetSpec): ServiceOptions[] {
       options,
       name,
       log,
+      pollUs: spec.pollUs ?? DEFAULT_POLL_US,
     };
   });
 }
@@ -86,6 +90,7 @@ if (import.meta.main) {
       image: { type: "string", multiple: true },
       queues: { type: "string" },
       direct: { type: "boolean" },
+      "poll-us": { type: "string" },
     },
   });
   if (positionals.length === 0) {
@@ -99,6 +104,7 @@ if (import.meta.main) {
     images: values.image ?? [],
     queues: Number(values.queues ?? 4),
     direct: values.direct === true,
+    pollUs: values["poll-us"] === undefined ? undefined : Number(values["poll-us"]),
   };
   const what = spec.null ? "null target(s)" : "image(s)";
   Deno.exit(

@@ -84,6 +84,7 @@ Options:
   --qsd-disk-aio MODE   qemu-storage-daemon aio on disk: native, io_uring or threads (default native)
   --qsd-tmpfs-aio MODE  qemu-storage-daemon aio on tmpfs: threads or io_uring (default threads)
   --no-vhostd-direct    serve the disk image without O_DIRECT in vhostd (a lever, not a fair run)
+  --vhostd-poll-us N    vhostd's busy-poll window in µs (default: vhostd's own default)
   --results-dir DIR     where JSON and SVG go (default bench/results)
   --markdown PATH       report of a full run (default BENCHMARKS.md)
   -h, --help            this text
@@ -197,7 +198,19 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
           socketDir: shmDir,
           levers: opts.levers,
         };
-        result.backendOnly = await backendOnly(cfg);
+        const b = await backendOnly(cfg);
+        result.backendOnly = b;
+        if (opts.levers.vhostdPollUs !== 0) {
+          // The busy-poll lever: vhostd again with it off, one queue (where it matters most).
+          progress("back-end only: vhostd with --poll-us 0, to measure the busy-poll lever");
+          const off = await backendOnly({
+            ...cfg,
+            shapes: cfg.shapes.slice(0, 1),
+            backends: ["vhostd"],
+            levers: { ...cfg.levers, vhostdPollUs: 0 },
+          });
+          b.noPoll = off.cases;
+        }
       });
     }
     if (prepared && opts.only.includes("guest")) {
@@ -322,6 +335,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       "qsd-disk-aio": { type: "string" },
       "qsd-tmpfs-aio": { type: "string" },
       "no-vhostd-direct": { type: "boolean" },
+      "vhostd-poll-us": { type: "string" },
       "results-dir": { type: "string" },
       markdown: { type: "string" },
       help: { type: "boolean", short: "h" },
@@ -345,6 +359,13 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
   if (!["threads", "io_uring"].includes(tmpfsAio)) {
     throw new Error("--qsd-tmpfs-aio must be threads or io_uring");
   }
+  let pollUs: number | undefined;
+  if (values["vhostd-poll-us"] !== undefined) {
+    pollUs = Number(values["vhostd-poll-us"]);
+    if (!Number.isInteger(pollUs) || pollUs < 0 || pollUs > 1000) {
+      throw new Error("--vhostd-poll-us must be a whole number from 0 to 1000");
+    }
+  }
   return {
     quick: values.quick === true,
     only,
@@ -358,6 +379,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       vhostdDirect: values["no-vhostd-direct"] !== true,
       qsdDiskAio: diskAio as BackendLevers["qsdDiskAio"],
       qsdTmpfsAio: tmpfsAio as BackendLevers["qsdTmpfsAio"],
+      vhostdPollUs: pollUs,
     },
     command: ["deno task bench", ...args].join(" "),
   };

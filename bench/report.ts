@@ -9,6 +9,7 @@ import type { GuestFioResult } from "./guest_fio.ts";
 import type { MemoryResult } from "./memory.ts";
 import type { NetResult } from "./net.ts";
 import type { SystemInfo } from "./system.ts";
+import { sig } from "./lib.ts";
 
 /** Everything one `deno task bench` run produced. */
 export interface BenchResult {
@@ -376,6 +377,44 @@ export function markdown(
         "the JSON (`generatorCpuUsPerIo`).",
       "",
     );
+    if (b.noPoll?.length) {
+      const pollText = c.levers.vhostdPollUs === undefined
+        ? "its default window"
+        : `\`--poll-us ${c.levers.vhostdPollUs}\``;
+      out.push(
+        "**The busy-poll lever.** vhostd above runs with " + pollText + ": after its last " +
+          "event its worker keeps polling the rings (with the driver's kicks switched off) and " +
+          "its fds before it sleeps, for a window that adapts to how often events come. Here it " +
+          "is again in the same run with `--poll-us 0` (sleep in epoll_wait at once):",
+        "",
+      );
+      const pollRows = b.noPoll.map((off) => {
+        const on = b.cases.find((x) =>
+          x.storage === off.storage && x.shape === off.shape && x.backend === "vhostd"
+        );
+        return [
+          off.storage,
+          off.shape,
+          on ? fmt(on.iops) : "–",
+          fmt(off.iops),
+          on ? `${sig(on.iops / off.iops, 3)}×` : "–",
+          on ? fmt(on.cpuUsPerIo) : "–",
+          fmt(off.cpuUsPerIo),
+        ];
+      });
+      out.push(
+        table([
+          "storage",
+          "load",
+          "IOPS, polling",
+          "IOPS, --poll-us 0",
+          "polling / not",
+          "CPU µs/IO, polling",
+          "CPU µs/IO, --poll-us 0",
+        ], pollRows),
+        "",
+      );
+    }
   } else {
     out.push(notRun(r, "backend"), "");
   }

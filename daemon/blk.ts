@@ -23,6 +23,12 @@ import {
 import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 import { closeQuietly } from "../sys/libc.ts";
 
+/**
+ * Default busy-poll window of a block device's worker, in µs (`--poll-us`): measured in
+ * BENCHMARKS.md, where a wake-up from epoll_wait costs more CPU than this much polling.
+ */
+export const DEFAULT_POLL_US = 100;
+
 /** `vhostd blk --help`. */
 export const BLK_HELP = `Usage: deno task vhostd blk --socket PATH --image FILE [options]
 
@@ -35,6 +41,8 @@ Options:
   --read-only         serve read-only (VIRTIO_BLK_F_RO); writes fail
   --queues N          queues offered, 1-64 (default 16; QEMU uses one per vCPU by default)
   --direct            open the image with O_DIRECT (bypass the host page cache)
+  --poll-us N         after the last request, keep polling the queues and the disk for N µs
+                      before sleeping (0-1000, default ${DEFAULT_POLL_US}; 0: sleep at once)
   --serial ID         serial number the guest sees (default: vhostd-<image name>)
   --socket-mode MODE  octal mode of the socket file (default 0600: only the owner may connect)
   --socket-group GRP  group of the socket file (name or gid; use with --socket-mode 0660)
@@ -81,6 +89,8 @@ export interface BlkFlags {
   direct: boolean;
   /** Queues offered. */
   queues: number;
+  /** Busy-poll window in µs (default {@link DEFAULT_POLL_US}). */
+  pollUs?: number;
   /** Serial number (default vhostd-<image name>). */
   serial?: string;
   /** Device name in logs, metrics and status (default `blk`). */
@@ -115,6 +125,7 @@ export function planBlk(
     name,
     type: "blk",
     log,
+    pollUs: flags.pollUs ?? DEFAULT_POLL_US,
     ...access,
   };
   return { socket, service, blk };
@@ -167,6 +178,7 @@ export async function cmdBlk(args: string[]): Promise<number> {
         "read-only": { type: "boolean" },
         queues: { type: "string" },
         direct: { type: "boolean" },
+        "poll-us": { type: "string" },
         serial: { type: "string" },
       },
     })
@@ -185,6 +197,7 @@ export async function cmdBlk(args: string[]): Promise<number> {
       readOnly: values["read-only"] ?? false,
       direct: values.direct ?? false,
       queues: parseIntOption("queues", values.queues, 16, 1, 64),
+      pollUs: parseIntOption("poll-us", values["poll-us"], DEFAULT_POLL_US, 0, 1000),
       serial: values.serial,
     },
     log,
@@ -226,7 +239,7 @@ export async function cmdStart(args: string[]): Promise<number> {
 
 /**
  * The `blk` planner of config files. Fields: `image` (required), `socket`, `readOnly`,
- * `direct`, `queues` (1-64, default 4), `serial`.
+ * `direct`, `queues` (1-64, default 4), `pollUs` (0-1000), `serial`.
  */
 export function planBlkDevice(ctx: PlanContext): DevicePlan {
   const f = ctx.fields;
@@ -247,6 +260,7 @@ export function planBlkDevice(ctx: PlanContext): DevicePlan {
     readOnly: f.boolean("readOnly", false),
     direct: f.boolean("direct", false),
     queues: f.integer("queues", 4, 1, 64),
+    pollUs: f.integer("pollUs", DEFAULT_POLL_US, 0, 1000),
     serial: f.string("serial"),
     name: ctx.id,
   };

@@ -33,6 +33,8 @@ export interface ServiceOptions {
   socketGroup?: number;
   /** User ids allowed to connect. */
   allowUids?: number[];
+  /** Busy-poll window of the worker's event loop in µs (see EventLoopOptions); default 0. */
+  pollUs?: number;
 }
 
 /**
@@ -134,6 +136,7 @@ export class DeviceService {
       name: options.name,
       allowUids: options.allowUids,
       stats: sab,
+      pollUs: options.pollUs ?? 0,
     };
     worker.postMessage(init);
     const stats = new ServiceStats(sab, listenFds.length);

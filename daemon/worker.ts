@@ -35,6 +35,8 @@ export interface WorkerInit {
    * the only way the main thread learns anything from a worker blocked in epoll_wait.
    */
   stats: SharedArrayBuffer;
+  /** Busy-poll window of the event loop in µs (0: none). */
+  pollUs: number;
 }
 
 /** What a worker reports to the main thread. */
@@ -59,7 +61,7 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
     self.close();
     return;
   }
-  const loop = new EventLoop();
+  const loop = new EventLoop({ pollUs: init.pollUs });
   const servers = devices.map((device, i) => {
     const stats = new PortStatsWriter(init.stats, i);
     const server = new VhostUserServer(init.listenFds[i], device, loop, {

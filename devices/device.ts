@@ -46,6 +46,13 @@ export interface VirtioDevice {
   /** Extra vhost-user protocol feature bits (CONFIG is added when {@link getConfig} exists). */
   readonly protocolFeatures?: bigint;
 
+  /**
+   * Whether vhostd may busy-poll this device's queues with kicks switched off (`--poll-us`). Only
+   * for devices whose {@link processQueue} takes every chain it can, as a block device does: a
+   * receive queue holding buffers until frames arrive would look busy forever.
+   */
+  readonly pollQueues?: boolean;
+
   /** Called once in the worker, before the first front-end connects. */
   start?(loop: DeviceEventLoop): void;
   /** Reads `size` bytes of the config space from `offset` (bytes past its end read as zero). */

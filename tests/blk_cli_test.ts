@@ -40,6 +40,10 @@ Deno.test("blk: missing --socket and bad --queues are usage errors", () =>
       ["blk", "--socket", `${dir}/s.sock`, "--image", `${dir}/d.img`, "--queues", "0"],
       /--queues must be a whole number from 1 to 64/,
     );
+    await assertUsageError(
+      ["blk", "--socket", `${dir}/s.sock`, "--image", `${dir}/d.img`, "--poll-us", "5000"],
+      /--poll-us must be a whole number from 0 to 1000/,
+    );
   }));
 
 Deno.test("blk: a read-only image opened writable is refused, and served with --read-only", () =>

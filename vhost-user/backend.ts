@@ -49,6 +49,8 @@ export interface KickWatcher {
   watchKick(fd: number, queue: number): void;
   /** Stops watching `fd`. */
   unwatchKick(fd: number): void;
+  /** A queue was stopped because the driver broke it (for status). */
+  queueStopped?(queue: number): void;
 }
 
 /** Back-end tuning. */
@@ -495,15 +497,19 @@ export class VhostUserBackend {
     q.started = false;
   }
 
-  /** Processes a queue after a kick, with notifications suppressed while it works. */
-  serviceQueue(index: number): void {
+  /**
+   * Processes a queue after a kick, with notifications suppressed while it works. `polling` leaves
+   * them suppressed afterwards: the loop is busy-polling the queue and arms it before it sleeps
+   * ({@link armQueues}).
+   */
+  serviceQueue(index: number, polling = false): void {
     const q = this.queues[index];
     if (!q.ready) return;
     for (;;) {
       q.setNotification(false);
       const before = q.lastAvailIdx;
       this.device.processQueue(q);
-      if (q.broken) break;
+      if (q.broken || polling) break;
       // A device may leave chains available (a receive queue with nothing to send yet): when it
       // took none, stop with notifications back on instead of spinning on the same chains.
       if (!q.setNotification(true) || q.lastAvailIdx === before) break;
@@ -515,7 +521,32 @@ export class VhostUserBackend {
         queue: q.index,
       });
       this.#stop(q);
+      this.#watcher.queueStopped?.(q.index);
     }
+  }
+
+  /** Serves the queues the driver added to, kicks or not; returns whether any had work. */
+  pollQueues(): boolean {
+    let worked = false;
+    for (const q of this.queues) {
+      if (!q.ready || !q.hasAvailable()) continue;
+      const before = q.lastAvailIdx;
+      this.serviceQueue(q.index, true);
+      worked ||= q.lastAvailIdx !== before;
+    }
+    return worked;
+  }
+
+  /**
+   * Turns kicks back on for every running queue before the loop sleeps. Returns true when chains
+   * arrived meanwhile (the driver did not kick for them: the loop must poll again).
+   */
+  armQueues(): boolean {
+    let pending = false;
+    for (const q of this.queues) {
+      if (q.ready && q.setNotification(true)) pending = true;
+    }
+    return pending;
   }
 
   /** RESET_DEVICE: stop and forget all rings, keep memory, ownership and protocol features. */

@@ -17,15 +17,52 @@ export interface LoopTick {
   run(): boolean;
 }
 
+/**
+ * Work the loop looks for itself while it busy-polls: virtqueues whose kicks are switched off so
+ * that the driver does not pay for them.
+ */
+export interface LoopPoller {
+  /** Serves whatever is ready; returns whether there was anything. */
+  poll(): boolean;
+  /**
+   * The loop is about to sleep: switch notifications back on. Returns true when work arrived
+   * meanwhile, in which case the loop polls again instead of sleeping.
+   */
+  arm(): boolean;
+}
+
+/** Options of an {@link EventLoop}. */
+export interface EventLoopOptions {
+  /**
+   * After the last event, keep polling (fds, and the {@link LoopPoller}s) for up to this many
+   * microseconds before sleeping in epoll_wait; 0 (the default) sleeps at once. A wake-up from
+   * epoll_wait costs far more CPU than a short poll, and polled virtqueues spare the driver its
+   * kicks. The window adapts to how often events come (see the loop's run).
+   */
+  pollUs?: number;
+}
+
 /** An epoll loop dispatching readiness to per-fd handlers. */
 export class EventLoop {
   /** The epoll instance. */
   readonly epoll: Epoll = new Epoll(128);
+  /** Busy-poll window in microseconds (0: none). */
+  readonly pollUs: number;
   readonly #handlers = new Map<number, () => void>();
   readonly #tokens = new Map<number, number>();
   readonly #ticks: LoopTick[] = [];
+  readonly #pollers: LoopPoller[] = [];
   #nextToken = 1;
   #busyTicks = false;
+  /** Current busy-poll window in ms (adapts between 0 and {@link pollUs}). */
+  #windowMs = 0;
+
+  /** A loop; see {@link EventLoopOptions}. */
+  constructor(options: EventLoopOptions = {}) {
+    const us = options.pollUs ?? 0;
+    if (!Number.isInteger(us) || us < 0) throw new RangeError(`bad poll window ${us} µs`);
+    this.pollUs = us;
+  }
 
   /** Calls `handler` whenever `fd` is readable or hung up, until {@link unwatch}. */
   watch(fd: number, handler: () => void): void {
@@ -50,6 +87,17 @@ export class EventLoop {
     this.#busyTicks = true;
   }
 
+  /** Adds work to look for while busy-polling (ignored when {@link pollUs} is 0). */
+  addPoller(poller: LoopPoller): void {
+    if (this.pollUs > 0) this.#pollers.push(poller);
+  }
+
+  /** Removes a poller added with {@link addPoller}. */
+  removePoller(poller: LoopPoller): void {
+    const i = this.#pollers.indexOf(poller);
+    if (i >= 0) this.#pollers.splice(i, 1);
+  }
+
   /** Asks the ticks to run soon (a device queued work that waits on a tick). */
   wakeTicks(): void {
     this.#busyTicks = this.#ticks.length > 0;
@@ -68,7 +116,8 @@ export class EventLoop {
     const ep = this.epoll;
     const interval = this.#ticks.length ? Math.min(...this.#ticks.map((t) => t.intervalMs)) : -1;
     while (!stop) {
-      const n = ep.wait(this.#busyTicks ? interval : -1);
+      const timeout = this.#busyTicks ? interval : -1;
+      const n = this.pollUs > 0 ? this.#pollThenWait(timeout) : ep.wait(timeout);
       for (let i = 0; i < n && !stop; i++) {
         const handler = this.#handlers.get(ep.readyTokens[i]);
         if (handler === undefined) continue;
@@ -86,6 +135,45 @@ export class EventLoop {
         this.#busyTicks = busy;
       }
     }
+  }
+
+  /**
+   * Polls the fds and the pollers until something is ready or the window passes with nothing to
+   * do; then arms the pollers and sleeps. Returns the number of ready fds (0: poll again).
+   *
+   * The window adapts, as QEMU's AioContext polling does: a sleep that ended within the longest
+   * window means polling would have caught the event, so the window doubles (from 4 µs); a longer
+   * sleep means events come too slowly to be worth polling for, and the window drops to 0. An
+   * idle or slow device therefore costs no polling CPU.
+   */
+  #pollThenWait(timeoutMs: number): number {
+    const ep = this.epoll;
+    if (this.#windowMs > 0) {
+      let deadline = performance.now() + this.#windowMs;
+      for (;;) {
+        const n = ep.wait(0);
+        if (n > 0) return n;
+        let worked = false;
+        for (const p of this.#pollers) worked = p.poll() || worked;
+        const now = performance.now();
+        if (worked) deadline = now + this.#windowMs;
+        else if (now >= deadline) break;
+      }
+    }
+    let pending = false;
+    for (const p of this.#pollers) pending = p.arm() || pending;
+    if (pending) {
+      // Work came in after the last poll, and the driver did not kick for it.
+      for (const p of this.#pollers) p.poll();
+      return 0;
+    }
+    const before = performance.now();
+    const n = ep.wait(timeoutMs);
+    const slept = performance.now() - before;
+    const max = this.pollUs / 1000;
+    if (n > 0 && slept <= max) this.#windowMs = Math.min(max, Math.max(0.004, this.#windowMs * 2));
+    else if (slept > max) this.#windowMs = 0;
+    return n;
   }
 
   /** Closes the epoll fd. */

@@ -52,6 +52,8 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
   readonly #loop: EventLoop;
   readonly #options: ServerOptions;
   readonly #log: Logger;
+  /** Whether the loop busy-polls this device's queues (kicks off while it does). */
+  readonly #polling: boolean;
   #conn: Connection | null = null;
 
   /** Serves `device` on the already listening socket `listenFd`, in `loop`. */
@@ -66,6 +68,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     this.#options = options;
     this.#log = getLogger(["vhostd", device.name]);
     this.backend = new VhostUserBackend(device, this, options);
+    this.#polling = loop.pollUs > 0 && device.pollQueues === true;
   }
 
   /** Registers a queue's kick eventfd. */
@@ -109,13 +112,42 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
   /** Starts listening for front-ends and lets the device register its own fds. */
   start(): void {
     this.#loop.watch(this.#listenFd, () => this.#accept());
+    if (this.#polling) this.#loop.addPoller(this.#poller);
     this.backend.device.start?.(this);
+  }
+
+  /** The busy-poll hooks: a failure drops the front-end, as it would in a kick. */
+  readonly #poller = {
+    poll: (): boolean => {
+      if (this.#conn === null) return false;
+      try {
+        return this.backend.pollQueues();
+      } catch (e) {
+        this.#disconnect(`dropping the front-end: ${errorText(e)}`, true);
+        return false;
+      }
+    },
+    arm: (): boolean => {
+      if (this.#conn === null) return false;
+      try {
+        return this.backend.armQueues();
+      } catch (e) {
+        this.#disconnect(`dropping the front-end: ${errorText(e)}`, true);
+        return false;
+      }
+    },
+  };
+
+  /** A queue broke and was stopped: status shows it. */
+  queueStopped(): void {
+    this.#options.onStateChange?.(this);
   }
 
   /** Drops any front-end and stops listening. */
   close(): void {
     if (this.#conn) this.#disconnect("the daemon is shutting down");
     this.#loop.unwatch(this.#listenFd);
+    this.#loop.removePoller(this.#poller);
   }
   #accept(): void {
     let fd: number;
@@ -193,8 +225,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     q.stats[QueueStat.KICKS]++;
     try {
       drainEventFd(q.kickFd);
-      this.backend.serviceQueue(queue);
-      if (q.broken) this.#options.onStateChange?.(this);
+      this.backend.serviceQueue(queue, this.#polling);
     } catch (e) {
       this.#disconnect(`dropping the front-end: queue ${queue}: ${errorText(e)}`, true);
     }

@@ -129,6 +129,8 @@ export class BlkDevice implements VirtioDevice {
   readonly features: bigint;
   /** Crash-consistent reconnect: QEMU keeps the inflight buffer across back-end restarts. */
   readonly protocolFeatures: bigint = bit(ProtocolFeature.INFLIGHT_SHMFD);
+  /** processQueue takes every request it can, so the queues may be busy-polled. */
+  readonly pollQueues = true;
   /** Capacity in 512-byte sectors. */
   readonly capacity: number;
   /** Write cache enabled (writeback); when off, every write is followed by fdatasync. */

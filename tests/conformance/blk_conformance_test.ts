@@ -439,7 +439,10 @@ test("EVENT_IDX: avail_event kept current, interrupt at used_event", async (kind
     const q = s.queues[0];
     assert.ok(q.eventIdx, "EVENT_IDX negotiated");
     for (let i = 0; i < 5; i++) assert.equal(s.blk.read(i * 8, 4096).status, BlkStatus.OK);
-    // The device asks to be kicked for the next request: avail_event = its next avail index.
+    // Once idle, the device asks to be kicked for the next request: avail_event = its next avail
+    // index. (A device that busy-polls sets it when its poll window closes, a moment later.)
+    const until = Date.now() + 2000;
+    while (q.availEvent !== 5 && Date.now() < until) sleepSync(1);
     assert.equal(q.availEvent, 5);
     // waitUsed only returns after a call: every request above got its interrupt (used_event
     // was always the next used index). Now a batch of four: one interrupt covers them.
@@ -455,6 +458,8 @@ test("without EVENT_IDX: flags-based notification works", async (kind) => {
   await withSession(kind, { queues: 1 }, { eventIdx: false }, (s) => {
     assert.equal(s.features & bit(VirtioFeature.RING_EVENT_IDX), 0n);
     for (let i = 0; i < 5; i++) assert.equal(s.blk.read(i * 8, 4096).status, BlkStatus.OK);
+    const until = Date.now() + 2000;
+    while ((s.queues[0].usedFlags & 1) !== 0 && Date.now() < until) sleepSync(1);
     assert.equal(s.queues[0].usedFlags & 1, 0, "device wants kicks while idle");
   });
 });
@@ -552,3 +557,8 @@ test("vhostd load: non-zero IOPS and zero errors in a short run", async (kind) =
     assert.equal(r.perQueue.length, 2);
   });
 });
+
+/** Blocks the thread for `ms` (the session's calls are synchronous). */
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}

@@ -1,0 +1,88 @@
+import assert from "node:assert/strict";
+import { createEventFd, drainEventFd, signalEventFd } from "../sys/event.ts";
+import { closeQuietly } from "../sys/libc.ts";
+import { EventLoop, type LoopPoller } from "./event_loop.ts";
+
+Deno.test("EventLoop: without a poll window, pollers are never called", () => {
+  const loop = new EventLoop();
+  const stop = createEventFd();
+  let polls = 0;
+  loop.addPoller({ poll: () => (polls++, false), arm: () => (polls++, false) });
+  const work = createEventFd();
+  loop.watch(work, () => {
+    drainEventFd(work);
+    signalEventFd(stop);
+  });
+  signalEventFd(work);
+  loop.run(stop);
+  assert.equal(polls, 0);
+  loop.close();
+  closeQuietly(stop);
+  closeQuietly(work);
+});
+
+Deno.test("EventLoop: busy-polls after an event, arms before sleeping, re-polls on late work", () => {
+  const loop = new EventLoop({ pollUs: 1000 });
+  assert.equal(loop.pollUs, 1000);
+  const stop = createEventFd();
+  const work = createEventFd();
+  const calls: string[] = [];
+  let polls = 0, arms = 0;
+  const poller: LoopPoller = {
+    // Busy for the first three polls, then idle; the stop comes from a late poll.
+    poll: () => {
+      polls++;
+      calls.push("poll");
+      if (polls === 12) signalEventFd(stop);
+      return polls <= 3;
+    },
+    // The first arm finds work that came after the last poll; later ones find none, and the
+    // loop would sleep: an fd event wakes it each time, so it polls again.
+    arm: () => {
+      arms++;
+      calls.push("arm");
+      if (arms > 1 && polls < 12) signalEventFd(work);
+      return arms === 1;
+    },
+  };
+  loop.addPoller(poller);
+  loop.watch(work, () => drainEventFd(work));
+  signalEventFd(work);
+  loop.run(stop);
+  // The window starts closed (no polling before the first quick wake-up), then opens.
+  assert.equal(calls[0], "arm");
+  assert.ok(polls >= 12, `polled ${polls} times`);
+  // Work found by arm is served at once by a poll, not left for a kick that will not come.
+  const firstArm = calls.indexOf("arm");
+  assert.equal(calls[firstArm + 1], "poll");
+  assert.ok(arms >= 2);
+  loop.close();
+  closeQuietly(stop);
+  closeQuietly(work);
+});
+
+Deno.test("EventLoop: a bad poll window is refused", () => {
+  assert.throws(() => new EventLoop({ pollUs: -1 }), RangeError);
+  assert.throws(() => new EventLoop({ pollUs: 1.5 }), RangeError);
+});
+
+Deno.test("EventLoop: removed pollers are not called", () => {
+  const loop = new EventLoop({ pollUs: 1000 });
+  const stop = createEventFd();
+  const work = createEventFd();
+  let polls = 0, n = 0;
+  const poller: LoopPoller = { poll: () => (polls++, false), arm: () => false };
+  loop.addPoller(poller);
+  loop.removePoller(poller);
+  loop.watch(work, () => {
+    drainEventFd(work);
+    if (++n < 5) signalEventFd(work);
+    else signalEventFd(stop);
+  });
+  signalEventFd(work);
+  loop.run(stop);
+  assert.equal(polls, 0);
+  loop.close();
+  closeQuietly(stop);
+  closeQuietly(work);
+});
