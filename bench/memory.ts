@@ -56,12 +56,14 @@ export interface MemoryResult {
   perExtraDeviceMiB: number;
   /** Idle RSS of qemu-storage-daemon exporting the same image, MiB, for reference. */
   qsdOneDeviceMiB: number;
+  /** RSS of Deno itself in vhostd's shape (main thread + one idle worker, no vhostd code), MiB. */
+  denoFloorMiB: number;
   /** The target for one blk device, MiB. */
   targetMiB: number;
   /** Commands run. */
   commands: string[];
   /** Every sample, MiB. */
-  samples: { cli: number[]; one: number[]; many: number[]; qsd: number[] };
+  samples: { cli: number[]; one: number[]; many: number[]; qsd: number[]; floor: number[] };
 }
 
 const MiB = 1 << 20;
@@ -78,6 +80,7 @@ export async function memory(cfg: MemoryConfig): Promise<MemoryResult> {
     one: [] as number[],
     many: [] as number[],
     qsd: [] as number[],
+    floor: [] as number[],
   };
   const commands: string[] = [];
   let cliThreads = 0;
@@ -129,6 +132,15 @@ export async function memory(cfg: MemoryConfig): Promise<MemoryResult> {
         () => startBackend("qsd", target("qsd"), DEFAULT_LEVERS),
         samples.qsd,
       ],
+      [
+        "Deno floor (main thread + one idle worker)",
+        () =>
+          startProcess(
+            [DENO, "run", "-A", "bench/deno_floor.ts"],
+            (out) => out.includes("deno floor: ready"),
+          ),
+        samples.floor,
+      ],
     ];
     for (const [what, start, into] of plan) {
       let be: RunningBackend;
@@ -159,6 +171,7 @@ export async function memory(cfg: MemoryConfig): Promise<MemoryResult> {
     manyDevicesMiB: many,
     perExtraDeviceMiB: Math.round(((many - one) / (cfg.devices - 1)) * 10) / 10,
     qsdOneDeviceMiB: median(samples.qsd),
+    denoFloorMiB: median(samples.floor),
     targetMiB: 64,
     commands,
     samples,

@@ -591,6 +591,10 @@ export function markdown(
         [`vhostd, ${m.config.devices} devices in one process`, fmt(m.manyDevicesMiB)],
         ["**increment per extra device**", `**${fmt(m.perExtraDeviceMiB)}**`],
         ["qemu-storage-daemon, 1 export (reference)", fmt(m.qsdOneDeviceMiB)],
+        [
+          "Deno itself: main thread + one idle worker, no vhostd code (bench/deno_floor.ts)",
+          m.denoFloorMiB === undefined ? "–" : fmt(m.denoFloorMiB),
+        ],
         ["target for one blk device", `≤ ${m.targetMiB}`],
       ]),
       "",

@@ -8,7 +8,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "../log/mod.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import type { ConsoleOptions } from "../devices/console/device.ts";
 import {
@@ -815,7 +815,7 @@ async function runChardev(
     closePorts(opened);
     throw e;
   }
-  await setupLogging(log);
+  setupLogging(log);
   const logger = getLogger(["vhostd", "daemon"]);
   const worker = new Worker(new URL("../devices/console/chardev_worker.ts", import.meta.url), {
     type: "module",

@@ -6,16 +6,15 @@
  */
 
 import {
-  configure,
-  getTextFormatter,
-  jsonLinesFormatter,
+  configureLogging,
+  LOG_LEVELS,
+  type LogLevel,
   type LogRecord,
-  reset,
-  type TextFormatter,
-} from "@logtape/logtape";
+  renderMessage,
+  showValue,
+} from "../log/mod.ts";
 
-/** Log levels, lowest first (LogTape's names). */
-export type LogLevel = "trace" | "debug" | "info" | "warning" | "error" | "fatal";
+export { LOG_LEVELS, type LogLevel };
 
 /** How to log: level and format. Plain data, so it can be posted to workers. */
 export interface LogSettings {
@@ -28,29 +27,14 @@ export interface LogSettings {
 /** Default settings: info, text. */
 export const defaultLogSettings: LogSettings = { level: "info", format: "text" };
 
-/** Log levels accepted on the command line. */
-export const LOG_LEVELS: readonly LogLevel[] = [
-  "trace",
-  "debug",
-  "info",
-  "warning",
-  "error",
-  "fatal",
-];
-
-/** Configures LogTape to write to stderr. */
-export async function setupLogging(settings: LogSettings): Promise<void> {
-  await reset();
-  const formatter = settings.format === "json" ? jsonFormatter : textFormatter;
-  await configure({
-    reset: true,
-    // Synchronous writes: a data-plane worker blocks in epoll_wait, so nothing may wait for its
-    // event loop to flush.
-    sinks: { stderr: (record) => writeAll(encoder.encode(formatter(record))) },
-    loggers: [
-      { category: ["vhostd"], sinks: ["stderr"], lowestLevel: settings.level },
-      { category: ["logtape", "meta"], sinks: ["stderr"], lowestLevel: "warning" },
-    ],
+/** Sends this thread's logs to stderr, synchronously, in the chosen format. */
+export function setupLogging(settings: LogSettings): void {
+  const format = settings.format === "json" ? jsonLine : textLine;
+  // Synchronous writes: a data-plane worker blocks in epoll_wait, so nothing may wait for its
+  // event loop to flush.
+  configureLogging({
+    lowestLevel: settings.level,
+    write: (record) => writeAll(encoder.encode(format(record))),
   });
 }
 
@@ -70,28 +54,60 @@ export function recordDevice(record: LogRecord): string | undefined {
   return c.length >= 2 && c[0] === "vhostd" && !NOT_DEVICES.has(c[1]) ? c[1] : undefined;
 }
 
-const baseText = getTextFormatter({ timestamp: "date-time-tz", category: ".", value: "bare" });
+const SHORT: Record<LogLevel, string> = {
+  trace: "TRC",
+  debug: "DBG",
+  info: "INF",
+  warning: "WRN",
+  error: "ERR",
+  fatal: "FTL",
+};
+
+/** `2026-11-21 08:25:54.892 +00` (UTC). */
+function utcTime(ms: number): string {
+  const iso = new Date(ms).toISOString(); // 2026-11-21T08:25:54.892Z
+  return `${iso.slice(0, 10)} ${iso.slice(11, 23)} +00`;
+}
 
 /**
  * Text for people: `<time> [INF] vhostd.<device>: [queue N] message`. The category names the
  * device; a queue the message is about, when not already in its text, is prefixed.
  */
-const textFormatter: TextFormatter = (record) => {
+export function textLine(record: LogRecord): string {
   const q = record.properties.queue;
-  if (q === undefined || record.rawMessage.toString().includes("{queue}")) return baseText(record);
-  const [first, ...rest] = record.message;
-  return baseText({ ...record, message: [`[queue ${q}] ${first}`, ...rest] });
-};
+  const prefix = q !== undefined && !record.rawMessage.includes("{queue}") ? `[queue ${q}] ` : "";
+  return `${utcTime(record.timestamp)} [${SHORT[record.level]}] ${record.category.join(".")}: ` +
+    `${prefix}${renderMessage(record)}\n`;
+}
 
-/** JSON lines for collectors: LogTape's fields plus top-level `device` and `queue`. */
-const jsonFormatter: TextFormatter = (record) => {
-  const line = JSON.parse(jsonLinesFormatter(record)) as Record<string, unknown>;
+/**
+ * JSON lines for collectors: `@timestamp`, `level`, `message` (rendered), `logger` (the
+ * category), `properties`, and top-level `device` and `queue` when the record is about one.
+ */
+export function jsonLine(record: LogRecord): string {
+  const line: Record<string, unknown> = {
+    "@timestamp": new Date(record.timestamp).toISOString(),
+    level: record.level.toUpperCase(),
+    message: renderMessage(record),
+    logger: record.category.join("."),
+    properties: Object.fromEntries(
+      Object.entries(record.properties).map(([k, v]) => [k, jsonValue(v)]),
+    ),
+  };
   const device = recordDevice(record);
   if (device !== undefined) line.device = device;
   const q = record.properties.queue;
   if (typeof q === "number") line.queue = q;
   return JSON.stringify(line) + "\n";
-};
+}
+
+/** Values JSON can carry as they are; the rest (errors, bigints, ...) as text. */
+function jsonValue(v: unknown): unknown {
+  if (v === null || typeof v === "string" || typeof v === "number" || typeof v === "boolean") {
+    return v;
+  }
+  return showValue(v);
+}
 
 function writeAll(bytes: Uint8Array): void {
   for (let off = 0; off < bytes.length;) off += Deno.stderr.writeSync(bytes.subarray(off));

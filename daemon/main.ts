@@ -5,13 +5,6 @@
  */
 
 import { UsageError } from "../devices/blk/image.ts";
-import { cmdBlk, cmdStart } from "./blk.ts";
-import { cmdRun } from "./run.ts";
-import { cmdStatus } from "./status.ts";
-import { cmdProbe } from "./probe.ts";
-import { cmdLoad } from "./load.ts";
-import { cmdConsole } from "./console.ts";
-import { cmdNet, cmdSwitch } from "./net.ts";
 
 const HELP = `vhostd: virtio devices for QEMU over vhost-user
 
@@ -35,16 +28,18 @@ Example:
   deno task vhostd run --config examples/config/vm1.json --socket-dir /tmp/vm1
 `;
 
+// Each command's module is loaded when that command runs: a daemon serving one disk does not
+// keep the console, net, probe and load code (and their heaps) resident.
 const commands: Record<string, (args: string[]) => Promise<number>> = {
-  run: cmdRun,
-  status: cmdStatus,
-  blk: cmdBlk,
-  start: cmdStart,
-  probe: cmdProbe,
-  load: cmdLoad,
-  console: cmdConsole,
-  net: cmdNet,
-  switch: cmdSwitch,
+  run: async (a) => (await import("./run.ts")).cmdRun(a),
+  status: async (a) => (await import("./status.ts")).cmdStatus(a),
+  blk: async (a) => (await import("./blk.ts")).cmdBlk(a),
+  start: async (a) => (await import("./blk.ts")).cmdStart(a),
+  probe: async (a) => (await import("./probe.ts")).cmdProbe(a),
+  load: async (a) => (await import("./load.ts")).cmdLoad(a),
+  console: async (a) => (await import("./console.ts")).cmdConsole(a),
+  net: async (a) => (await import("./net.ts")).cmdNet(a),
+  switch: async (a) => (await import("./net.ts")).cmdSwitch(a),
 };
 
 /** Runs the command line; returns the exit code. */

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "../log/mod.ts";
 import { defaultLogSettings, type LogSettings, setupLogging } from "./log.ts";
 import { DeviceService, type ServiceOptions, socketPaths } from "./service.ts";
 import type { ServeExtras } from "./cli.ts";
@@ -44,7 +44,7 @@ export async function runServices(
   banner: string,
   extras: ServeExtras = {},
 ): Promise<number> {
-  await setupLogging(log);
+  setupLogging(log);
   const logger = getLogger(["vhostd", "daemon"]);
   const notifier = new SdNotifier();
   const name = extras.name ?? plans.map((p) => p.name).join(",");

@@ -7,7 +7,7 @@
 
 /// <reference lib="deno.worker" />
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "../log/mod.ts";
 import type { DeviceModule, VirtioDevice } from "../devices/device.ts";
 import { EventLoop } from "../vhost-user/event_loop.ts";
 import { VhostUserServer } from "../vhost-user/server.ts";
@@ -49,7 +49,7 @@ const report = (r: WorkerReport) => self.postMessage(r);
 
 self.onmessage = async (event: MessageEvent<WorkerInit>) => {
   const init = event.data;
-  await setupLogging(init.log);
+  setupLogging(init.log);
   const devices: VirtioDevice[] = [];
   try {
     const mod = (await import(init.moduleUrl)) as DeviceModule;

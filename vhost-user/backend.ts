@@ -12,7 +12,7 @@
  * @module
  */
 
-import { getLogger, type Logger } from "@logtape/logtape";
+import { getLogger, type Logger } from "../log/mod.ts";
 import { closeQuietly, setNonBlocking } from "../sys/libc.ts";
 import { createMemfd, Mapping } from "../sys/mman.ts";
 import { inflightQueueSize, InflightRegion } from "../ring/inflight.ts";

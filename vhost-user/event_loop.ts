@@ -6,7 +6,7 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "../log/mod.ts";
 import { drainEventFd, Epoll } from "../sys/event.ts";
 
 /** Periodic work run between events (for back-pressure retries). */

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { getLogger, type Logger } from "@logtape/logtape";
+import { getLogger, type Logger } from "../log/mod.ts";
 import { drainEventFd } from "../sys/event.ts";
 import { closeQuietly, SysError } from "../sys/libc.ts";
 import {

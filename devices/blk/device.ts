@@ -7,7 +7,7 @@
  * @module
  */
 
-import { getLogger, type Logger } from "@logtape/logtape";
+import { getLogger, type Logger } from "../../log/mod.ts";
 import type { DescriptorChain, DeviceEventLoop, VirtioDevice, Virtqueue } from "../device.ts";
 import { bit, ProtocolFeature } from "../../vhost-user/message.ts";
 import { IoVec } from "../../sys/io.ts";

@@ -9,7 +9,7 @@
 
 /// <reference lib="deno.worker" />
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "../../log/mod.ts";
 import { closeQuietly, Errno, errno, libc, setNonBlocking } from "../../sys/libc.ts";
 import { acceptUnix } from "../../sys/socket.ts";
 import { type LogSettings, setupLogging } from "../../daemon/log.ts";
@@ -127,9 +127,9 @@ class ChardevLink {
 
 const report = (r: ChardevWorkerReport) => self.postMessage(r);
 
-self.onmessage = async (event: MessageEvent<ChardevWorkerInit>) => {
+self.onmessage = (event: MessageEvent<ChardevWorkerInit>) => {
   const init = event.data;
-  await setupLogging(init.log);
+  setupLogging(init.log);
   const loop = new EventLoop();
   const links: ChardevLink[] = [];
   try {

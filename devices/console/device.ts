@@ -7,7 +7,7 @@
  * @module
  */
 
-import { getLogger, type Logger } from "@logtape/logtape";
+import { getLogger, type Logger } from "../../log/mod.ts";
 import type { DeviceEventLoop, VirtioDevice, Virtqueue } from "../device.ts";
 import {
   CONFIG_COLS,

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { getLogger, type Logger } from "@logtape/logtape";
+import { getLogger, type Logger } from "../../log/mod.ts";
 import { closeQuietly, Errno, errno, libc, setNonBlocking } from "../../sys/libc.ts";
 import { acceptUnix, setTcpNoDelay } from "../../sys/socket.ts";
 import { windowSize } from "../../sys/pty.ts";

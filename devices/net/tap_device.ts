@@ -12,7 +12,7 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "../../log/mod.ts";
 import type { DeviceEventLoop, VirtioDevice, Virtqueue } from "../device.ts";
 import type { SplitQueue } from "../../ring/split_queue.ts";
 import { signalEventFd } from "../../sys/event.ts";
