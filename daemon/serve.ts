@@ -166,6 +166,11 @@ export interface ServeDeviceOptions {
   name?: string;
   /** Logging settings. */
   log?: LogSettings;
+  /**
+   * Busy-poll window of the device's worker in µs (default 0: sleep at once). Queues are polled
+   * with kicks off only if the device sets `pollQueues`; otherwise only its fds are.
+   */
+  pollUs?: number;
 }
 
 /**
@@ -183,7 +188,14 @@ export function serveDevice(opts: ServeDeviceOptions): Promise<number> {
   const log = opts.log ?? defaultLogSettings;
   const name = opts.name ?? "device";
   return runServices(
-    [{ socket: opts.socket, module: opts.module, options: opts.options ?? {}, name, log }],
+    [{
+      socket: opts.socket,
+      module: opts.module,
+      options: opts.options ?? {},
+      name,
+      log,
+      pollUs: opts.pollUs,
+    }],
     log,
     `vhostd: serving ${name} on ${opts.socket}`,
   );
