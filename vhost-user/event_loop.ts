@@ -160,12 +160,14 @@ export class EventLoop {
         else if (now >= deadline) break;
       }
     }
-    let pending = false;
-    for (const p of this.#pollers) pending = p.arm() || pending;
-    if (pending) {
+    if (this.#arm()) {
       // Work came in after the last poll, and the driver did not kick for it.
-      for (const p of this.#pollers) p.poll();
-      return 0;
+      let worked = false;
+      for (const p of this.#pollers) worked = p.poll() || worked;
+      if (worked) return 0;
+      // Nothing could take it now (a block device out of io_uring slots resumes the queue itself
+      // when a request completes): kicks back on, and sleep rather than spin.
+      this.#arm();
     }
     const before = performance.now();
     const n = ep.wait(timeoutMs);
@@ -174,6 +176,13 @@ export class EventLoop {
     if (n > 0 && slept <= max) this.#windowMs = Math.min(max, Math.max(0.004, this.#windowMs * 2));
     else if (slept > max) this.#windowMs = 0;
     return n;
+  }
+
+  /** Arms every poller; returns whether any found work waiting. */
+  #arm(): boolean {
+    let pending = false;
+    for (const p of this.#pollers) pending = p.arm() || pending;
+    return pending;
   }
 
   /** Closes the epoll fd. */

@@ -86,3 +86,36 @@ Deno.test("EventLoop: removed pollers are not called", () => {
   closeQuietly(stop);
   closeQuietly(work);
 });
+
+Deno.test("EventLoop: work nobody can take now does not make the loop spin", async () => {
+  const loop = new EventLoop({ pollUs: 1000 });
+  const stop = createEventFd();
+  let polls = 0, arms = 0;
+  // The driver's chains stay available but the device cannot take them (a block device out of
+  // io_uring slots): arm always finds work, poll never does any.
+  loop.addPoller({ poll: () => (polls++, false), arm: () => (arms++, true) });
+  // Another thread stops the loop 100 ms later; a spinning loop would poll thousands of times.
+  const worker = new Worker(
+    `data:text/javascript,${
+      encodeURIComponent(`
+        const libc = Deno.dlopen("libc.so.6", {
+          write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+        });
+        self.onmessage = (e) => setTimeout(() => {
+          libc.symbols.write(e.data, new BigUint64Array([1n]), 8);
+          self.postMessage("done");
+        }, 100);
+      `)
+    }`,
+    { type: "module" },
+  );
+  const done = new Promise((resolve) => worker.onmessage = resolve);
+  worker.postMessage(stop);
+  loop.run(stop);
+  await done;
+  worker.terminate();
+  assert.ok(polls < 20, `${polls} polls, ${arms} arms in 100 ms`);
+  assert.ok(arms >= 2, "armed again before sleeping");
+  loop.close();
+  closeQuietly(stop);
+});
