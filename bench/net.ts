@@ -357,6 +357,27 @@ async function until(cond: () => boolean, timeoutMs: number): Promise<boolean> {
   return true;
 }
 
+/**
+ * The start of every testpmd command line here: line-buffered output, the lcore list `lcores`
+ * with `main` (which only prints counters) among them, no hugepages, no PCI, its own file prefix.
+ */
+function testpmdEal(cfg: NetConfig, lcores: string, main: number, prefix: string): string[] {
+  return [
+    "stdbuf",
+    "-oL",
+    "dpdk-testpmd",
+    "-l",
+    lcores,
+    "--main-lcore",
+    String(main),
+    "--no-huge",
+    "-m",
+    String(cfg.testpmdMemoryMiB),
+    "--no-pci",
+    `--file-prefix=${prefix}`,
+  ];
+}
+
 /** argv of a testpmd front-end: one `net_virtio_user` port on `socket`. */
 export function frontendArgv(
   cfg: NetConfig,
@@ -369,18 +390,7 @@ export function frontendArgv(
   const main = cfg.cpus.backend;
   const mac = mode === "txonly" ? TX_MAC : RX_MAC;
   return [
-    "stdbuf",
-    "-oL",
-    "dpdk-testpmd",
-    "-l",
-    `${main},${fwd}`,
-    "--main-lcore",
-    String(main),
-    "--no-huge",
-    "-m",
-    String(cfg.testpmdMemoryMiB),
-    "--no-pci",
-    `--file-prefix=${prefix}`,
+    ...testpmdEal(cfg, `${main},${fwd}`, main, prefix),
     "--vdev",
     `net_virtio_user0,path=${socket},queues=1,queue_size=${cfg.queueSize},mac=${mac}`,
     "--",
@@ -421,18 +431,7 @@ export function pmdBackendArgv(
     ];
   }
   return [
-    "stdbuf",
-    "-oL",
-    "dpdk-testpmd",
-    "-l",
-    `${cfg.cpus.backend},${cfg.cpus.tx}`,
-    "--main-lcore",
-    String(cfg.cpus.tx),
-    "--no-huge",
-    "-m",
-    String(cfg.testpmdMemoryMiB),
-    "--no-pci",
-    `--file-prefix=${prefix}`,
+    ...testpmdEal(cfg, `${cfg.cpus.backend},${cfg.cpus.tx}`, cfg.cpus.tx, prefix),
     "--vdev",
     `net_vhost0,iface=${a},queues=1`,
     "--vdev",

@@ -134,18 +134,16 @@ export function getLogger(category: string | readonly string[]): Logger {
 
 /**
  * The message with its placeholders filled: `{name}` takes `properties.name` (strings as they
- * are, anything else through `show`); unknown names stay as written, `{{` and `}}` are braces.
+ * are, anything else through {@link showValue}); unknown names stay as written, `{{` and `}}` are
+ * braces.
  */
-export function renderMessage(
-  record: LogRecord,
-  show: (value: unknown) => string = showValue,
-): string {
+export function renderMessage(record: LogRecord): string {
   return record.rawMessage.replace(/\{\{|\}\}|\{([^{}]*)\}/g, (whole, name?: string) => {
     if (whole === "{{") return "{";
     if (whole === "}}") return "}";
     if (name === undefined || !Object.hasOwn(record.properties, name)) return whole;
     const v = record.properties[name];
-    return typeof v === "string" ? v : show(v);
+    return typeof v === "string" ? v : showValue(v);
   });
 }
 

@@ -116,27 +116,22 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     this.backend.device.start?.(this);
   }
 
-  /** The busy-poll hooks: a failure drops the front-end, as it would in a kick. */
+  /** The busy-poll hooks. */
   readonly #poller = {
-    poll: (): boolean => {
-      if (this.#conn === null) return false;
-      try {
-        return this.backend.pollQueues();
-      } catch (e) {
-        this.#disconnect(`dropping the front-end: ${errorText(e)}`, true);
-        return false;
-      }
-    },
-    arm: (): boolean => {
-      if (this.#conn === null) return false;
-      try {
-        return this.backend.armQueues();
-      } catch (e) {
-        this.#disconnect(`dropping the front-end: ${errorText(e)}`, true);
-        return false;
-      }
-    },
+    poll: (): boolean => this.#pollWork(false),
+    arm: (): boolean => this.#pollWork(true),
   };
+
+  /** Polls the queues (or arms them); a failure drops the front-end, as it would in a kick. */
+  #pollWork(arm: boolean): boolean {
+    if (this.#conn === null) return false;
+    try {
+      return arm ? this.backend.armQueues() : this.backend.pollQueues();
+    } catch (e) {
+      this.#disconnect(`dropping the front-end: ${errorText(e)}`, true);
+      return false;
+    }
+  }
 
   /** A queue broke and was stopped: status shows it. */
   queueStopped(): void {
