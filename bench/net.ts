@@ -19,12 +19,14 @@
  * testpmd's main lcore (which only prints counters once a second) sits on the other CPU. Both
  * back-ends face the same front-ends on the same CPUs.
  *
- * **Guest iperf3**: one TCG (or KVM) guest runs iperf3 against a server in a network namespace
- * the harness creates, through a TAP interface moved into that namespace: guest → namespace, then
- * namespace → guest (`-R`). The TAP is served either by `vhostd net --tap` (a vhost-user
- * virtio-net-pci device) or by QEMU itself (`-netdev tap`, QEMU's userspace virtio-net; there is
- * no vhost-net here). Same guest kit, same device model and options. Under TCG the guest's
- * emulated CPU bounds the throughput.
+ * **Guest iperf3**: one TCG (or KVM) guest has a virtio-net-pci NIC per variant, each on its own
+ * TAP moved into its own network namespace (own subnet, own iperf3 server): one served by QEMU
+ * itself (`-netdev tap`, QEMU's userspace virtio-net; there is no vhost-net here), one by
+ * `vhostd net --tap` at its defaults, one by `vhostd net --tap --poll-us` (the lever). The guest
+ * runs iperf3 over each NIC in turn, guest → namespace then namespace → guest (`-R`), rotating
+ * the order every round. Comparing NICs of one guest in interleaved runs takes the boot-to-boot
+ * spread out of the ratios (under TCG a boot's speed varies by several per cent: more than the
+ * difference between the back-ends). Under TCG the guest's emulated CPU bounds the throughput.
  *
  * Test traffic stays on loopback sockets, in the harness's namespace and guest, on 198.18.0.0/15
  * (testpmd's txonly frames default to 198.18.0.1 → 198.18.0.2).
@@ -38,6 +40,7 @@ import {
   DENO,
   lastLines,
   median,
+  processCpuSeconds,
   progress,
   type RunningBackend,
   sig,
@@ -50,8 +53,11 @@ import {
 /** Back-ends joining the two testpmd front-ends. */
 export type PmdBackend = "dpdk" | "vhostd";
 
-/** How the guest's TAP is served. */
-export type GuestNetVariant = "in-qemu" | "vhostd";
+/**
+ * How a guest NIC's TAP is served: by QEMU itself, by `vhostd net` at its defaults, or by
+ * `vhostd net --poll-us` with the lever's window ({@link NetConfig.leverPollUs}).
+ */
+export type GuestNetVariant = "in-qemu" | "vhostd" | "vhostd-poll";
 
 /** iperf3 directions. */
 export type IperfDirection = "guest-to-ns" | "ns-to-guest";
@@ -90,6 +96,10 @@ export interface NetConfig {
   variants: GuestNetVariant[];
   /** Seconds per iperf3 run. */
   iperfSeconds: number;
+  /** iperf3 runs per direction and variant in each boot. */
+  iperfRounds: number;
+  /** `--poll-us` of the `vhostd-poll` variant. */
+  leverPollUs: number;
   /** Guest vCPUs. */
   smp: number;
   /** Guest RAM in MiB. */
@@ -136,7 +146,7 @@ export interface PmdResult {
   arrangement: string;
 }
 
-/** Every boot of one (direction, variant), with medians. */
+/** Every run of one (direction, variant), with medians. */
 export interface IperfCaseResult {
   /** Direction. */
   direction: IperfDirection;
@@ -144,8 +154,13 @@ export interface IperfCaseResult {
   variant: GuestNetVariant;
   /** Median receiver throughput in Gbit/s. */
   gbps: number;
-  /** Every boot (Gbit/s). */
+  /** Every run, boot after boot (Gbit/s). */
   samples: number[];
+  /**
+   * vhostd variants: the back-end process's CPU while it carried traffic, in cores (CPU seconds
+   * per second; both directions together, median of the boots).
+   */
+  backendCores?: number;
 }
 
 /** The guest half. */
@@ -183,9 +198,6 @@ export const IPERF_TARGET = 1.0;
 
 const TX_MAC = "02:00:00:18:00:01";
 const RX_MAC = "02:00:00:18:00:02";
-const GUEST_MAC = "52:54:00:18:01:02";
-const NS_ADDR = "198.18.1.1";
-const GUEST_ADDR = "198.18.1.2";
 
 /**
  * The CPU placement for a machine of `nproc` CPUs: back-end on CPU 0, front-ends on CPU 1 (the rx
@@ -597,129 +609,210 @@ export async function netTestpmd(
   };
 }
 
-/** The iperf3 client command of a direction, as the guest runs it. */
-export function iperfCommand(direction: IperfDirection, seconds: number): string {
-  return `iperf3 -f m -c ${NS_ADDR} -t ${seconds}${direction === "ns-to-guest" ? " -R" : ""}`;
+/** The iperf3 client command of a direction to `server`, as the guest runs it. */
+export function iperfCommand(direction: IperfDirection, seconds: number, server: string): string {
+  return `iperf3 -f m -c ${server} -t ${seconds}${direction === "ns-to-guest" ? " -R" : ""}`;
 }
 
-/** The guest's /test.sh: address, wait for the namespace, iperf3 both ways. */
-export function iperfGuestScript(seconds: number): string {
-  const directions: IperfDirection[] = ["guest-to-ns", "ns-to-guest"];
-  return `ip link set eth0 up || exit 10
-ip addr add ${GUEST_ADDR}/24 dev eth0 || exit 11
-i=0
-until ping -c 1 -W 1 ${NS_ADDR} >/dev/null 2>&1; do
-  i=$((i+1)); [ $i -lt 120 ] || { echo "never reached ${NS_ADDR}"; exit 12; }
-done
-${
-    directions.map((d) =>
-      `out=$(${iperfCommand(d, seconds)} 2>&1)
-echo "$out"
-echo "BENCH-IPERF ${d} $(echo "$out" | awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i == "Mbits/sec") print $(i-1) }')"`
-    ).join("\n")
+/** One of the guest's NICs: the variant serving it, and its own namespace and subnet. */
+export interface GuestNic {
+  /** Who serves it. */
+  variant: GuestNetVariant;
+  /** The guest's address on it. */
+  guestAddr: string;
+  /** The iperf3 server's address, in the NIC's namespace. */
+  serverAddr: string;
+  /** Its MAC address (the guest finds the interface by it). */
+  mac: string;
+}
+
+/** The NICs of a guest carrying `variants`, one subnet of 198.18.0.0/15 each. */
+export function guestNics(variants: readonly GuestNetVariant[]): GuestNic[] {
+  return variants.map((variant, i) => ({
+    variant,
+    guestAddr: `198.18.${i + 1}.2`,
+    serverAddr: `198.18.${i + 1}.1`,
+    mac: `52:54:00:18:${(i + 1).toString(16).padStart(2, "0")}:02`,
+  }));
+}
+
+/** The order of the variants in run `n` (rotated, so that none always goes first). */
+export function runOrder<T>(items: readonly T[], n: number): T[] {
+  const k = n % items.length;
+  return [...items.slice(k), ...items.slice(0, k)];
+}
+
+/**
+ * The guest's /test.sh: bring every NIC up (found by MAC), wait for every namespace, then `rounds`
+ * rounds of iperf3 in both directions over every NIC, the NICs' order rotated each round
+ * (starting from rotation `first`).
+ */
+export function iperfGuestScript(
+  nics: readonly GuestNic[],
+  seconds: number,
+  rounds: number,
+  first: number,
+): string {
+  const lines = [
+    "nic() { for d in /sys/class/net/*; do " +
+    '[ "$(cat $d/address)" = "$1" ] && { basename $d; return 0; }; done; return 1; }',
+    'up() { dev=$(nic $1) || { echo "no NIC with MAC $1"; exit 10; }; ' +
+    "ip link set $dev up || exit 10; ip addr add $2/24 dev $dev || exit 11; }",
+    "reach() { i=0; until ping -c 1 -W 1 $1 >/dev/null 2>&1; do i=$((i+1)); " +
+    '[ $i -lt 120 ] || { echo "never reached $1"; exit 12; }; done; }',
+    "run() { out=$(iperf3 -f m -c $1 -t " + seconds + " $2 2>&1); " +
+    'echo "$out"; echo "BENCH-IPERF $3 $4 $(echo "$out" | awk \'/receiver/ { for (i = 1; i <= NF; ' +
+    'i++) if ($i == "Mbits/sec") print $(i-1) }\')"; }',
+    ...nics.map((n) => `up ${n.mac} ${n.guestAddr}`),
+    ...nics.map((n) => `reach ${n.serverAddr}`),
+    "echo BENCH-RUNS-BEGIN",
+  ];
+  for (let r = 0; r < rounds; r++) {
+    for (const d of ["guest-to-ns", "ns-to-guest"] as IperfDirection[]) {
+      for (const n of runOrder(nics, first + r)) {
+        lines.push(`run ${n.serverAddr} "${d === "ns-to-guest" ? "-R" : ""}" ${n.variant} ${d}`);
+      }
+    }
   }
-exit 0
-`;
+  lines.push("echo BENCH-RUNS-END", "exit 0", "");
+  return lines.join("\n");
 }
 
-/** QEMU arguments of the guest's NIC for a variant. */
-export function guestNicArgs(variant: GuestNetVariant, socket: string, tap: string): string[] {
+/** QEMU arguments of NIC `index` (`id` n<index>) for a variant. */
+export function guestNicArgs(
+  nic: GuestNic,
+  index: number,
+  socket: string,
+  tap: string,
+): string[] {
   // QEMU 7.2 under TCG crashes starting a vhost-user net device with MSI-X; the in-QEMU device
   // gets the same legacy interrupts so that the guest sees the same device.
   const vectors = accelerator() === "tcg" ? ",vectors=0" : "";
-  const backend = variant === "vhostd"
-    ? ["-chardev", `socket,id=n0c,path=${socket}`, "-netdev", "vhost-user,id=n0,chardev=n0c"]
-    : ["-netdev", `tap,id=n0,ifname=${tap},script=no,downscript=no`];
-  return [...backend, "-device", `virtio-net-pci,netdev=n0,mac=${GUEST_MAC}${vectors}`];
+  const id = `n${index}`;
+  const backend = nic.variant === "in-qemu"
+    ? ["-netdev", `tap,id=${id},ifname=${tap},script=no,downscript=no`]
+    : [
+      "-chardev",
+      `socket,id=${id}c,path=${socket}`,
+      "-netdev",
+      `vhost-user,id=${id},chardev=${id}c`,
+    ];
+  return [...backend, "-device", `virtio-net-pci,netdev=${id},mac=${nic.mac}${vectors}`];
 }
 
-async function iperfOnce(
+/** The `vhostd net` command serving a vhostd variant's NIC. */
+function vhostdNetArgv(cfg: NetConfig, variant: GuestNetVariant, socket: string, tap: string) {
+  const argv = [DENO, "run", "-A", "daemon/main.ts", "net", "--socket", socket, "--tap", tap];
+  if (variant === "vhostd-poll") argv.push("--poll-us", String(cfg.leverPollUs));
+  return [...argv, "--log-level", "warning"];
+}
+
+/** What one boot measured: Gbit/s per run, and each vhostd's CPU while it carried traffic. */
+interface IperfBoot {
+  gbps: Map<string, number[]>;
+  cpu: Map<GuestNetVariant, number>;
+}
+
+/** Waits for a TAP to appear, then moves it into `ns` with the server's address. */
+async function tapIntoNamespace(tap: string, ns: string, addr: string, gaveUp: () => boolean) {
+  const end = Date.now() + 60_000;
+  for (;;) {
+    try {
+      await run(["ip", "link", "show", "dev", tap]);
+      break;
+    } catch {
+      if (gaveUp() || Date.now() > end) throw new Error(`TAP ${tap} never appeared`);
+      await sleep(100);
+    }
+  }
+  await run(["ip", "link", "set", tap, "netns", ns]);
+  await run(["ip", "-n", ns, "addr", "add", `${addr}/24`, "dev", tap]);
+  await run(["ip", "-n", ns, "link", "set", tap, "up"]);
+}
+
+/** One guest with a NIC per variant, each in its own namespace with an iperf3 server. */
+async function iperfBoot(
   cfg: NetConfig,
-  variant: GuestNetVariant,
-  runIndex: number,
+  boot: number,
   commands: Record<string, string[]>,
-): Promise<Record<IperfDirection, number>> {
-  const step = `net guest: ${variant} run ${runIndex + 1}`;
+): Promise<IperfBoot> {
+  const step = `net guest: boot ${boot + 1}`;
+  const nics = guestNics(cfg.variants);
   const tag = randomTag();
-  const ns = `vhostd-bench-${tag}`;
-  const tap = `vhb${tag}`;
-  const socket = `${cfg.socketDir}/net-${tag}.sock`;
-  let nsMade = false;
-  let server: RunningBackend | undefined;
-  let be: RunningBackend | undefined;
+  const ends = nics.map((n, i) => ({
+    nic: n,
+    ns: `vhostd-bench-${tag}-${i}`,
+    tap: `vhb${tag}${i}`,
+    socket: `${cfg.socketDir}/net-${tag}-${i}.sock`,
+    made: false,
+    server: undefined as RunningBackend | undefined,
+    backend: undefined as RunningBackend | undefined,
+  }));
   try {
-    try {
-      PENDING.namespaces.add(ns);
-      await run(["ip", "netns", "add", ns]);
-      nsMade = true;
-      await run(["ip", "-n", ns, "link", "set", "lo", "up"]);
-    } catch (e) {
-      throw new StepError(step, `network namespace: ${(e as Error).message}`);
-    }
-    const serverArgv = ["ip", "netns", "exec", ns, "stdbuf", "-oL", "iperf3", "-s"];
-    try {
-      server = await startProcess(serverArgv, (out) => out.includes("Server listening"), 10_000);
-    } catch (e) {
-      throw new StepError(step, `iperf3 server: ${lastLines((e as Error).message, 2)}`);
-    }
-    let beArgv: string[] | undefined;
-    if (variant === "vhostd") {
-      beArgv = [
-        DENO,
-        "run",
-        "-A",
-        "daemon/main.ts",
-        "net",
-        "--socket",
-        socket,
-        "--tap",
-        tap,
-        "--log-level",
-        "warning",
-      ];
+    for (const e of ends) {
       try {
-        be = await startProcess(
-          beArgv,
-          (out) => out.includes("vhostd: serving") && socketExists(socket),
-        );
-      } catch (e) {
-        throw new StepError(step, `vhostd net: ${lastLines((e as Error).message, 2)}`);
+        PENDING.namespaces.add(e.ns);
+        await run(["ip", "netns", "add", e.ns]);
+        e.made = true;
+        await run(["ip", "-n", e.ns, "link", "set", "lo", "up"]);
+      } catch (err) {
+        throw new StepError(step, `network namespace: ${(err as Error).message}`);
       }
-    }
-    // QEMU (or vhostd, already) creates the TAP in our namespace; move it into the test's one.
-    let tapError = "";
-    let qemuDone = false;
-    const tapReady = (async () => {
-      const end = Date.now() + 60_000;
-      for (;;) {
+      const serverArgv = ["ip", "netns", "exec", e.ns, "stdbuf", "-oL", "iperf3", "-s"];
+      try {
+        e.server = await startProcess(
+          serverArgv,
+          (out) => out.includes("Server listening"),
+          10_000,
+        );
+      } catch (err) {
+        throw new StepError(step, `iperf3 server: ${lastLines((err as Error).message, 2)}`);
+      }
+      if (e.nic.variant !== "in-qemu") {
+        const argv = vhostdNetArgv(cfg, e.nic.variant, e.socket, e.tap);
         try {
-          await run(["ip", "link", "show", "dev", tap]);
-          break;
-        } catch {
-          if (qemuDone || Date.now() > end) throw new Error(`TAP ${tap} never appeared`);
-          await sleep(100);
+          e.backend = await startProcess(
+            argv,
+            (out) => out.includes("vhostd: serving") && socketExists(e.socket),
+          );
+        } catch (err) {
+          throw new StepError(step, `vhostd net: ${lastLines((err as Error).message, 2)}`);
         }
       }
-      await run(["ip", "link", "set", tap, "netns", ns]);
-      await run(["ip", "-n", ns, "addr", "add", `${NS_ADDR}/24`, "dev", tap]);
-      await run(["ip", "-n", ns, "link", "set", tap, "up"]);
-    })().catch((e) => {
-      tapError = (e as Error).message;
+    }
+    // QEMU (or vhostd, already) creates each TAP in our namespace; move it into its NIC's one.
+    let tapError = "";
+    let qemuDone = false;
+    const tapsReady = Promise.all(
+      ends.map((e) => tapIntoNamespace(e.tap, e.ns, e.nic.serverAddr, () => qemuDone)),
+    ).catch((err) => {
+      tapError = (err as Error).message;
     });
+    const cpuAt = () =>
+      new Map(ends.flatMap((e) => e.backend ? [[e, processCpuSeconds(e.backend.pid)]] : []));
+    let cpuBegin = new Map<(typeof ends)[number], number>();
+    let cpuEnd = new Map<(typeof ends)[number], number>();
+    let seen = "";
     let r: GuestResult;
     try {
       r = await runGuest({
-        script: iperfGuestScript(cfg.iperfSeconds),
+        script: iperfGuestScript(nics, cfg.iperfSeconds, cfg.iperfRounds, boot * cfg.iperfRounds),
         smp: cfg.smp,
         memoryMiB: cfg.memoryMiB,
-        extraArgs: guestNicArgs(variant, socket, tap),
-        timeoutMs: 180_000 + 2 * (cfg.iperfSeconds + 10) * 1000,
+        extraArgs: ends.flatMap((e, i) => guestNicArgs(e.nic, i, e.socket, e.tap)),
+        timeoutMs: 180_000 +
+          cfg.iperfRounds * 2 * nics.length * (cfg.iperfSeconds + 10) * 1000,
+        onConsole: (chunk) => {
+          seen = (seen + chunk).slice(-4096);
+          if (cpuBegin.size === 0 && seen.includes("BENCH-RUNS-BEGIN")) cpuBegin = cpuAt();
+          if (cpuEnd.size === 0 && seen.includes("BENCH-RUNS-END")) cpuEnd = cpuAt();
+        },
       });
-    } catch (e) {
-      throw new StepError(step, lastLines((e as Error).message, 4));
+    } catch (err) {
+      throw new StepError(step, lastLines((err as Error).message, 4));
     } finally {
       qemuDone = true;
-      await tapReady;
+      await tapsReady;
     }
     if (tapError) throw new StepError(step, `TAP: ${tapError}`);
     if (r.exitStatus !== 0 || r.qemuExitCode !== 0) {
@@ -730,41 +823,69 @@ async function iperfOnce(
         }`,
       );
     }
-    const out = {} as Record<IperfDirection, number>;
-    for (const d of ["guest-to-ns", "ns-to-guest"] as IperfDirection[]) {
-      const m = new RegExp(`^BENCH-IPERF ${d} ([0-9.]+)\\s*$`, "m").exec(r.console);
-      const mbps = m ? Number(m[1]) : NaN;
+    const gbps = new Map<string, number[]>();
+    for (const m of r.console.matchAll(/^BENCH-IPERF (\S+) (\S+) ?([0-9.]*)\s*$/gm)) {
+      const mbps = Number(m[3]);
       if (!(mbps > 0)) {
-        throw new StepError(step, `no iperf3 result for ${d}: ${lastLines(r.console, 4)}`);
+        throw new StepError(
+          step,
+          `no iperf3 result for ${m[1]} ${m[2]}: ${lastLines(r.console, 4)}`,
+        );
       }
-      out[d] = sig(mbps / 1000, 4);
+      const key = `${m[2]}|${m[1]}`;
+      gbps.set(key, [...(gbps.get(key) ?? []), sig(mbps / 1000, 4)]);
     }
-    commands[`guest iperf3, ${variant}`] = [
-      `ip netns add ${ns}; ip -n ${ns} link set lo up`,
-      commandLine(serverArgv),
-      ...(beArgv ? [commandLine(beArgv)] : []),
-      `# when ${tap} appears: ip link set ${tap} netns ${ns}; ` +
-      `ip -n ${ns} addr add ${NS_ADDR}/24 dev ${tap}; ip -n ${ns} link set ${tap} up`,
-      commandLine(r.command),
-    ];
+    const expected = cfg.iperfRounds * 2 * nics.length;
+    const got = [...gbps.values()].reduce((a, xs) => a + xs.length, 0);
+    if (got !== expected) {
+      throw new StepError(step, `${got} of ${expected} iperf3 results: ${lastLines(r.console, 4)}`);
+    }
+    // Each vhostd idles (its poll window shrinks to nothing) while the other NICs carry traffic,
+    // so its CPU over all runs, divided by the time of its own runs, is its CPU while it worked.
+    const cpu = new Map<GuestNetVariant, number>();
+    const ownSeconds = cfg.iperfRounds * 2 * cfg.iperfSeconds;
+    for (const [e, t0] of cpuBegin) {
+      const t1 = cpuEnd.get(e);
+      if (t1 !== undefined) cpu.set(e.nic.variant, sig((t1 - t0) / ownSeconds, 3));
+    }
+    for (const e of ends) {
+      commands[`guest iperf3, ${e.nic.variant}`] = [
+        `ip netns add ${e.ns}; ip -n ${e.ns} link set lo up`,
+        commandLine(["ip", "netns", "exec", e.ns, "stdbuf", "-oL", "iperf3", "-s"]),
+        ...(e.backend ? [commandLine(e.backend.command)] : []),
+        `# when ${e.tap} appears: ip link set ${e.tap} netns ${e.ns}; ` +
+        `ip -n ${e.ns} addr add ${e.nic.serverAddr}/24 dev ${e.tap}; ` +
+        `ip -n ${e.ns} link set ${e.tap} up`,
+      ];
+    }
+    commands["guest iperf3, the guest (one NIC per variant)"] = [commandLine(r.command)];
+    const line = cfg.variants.map((v) =>
+      `${v} ${gbps.get(`guest-to-ns|${v}`)?.join("/")} / ${gbps.get(`ns-to-guest|${v}`)?.join("/")}`
+    ).join("; ");
     progress(
-      `net guest ${variant} run ${runIndex + 1}: guest->ns ${out["guest-to-ns"]} Gbit/s, ` +
-        `ns->guest ${out["ns-to-guest"]} Gbit/s (boot+runs ${Math.round(r.durationMs / 1000)} s)`,
+      `net guest boot ${boot + 1}: Gbit/s guest->ns / ns->guest: ${line} ` +
+        `(boot+runs ${Math.round(r.durationMs / 1000)} s)`,
     );
-    return out;
+    return { gbps, cpu };
   } finally {
-    await server?.stop();
-    await be?.stop();
-    if (nsMade) await run(["ip", "netns", "del", ns]).catch(() => undefined);
-    PENDING.namespaces.delete(ns);
-    // A TAP never moved into the namespace would still be here (QEMU's and vhostd's go with
-    // their process, so this normally finds nothing).
-    await run(["ip", "link", "del", tap]).catch(() => undefined);
-    await removeQuietly(socket);
+    for (const e of ends) {
+      await e.server?.stop();
+      await e.backend?.stop();
+      if (e.made) await run(["ip", "netns", "del", e.ns]).catch(() => undefined);
+      PENDING.namespaces.delete(e.ns);
+      // A TAP never moved into its namespace would still be here (QEMU's and vhostd's go with
+      // their process, so this normally finds nothing).
+      await run(["ip", "link", "del", e.tap]).catch(() => undefined);
+      await removeQuietly(e.socket);
+    }
   }
 }
 
-/** The guest half; boots are interleaved across variants, repetition loop outermost. */
+/**
+ * The guest half: `cfg.runs` boots of one guest with a NIC per variant; in each, every variant
+ * carries `cfg.iperfRounds` runs per direction, interleaved with the others' (so that the
+ * variants share the guest's and the machine's ups and downs).
+ */
 export async function netIperf(
   cfg: NetConfig,
   commands: Record<string, string[]>,
@@ -776,45 +897,49 @@ export async function netIperf(
     "qemu-system-x86_64": "qemu-system-x86",
   });
   const directions: IperfDirection[] = ["guest-to-ns", "ns-to-guest"];
-  const cases = new Map<string, IperfCaseResult>();
-  const total = cfg.runs * cfg.variants.length;
-  let n = 0;
-  for (let r = 0; r < cfg.runs; r++) {
+  const samples = new Map<string, number[]>();
+  const cpus = new Map<GuestNetVariant, number[]>();
+  for (let b = 0; b < cfg.runs; b++) {
+    progress(
+      `[${b + 1}/${cfg.runs}] net guest: booting a ${accelerator().toUpperCase()} guest with ` +
+        `${cfg.variants.length} NICs (${cfg.variants.join(", ")})`,
+    );
+    const boot = await iperfBoot(cfg, b, commands);
+    for (const [k, xs] of boot.gbps) samples.set(k, [...(samples.get(k) ?? []), ...xs]);
+    for (const [v, c] of boot.cpu) cpus.set(v, [...(cpus.get(v) ?? []), c]);
+  }
+  const cases: IperfCaseResult[] = [];
+  for (const direction of directions) {
     for (const variant of cfg.variants) {
-      n++;
-      progress(
-        `[${n}/${total}] net guest: booting a ${accelerator().toUpperCase()} guest, ${variant}`,
-      );
-      const s = await iperfOnce(cfg, variant, r, commands);
-      for (const direction of directions) {
-        const key = `${direction}|${variant}`;
-        let c = cases.get(key);
-        if (!c) {
-          c = { direction, variant, gbps: 0, samples: [] };
-          cases.set(key, c);
-        }
-        c.samples.push(s[direction]);
-      }
+      const xs = samples.get(`${direction}|${variant}`) ?? [];
+      const cpu = cpus.get(variant);
+      cases.push({
+        direction,
+        variant,
+        gbps: sig(median(xs), 3),
+        samples: xs,
+        ...(cpu ? { backendCores: sig(median(cpu), 3) } : {}),
+      });
     }
   }
-  for (const c of cases.values()) c.gbps = sig(median(c.samples), 3);
   const anchor = cfg.variants[0];
   const ratios: IperfResult["ratios"] = [];
   for (const direction of directions) {
-    const a = cases.get(`${direction}|${anchor}`);
+    const a = cases.find((c) => c.direction === direction && c.variant === anchor);
     for (const variant of cfg.variants.slice(1)) {
-      const c = cases.get(`${direction}|${variant}`);
+      const c = cases.find((x) => x.direction === direction && x.variant === variant);
       if (a && c) ratios.push({ direction, variant, gbpsRatio: sig(c.gbps / a.gbps, 3) });
     }
   }
+  const server = "198.18.N.1";
   return {
     accelerator: accelerator(),
-    cases: [...cases.values()],
+    cases,
     ratios,
     target: IPERF_TARGET,
     iperfCommands: {
-      "guest-to-ns": iperfCommand("guest-to-ns", cfg.iperfSeconds),
-      "ns-to-guest": iperfCommand("ns-to-guest", cfg.iperfSeconds),
+      "guest-to-ns": iperfCommand("guest-to-ns", cfg.iperfSeconds, server),
+      "ns-to-guest": iperfCommand("ns-to-guest", cfg.iperfSeconds, server),
     },
   };
 }

@@ -532,43 +532,67 @@ export function markdown(
     if (i) {
       const [anchor, ...others] = c.variants;
       const iaccel = i.accelerator.toUpperCase();
+      const lever = c.variants.includes("vhostd-poll")
+        ? ` \`vhostd-poll\` is the same with \`--poll-us ${c.leverPollUs}\` (the busy-poll lever: ` +
+          "the transmit queue is polled with the guest's kicks off)."
+        : "";
       out.push(
-        `iperf3 TCP in a ${iaccel} guest (${c.smp} vCPU, ${c.memoryMiB} MiB, Debian 6.1 ` +
-          `kernel, ${c.iperfSeconds} s per direction, ${c.runs} boot(s) per variant` +
-          `${c.runs > 1 ? ", median" : ""}) to an iperf3 server in a network namespace the ` +
-          "harness creates, through a TAP interface moved into that namespace: `in-qemu` is " +
-          "QEMU's own virtio-net-pci on `-netdev tap` (userspace; there is no vhost-net here), " +
-          "`vhostd` is a vhost-user virtio-net-pci on `vhostd net --tap`. Same guest, same device " +
-          "options" +
+        `iperf3 TCP in one ${iaccel} guest (${c.smp} vCPU, ${c.memoryMiB} MiB, Debian 6.1 ` +
+          `kernel) with one virtio-net-pci NIC per variant, each on its own TAP in its own ` +
+          "network namespace (own subnet, own iperf3 server): `in-qemu` is QEMU's own device on " +
+          "`-netdev tap` (userspace; there is no vhost-net here), `vhostd` is a vhost-user device " +
+          `on \`vhostd net --tap\` at its defaults.${lever} The guest runs iperf3 over each NIC ` +
+          `in turn, ${c.iperfSeconds} s per run, ${c.iperfRounds} round(s) per boot, ${c.runs} ` +
+          "boot(s), the NICs' order rotated every round; figures are medians of all runs. " +
+          "Interleaving the NICs of one guest keeps the boot-to-boot spread out of the ratios. " +
+          "Same device options on every NIC" +
           (i.accelerator === "tcg"
-            ? " (`vectors=0` on both: QEMU 7.2 under TCG crashes starting a vhost-user net " +
-              "device with MSI-X). **TCG-bound**: the guest's emulated CPU, not the back-end, " +
-              "limits these figures."
+            ? " (`vectors=0`: QEMU 7.2 under TCG crashes starting a vhost-user net device with " +
+              "MSI-X). **TCG-bound**: the guest's emulated CPU, not the back-end, limits these " +
+              "figures."
             : ".") +
           ` Guest commands: \`${i.iperfCommands["guest-to-ns"]}\`, then ` +
-          `\`${i.iperfCommands["ns-to-guest"]}\`; receiver throughput.`,
+          `\`${i.iperfCommands["ns-to-guest"]}\` (N: the NIC's subnet); receiver throughput.`,
         "",
         img("net-iperf.svg", "guest iperf3 chart"),
         "",
       );
+      const spread = (xs: number[]) =>
+        xs.length > 1 ? ` (${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))})` : "";
       const rows = (["guest-to-ns", "ns-to-guest"] as const).map((d) => [
         d === "guest-to-ns" ? "guest → namespace" : "namespace → guest",
-        ...c.variants.map((v) =>
-          fmt(i.cases.find((x) => x.direction === d && x.variant === v)?.gbps ?? NaN)
-        ),
+        ...c.variants.map((v) => {
+          const k = i.cases.find((x) => x.direction === d && x.variant === v);
+          return k ? fmt(k.gbps) + spread(k.samples) : "–";
+        }),
         ...others.map((v) => {
           const rt = i.ratios.find((x) => x.direction === d && x.variant === v);
-          return rt ? ratio(rt.gbpsRatio, true, i.target) : "–";
+          if (!rt) return "–";
+          return v === "vhostd" ? ratio(rt.gbpsRatio, true, i.target) : `${fmt(rt.gbpsRatio)}×`;
         }),
       ]);
       out.push(
         table([
           "direction",
-          ...c.variants.map((v) => `${v} Gbit/s`),
-          ...others.map((v) => `${v} / ${anchor} (target ≥ ${i.target})`),
+          ...c.variants.map((v) => `${v} Gbit/s (range)`),
+          ...others.map((v) =>
+            `${v} / ${anchor}${v === "vhostd" ? ` (target ≥ ${i.target})` : ""}`
+          ),
         ], rows),
         "",
       );
+      const cores = others.flatMap((v) => {
+        const k = i.cases.find((x) => x.variant === v && x.backendCores !== undefined);
+        return k ? [`\`${v}\` ${fmt(k.backendCores!)}`] : [];
+      });
+      if (cores.length > 0) {
+        out.push(
+          `vhostd's own CPU while it carried traffic, in cores (CPU seconds per second, both ` +
+            `directions): ${cores.join(", ")}. QEMU's share of the in-qemu device's work is ` +
+            "inside the QEMU process, beside the vCPU, and is not separable here.",
+          "",
+        );
+      }
     } else {
       out.push("Not measured: the step failed (see failed steps).", "");
     }

@@ -13,9 +13,13 @@ import { runServices } from "./serve.ts";
 import {
   type Access,
   accessOptions,
+  MAX_POLL_US,
   parseAccess,
   parseIntOption,
+  parsePollUs,
   parseServeOptions,
+  pollOptions,
+  pollOptionsHelp,
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
@@ -41,8 +45,7 @@ Options:
   --read-only         serve read-only (VIRTIO_BLK_F_RO); writes fail
   --queues N          queues offered, 1-64 (default 16; QEMU uses one per vCPU by default)
   --direct            open the image with O_DIRECT (bypass the host page cache)
-  --poll-us N         after the last request, keep polling the queues and the disk for N µs
-                      before sleeping (0-1000, default ${DEFAULT_POLL_US}; 0: sleep at once)
+${pollOptionsHelp("the queues and the disk", DEFAULT_POLL_US)}
   --serial ID         serial number the guest sees (default: vhostd-<image name>)
   --socket-mode MODE  octal mode of the socket file (default 0600: only the owner may connect)
   --socket-group GRP  group of the socket file (name or gid; use with --socket-mode 0660)
@@ -173,12 +176,12 @@ export async function cmdBlk(args: string[]): Promise<number> {
       options: {
         ...serveOptions,
         ...accessOptions,
+        ...pollOptions,
         socket: { type: "string" },
         image: { type: "string" },
         "read-only": { type: "boolean" },
         queues: { type: "string" },
         direct: { type: "boolean" },
-        "poll-us": { type: "string" },
         serial: { type: "string" },
       },
     })
@@ -197,7 +200,7 @@ export async function cmdBlk(args: string[]): Promise<number> {
       readOnly: values["read-only"] ?? false,
       direct: values.direct ?? false,
       queues: parseIntOption("queues", values.queues, 16, 1, 64),
-      pollUs: parseIntOption("poll-us", values["poll-us"], DEFAULT_POLL_US, 0, 1000),
+      pollUs: parsePollUs(values, DEFAULT_POLL_US),
       serial: values.serial,
     },
     log,
@@ -260,7 +263,7 @@ export function planBlkDevice(ctx: PlanContext): DevicePlan {
     readOnly: f.boolean("readOnly", false),
     direct: f.boolean("direct", false),
     queues: f.integer("queues", 4, 1, 64),
-    pollUs: f.integer("pollUs", DEFAULT_POLL_US, 0, 1000),
+    pollUs: f.integer("pollUs", DEFAULT_POLL_US, 0, MAX_POLL_US),
     serial: f.string("serial"),
     name: ctx.id,
   };

@@ -17,9 +17,13 @@ import { MAX_IFNAME, TapDevice, TUN_F_CSUM } from "../sys/tap.ts";
 import {
   type Access,
   accessOptions,
+  MAX_POLL_US,
   parseAccess,
   parseIntOption,
+  parsePollUs,
   parseServeOptions,
+  pollOptions,
+  pollOptionsHelp,
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
@@ -28,6 +32,13 @@ import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 import type { LogSettings } from "./log.ts";
 import { runServices } from "./serve.ts";
 import type { ServiceOptions } from "./service.ts";
+
+/**
+ * Default busy-poll window of a TAP-backed net device, in µs: none, as vhost-net's busyloop is
+ * off by default. Polling spares the guest its transmit kicks at the cost of a busy CPU while
+ * traffic flows; BENCHMARKS.md measures it as a lever.
+ */
+export const DEFAULT_NET_POLL_US = 0;
 
 /** `vhostd net --help`. */
 export const NET_HELP = `Usage: deno task vhostd net --socket PATH --tap NAME [options]
@@ -43,6 +54,7 @@ Options:
   --socket-mode MODE  octal mode of the socket file (default 0600)
   --socket-group GRP  group of the socket file (name or gid)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${pollOptionsHelp("the transmit queues (the guest's kicks off) and the TAP", DEFAULT_NET_POLL_US)}
 ${SERVE_OPTIONS_HELP}
 
 QEMU (7.2 under TCG needs vectors=0 on the device; with KVM use vectors=2N+2):
@@ -114,13 +126,22 @@ function planNet(
   socket: string,
   tapName: string,
   queues: number,
+  pollUs: number,
   log: LogSettings,
   access: Access,
   name: string,
 ): NetPlan {
   const tap = openTap(tapName, queues);
   const options: NetTapOptions = { kind: "tap", tap: tap.name, fds: tap.fds };
-  const service: ServiceOptions = { socket, module: netModule, options, name, log, ...access };
+  const service: ServiceOptions = {
+    socket,
+    module: netModule,
+    options,
+    name,
+    log,
+    pollUs,
+    ...access,
+  };
   const mq = queues > 1 ? `,queues=${queues}` : "";
   const qemuArgs = [
     "-chardev",
@@ -133,14 +154,18 @@ function planNet(
   return { service, tap, qemuArgs };
 }
 
-/** Plans a `"type": "net"` device of a config file: `tap` (required), `queues` (1-16). */
+/**
+ * Plans a `"type": "net"` device of a config file: `tap` (required), `queues` (1-16), `pollUs`
+ * (0-1000).
+ */
 export function planNetDevice(ctx: PlanContext): DevicePlan {
   const f = ctx.fields;
   const tapName = f.string("tap", true);
   const queues = f.integer("queues", 1, 1, 16);
+  const pollUs = f.integer("pollUs", DEFAULT_NET_POLL_US, 0, MAX_POLL_US);
   let plan: NetPlan;
   try {
-    plan = planNet(ctx.socketPath(), tapName, queues, ctx.log, ctx.access, ctx.id);
+    plan = planNet(ctx.socketPath(), tapName, queues, pollUs, ctx.log, ctx.access, ctx.id);
   } catch (e) {
     throw new ConfigError(f.at("tap"), (e as Error).message);
   }
@@ -163,6 +188,7 @@ export async function cmdNet(args: string[]): Promise<number> {
       options: {
         ...serveOptions,
         ...accessOptions,
+        ...pollOptions,
         socket: { type: "string" },
         tap: { type: "string" },
         queues: { type: "string" },
@@ -181,6 +207,7 @@ export async function cmdNet(args: string[]): Promise<number> {
     values.socket,
     values.tap,
     queues,
+    parsePollUs(values, DEFAULT_NET_POLL_US),
     log,
     parseAccess(values),
     "net0",

@@ -47,11 +47,12 @@ export interface VirtioDevice {
   readonly protocolFeatures?: bigint;
 
   /**
-   * Whether vhostd may busy-poll this device's queues with kicks switched off (`--poll-us`). Only
-   * for devices whose {@link processQueue} takes every chain it can, as a block device does: a
-   * receive queue holding buffers until frames arrive would look busy forever.
+   * Which queues vhostd may busy-poll with kicks switched off (`--poll-us`): `true` for all, or a
+   * predicate of the queue index. Only for queues whose {@link processQueue} takes every chain it
+   * can, as a block device or a transmit queue does: a receive queue holding buffers until frames
+   * arrive would look busy forever.
    */
-  readonly pollQueues?: boolean;
+  readonly pollQueues?: boolean | ((index: number) => boolean);
 
   /** Called once in the worker, before the first front-end connects. */
   start?(loop: DeviceEventLoop): void;

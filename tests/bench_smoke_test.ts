@@ -81,8 +81,11 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
     }
     for (const x of n.testpmd.ratios) positive(x.mppsRatio, `testpmd ratio ${x.frameBytes} B`);
     assert.ok(n.iperf, "net guest half missing");
-    assert.equal(n.iperf.cases.length, 2 * 2, "directions × variants");
+    assert.equal(n.iperf.cases.length, 2 * 3, "directions × variants");
     for (const c of n.iperf.cases) positive(c.gbps, `iperf3 ${c.direction} ${c.variant} Gbit/s`);
+    for (const c of n.iperf.cases.filter((x) => x.variant !== "in-qemu")) {
+      positive(c.backendCores ?? NaN, `iperf3 ${c.variant} back-end CPU`);
+    }
     for (const x of n.iperf.ratios) positive(x.gbpsRatio, `iperf3 ratio ${x.direction}`);
 
     const m = r.memory;

@@ -525,11 +525,17 @@ export class VhostUserBackend {
     }
   }
 
+  /** Whether the device lets queue `index` be busy-polled (see `VirtioDevice.pollQueues`). */
+  isPolled(index: number): boolean {
+    const p = this.device.pollQueues;
+    return typeof p === "function" ? p(index) : p === true;
+  }
+
   /** Serves the queues the driver added to, kicks or not; returns whether any had work. */
   pollQueues(): boolean {
     let worked = false;
     for (const q of this.queues) {
-      if (!q.ready || !q.hasAvailable()) continue;
+      if (!q.ready || !this.isPolled(q.index) || !q.hasAvailable()) continue;
       const before = q.lastAvailIdx;
       this.serviceQueue(q.index, true);
       worked ||= q.lastAvailIdx !== before;
@@ -544,7 +550,7 @@ export class VhostUserBackend {
   armQueues(): boolean {
     let pending = false;
     for (const q of this.queues) {
-      if (q.ready && q.setNotification(true)) pending = true;
+      if (q.ready && this.isPolled(q.index) && q.setNotification(true)) pending = true;
     }
     return pending;
   }

@@ -115,6 +115,8 @@ export class NetTapDevice implements VirtioDevice {
   readonly features: bigint;
   /** The interface name. */
   readonly tap: string;
+  /** Transmit queues (odd) may be busy-polled; receive queues hold buffers until frames come. */
+  readonly pollQueues = (index: number): boolean => (index & 1) === 1;
   readonly #pairs: QueuePair[];
   readonly #iov = new IoVec(1024);
   readonly #yielded: boolean[];
