@@ -149,11 +149,20 @@ export function loadCommand(
   ];
 }
 
+/** The back-end's CPU seconds; if it has exited, an error with the last lines it printed. */
+function backendCpu(be: RunningBackend): number {
+  try {
+    return processCpuSeconds(be.pid);
+  } catch {
+    throw new Error(`the back-end (pid ${be.pid}) is gone: ${lastLines(be.output(), 4)}`);
+  }
+}
+
 async function runOnce(
   be: RunningBackend,
   argv: string[],
 ): Promise<LoadSample> {
-  const before = processCpuSeconds(be.pid);
+  const before = backendCpu(be);
   const out = await new Deno.Command(argv[0], {
     args: argv.slice(1),
     cwd: new URL("..", import.meta.url).pathname,
@@ -162,7 +171,7 @@ async function runOnce(
     stderr: "piped",
     env: { NO_COLOR: "1" },
   }).output();
-  const after = processCpuSeconds(be.pid);
+  const after = backendCpu(be);
   const stdout = new TextDecoder().decode(out.stdout);
   const stderr = new TextDecoder().decode(out.stderr);
   if (!out.success) {

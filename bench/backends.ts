@@ -26,6 +26,11 @@ export interface BlkTarget {
   queues: number;
   /** vhost-user socket to listen on. */
   socket: string;
+  /**
+   * Other processes have the image open too (taking turns at I/O): qsd then skips its image lock
+   * (`locking=off`), which would otherwise refuse the sharing.
+   */
+  shared?: boolean;
 }
 
 /** The switchable I/O levers of each back-end. */
@@ -94,6 +99,7 @@ export function backendCommand(
   } else if (t.storage === "disk") {
     const direct = levers.qsdDiskAio === "threads" ? "" : ",cache.direct=on";
     blockdev = `driver=file,node-name=n0,filename=${t.image}${direct},aio=${levers.qsdDiskAio}`;
+    if (t.shared) blockdev += ",locking=off";
   } else {
     blockdev = `driver=file,node-name=n0,filename=${t.image},aio=${levers.qsdTmpfsAio}`;
   }

@@ -1,7 +1,10 @@
 /**
- * Comparison 2, guest fio: the same guest kit (tests/guest) runs fio against one disk, served by
- * QEMU's own virtio-blk-pci (aio=native, cache.direct=on), by qemu-storage-daemon's
- * vhost-user-blk export, or by vhostd, all on the same image file on disk.
+ * Comparison 2, guest fio: one guest (the kit of tests/guest) has a disk per variant, all on the
+ * same image file on disk: QEMU's own virtio-blk-pci (aio=native, cache.direct=on),
+ * qemu-storage-daemon's vhost-user-blk export, and vhostd. The guest runs each fio job on every
+ * disk in turn, rotating the order from job to job, so that the variants share the boot's speed
+ * (under TCG one boot can be several per cent faster than the next). The image is open in all
+ * three at once; only one does I/O at a time, and QEMU and qsd skip their image locks.
  *
  * The guest prints a marker before and after every fio job; the harness samples CPU times from
  * /proc when it sees them, so each job gets its own CPU figures. For the vhost-user back-ends the
@@ -21,6 +24,7 @@ import {
   processCpuSeconds,
   progress,
   type RunningBackend,
+  runOrder,
   sig,
   StepError,
   threadCpuSeconds,
@@ -132,20 +136,44 @@ export function fioCommand(job: FioJob, seconds: number, device = "/dev/vda"): s
   ].join(" ");
 }
 
-/** The guest's /test.sh: markers around each fio job, and one parsable line per job. */
-export function guestScript(jobs: FioJob[], seconds: number): string {
-  const lines = ["set -e", "waitfor /dev/vda 20"];
-  for (const j of jobs) {
-    lines.push(
-      `echo "BENCH-BEGIN ${j.name}"`,
-      "sleep 1",
-      `out=$(${fioCommand(j, seconds)})`,
-      `echo "BENCH-END ${j.name}"`,
-      `echo "BENCH-FIO ${j.name} $out"`,
-      "sleep 1",
-    );
-  }
+/**
+ * The guest's /test.sh: every job on every variant's disk (`devices`, by variant), the variants'
+ * order rotated from job to job (starting at rotation `first`); markers around each fio run and
+ * one parsable line per run.
+ */
+export function guestScript(
+  jobs: FioJob[],
+  seconds: number,
+  devices: ReadonlyMap<GuestVariant, string>,
+  first: number,
+): string {
+  const lines = ["set -e", ...[...devices.values()].map((d) => `waitfor ${d} 20`)];
+  jobs.forEach((j, i) => {
+    for (const v of runOrder([...devices.keys()], first + i)) {
+      const key = `${j.name} ${v}`;
+      lines.push(
+        `echo "BENCH-BEGIN ${key}"`,
+        "sleep 1",
+        `out=$(${fioCommand(j, seconds, devices.get(v))})`,
+        `echo "BENCH-END ${key}"`,
+        `echo "BENCH-FIO ${key} $out"`,
+        "sleep 1",
+      );
+    }
+  });
   return lines.join("\n") + "\n";
+}
+
+/**
+ * The guest's disks: the vhost-user ones first, as {@link runGuest} attaches them, then the
+ * in-QEMU one; `/dev/vda`, `/dev/vdb`... in that order.
+ */
+export function guestDevices(variants: readonly GuestVariant[]): Map<GuestVariant, string> {
+  const ordered = [
+    ...variants.filter((v) => v !== "in-qemu"),
+    ...variants.filter((v) => v === "in-qemu"),
+  ];
+  return new Map(ordered.map((v, i) => [v, `/dev/vd${String.fromCharCode(97 + i)}`]));
 }
 
 /** IOPS and I/O count from a fio terse (version 3) line. */
@@ -184,67 +212,81 @@ interface CpuPoint {
   qemuTotal: number;
 }
 
-async function bootOnce(
-  cfg: GuestFioConfig,
-  variant: GuestVariant,
-  run: number,
-): Promise<{ samples: Map<string, FioSample>; qemu: string; backend?: string }> {
-  const step = `guest fio: ${variant} run ${run + 1}`;
-  const socket = `${cfg.socketDir}/guest-${variant}.sock`;
-  let be: RunningBackend | null = null;
+/** What one boot measured: a sample per (job, variant). */
+interface BootResult {
+  samples: Map<string, FioSample>;
+  qemu: string;
+  backends: Map<GuestVariant, string>;
+}
+
+/** One guest with a disk per variant, all on the same image; every job on every disk in turn. */
+async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
+  const step = `guest fio: boot ${run + 1}`;
+  const devices = guestDevices(cfg.variants);
+  const backends = new Map<GuestVariant, RunningBackend>();
   const tag = `vhostd-bench-${crypto.randomUUID()}`;
   const opts: GuestOptions = {
-    script: guestScript(cfg.jobs, cfg.seconds),
+    script: guestScript(cfg.jobs, cfg.seconds, devices, run),
     smp: cfg.smp,
     memoryMiB: cfg.memoryMiB,
     extraArgs: ["-name", `${tag},debug-threads=on`],
-    timeoutMs: 120_000 + cfg.jobs.length * (cfg.seconds + 10) * 1000,
-  };
-  if (variant === "in-qemu") {
-    opts.virtioBlkImages = [{ path: cfg.diskImage }];
-  } else {
-    opts.vhostUserBlk = [{ socket, numQueues: cfg.deviceQueues }];
-    try {
-      be = await startBackend(variant, {
-        image: cfg.diskImage,
-        storage: "disk",
-        nullSizeBytes: 0,
-        queues: cfg.deviceQueues,
-        socket,
-      }, cfg.levers);
-    } catch (e) {
-      throw new StepError(step, `could not start the back-end: ${(e as Error).message}`);
-    }
-  }
-  const begins = new Map<string, CpuPoint>();
-  const ends = new Map<string, CpuPoint>();
-  let qemuPid: number | null = null;
-  let pending = "";
-  const sample = (): CpuPoint => {
-    qemuPid ??= findQemuPid(tag);
-    if (qemuPid === null) throw new Error("QEMU's process was not found");
-    const q = threadCpuSeconds(qemuPid, VCPU_THREAD);
-    return {
-      backend: be ? processCpuSeconds(be.pid) : q.other,
-      qemuTotal: q.matching + q.other,
-    };
-  };
-  let sampleError = "";
-  opts.onConsole = (chunk) => {
-    pending += chunk;
-    const lines = pending.split("\n");
-    pending = lines.pop() ?? "";
-    for (const raw of lines) {
-      const m = /^BENCH-(BEGIN|END) (\S+)/.exec(raw.replace(/\r$/, ""));
-      if (!m) continue;
-      try {
-        (m[1] === "BEGIN" ? begins : ends).set(m[2], sample());
-      } catch (e) {
-        sampleError = (e as Error).message;
-      }
-    }
+    timeoutMs: 120_000 + cfg.jobs.length * devices.size * (cfg.seconds + 10) * 1000,
+    vhostUserBlk: [],
   };
   try {
+    for (const variant of devices.keys()) {
+      if (variant === "in-qemu") {
+        // The vhost-user back-ends have the image open too; each disk is used in turn.
+        opts.virtioBlkImages = [{ path: cfg.diskImage, shared: true }];
+        continue;
+      }
+      const socket = `${cfg.socketDir}/guest-${variant}.sock`;
+      opts.vhostUserBlk!.push({ socket, numQueues: cfg.deviceQueues });
+      try {
+        backends.set(
+          variant,
+          await startBackend(variant, {
+            image: cfg.diskImage,
+            storage: "disk",
+            nullSizeBytes: 0,
+            queues: cfg.deviceQueues,
+            socket,
+            shared: true,
+          }, cfg.levers),
+        );
+      } catch (e) {
+        throw new StepError(step, `could not start ${variant}: ${(e as Error).message}`);
+      }
+    }
+    const begins = new Map<string, CpuPoint>();
+    const ends = new Map<string, CpuPoint>();
+    let qemuPid: number | null = null;
+    let pending = "";
+    const sample = (variant: GuestVariant): CpuPoint => {
+      qemuPid ??= findQemuPid(tag);
+      if (qemuPid === null) throw new Error("QEMU's process was not found");
+      const q = threadCpuSeconds(qemuPid, VCPU_THREAD);
+      const be = backends.get(variant);
+      return {
+        backend: be ? processCpuSeconds(be.pid) : q.other,
+        qemuTotal: q.matching + q.other,
+      };
+    };
+    let sampleError = "";
+    opts.onConsole = (chunk) => {
+      pending += chunk;
+      const lines = pending.split("\n");
+      pending = lines.pop() ?? "";
+      for (const raw of lines) {
+        const m = /^BENCH-(BEGIN|END) (\S+) (\S+)/.exec(raw.replace(/\r$/, ""));
+        if (!m) continue;
+        try {
+          (m[1] === "BEGIN" ? begins : ends).set(`${m[2]} ${m[3]}`, sample(m[3] as GuestVariant));
+        } catch (e) {
+          sampleError = (e as Error).message;
+        }
+      }
+    };
     let r;
     try {
       r = await runGuest(opts);
@@ -261,61 +303,72 @@ async function bootOnce(
     if (sampleError) throw new StepError(step, `CPU sampling failed: ${sampleError}`);
     const samples = new Map<string, FioSample>();
     for (const job of cfg.jobs) {
-      const line = r.console.split("\n").find((l) => l.startsWith(`BENCH-FIO ${job.name} `));
-      const b = begins.get(job.name), e = ends.get(job.name);
-      if (!line || !b || !e) throw new StepError(step, `no result or markers for ${job.name}`);
-      let parsed;
-      try {
-        parsed = parseTerse(line.slice(`BENCH-FIO ${job.name} `.length), job.bs);
-      } catch (err) {
-        throw new StepError(`${step} ${job.name}`, (err as Error).message);
+      const parts: string[] = [];
+      for (const variant of cfg.variants) {
+        const key = `${job.name} ${variant}`;
+        const line = r.console.split("\n").find((l) => l.startsWith(`BENCH-FIO ${key} `));
+        const b = begins.get(key), e = ends.get(key);
+        if (!line || !b || !e) throw new StepError(step, `no result or markers for ${key}`);
+        let parsed;
+        try {
+          parsed = parseTerse(line.slice(`BENCH-FIO ${key} `.length), job.bs);
+        } catch (err) {
+          throw new StepError(`${step} ${key}`, (err as Error).message);
+        }
+        if (!(parsed.ios > 0)) throw new StepError(`${step} ${key}`, "fio did no I/O");
+        const s: FioSample = {
+          iops: parsed.iops,
+          ios: parsed.ios,
+          backendCpuUsPerIo: sig(((e.backend - b.backend) * 1e6) / parsed.ios, 4),
+          qemuTotalCpuUsPerIo: sig(((e.qemuTotal - b.qemuTotal) * 1e6) / parsed.ios, 4),
+        };
+        samples.set(`${job.name}|${variant}`, s);
+        parts.push(
+          `${variant} ${s.iops.toLocaleString("en-US")} IOPS (${s.backendCpuUsPerIo} µs CPU/IO)`,
+        );
       }
-      if (!(parsed.ios > 0)) throw new StepError(`${step} ${job.name}`, "fio did no I/O");
-      const s: FioSample = {
-        iops: parsed.iops,
-        ios: parsed.ios,
-        backendCpuUsPerIo: sig(((e.backend - b.backend) * 1e6) / parsed.ios, 4),
-        qemuTotalCpuUsPerIo: sig(((e.qemuTotal - b.qemuTotal) * 1e6) / parsed.ios, 4),
-      };
-      samples.set(job.name, s);
-      progress(
-        `guest ${job.name} ${variant} run ${run + 1}: ${s.iops.toLocaleString("en-US")} IOPS, ` +
-          `back-end ${s.backendCpuUsPerIo} µs CPU/IO, QEMU total ${s.qemuTotalCpuUsPerIo} µs/IO ` +
-          `(boot+jobs ${Math.round(r.durationMs / 1000)} s)`,
-      );
+      progress(`guest boot ${run + 1} ${job.name}: ${parts.join(", ")}`);
     }
     return {
       samples,
       qemu: commandLine(r.command),
-      backend: be ? commandLine(be.command) : undefined,
+      backends: new Map([...backends].map(([v, be]) => [v, commandLine(be.command)])),
     };
   } finally {
-    await be?.stop();
+    for (const be of backends.values()) await be.stop();
   }
 }
 
-/** Runs comparison 2; boots are interleaved across variants, repetition loop outermost. */
+/**
+ * Runs comparison 2: `cfg.runs` boots of one guest with a disk per variant, every job run on
+ * every disk in turn (interleaved, so that the variants share the boot's ups and downs).
+ */
 export async function guestFio(cfg: GuestFioConfig): Promise<GuestFioResult> {
   const cases = new Map<string, GuestCaseResult>();
   const commands: GuestFioResult["commands"] = {};
-  let n = 0;
-  const total = cfg.runs * cfg.variants.length;
   for (let run = 0; run < cfg.runs; run++) {
-    for (const variant of cfg.variants) {
-      n++;
-      progress(
-        `[${n}/${total}] guest fio: booting a ${accelerator().toUpperCase()} guest, ${variant}`,
-      );
-      const b = await bootOnce(cfg, variant, run);
-      commands[variant] = { qemu: b.qemu, backend: b.backend };
-      for (const [job, s] of b.samples) {
-        const key = `${job}|${variant}`;
+    progress(
+      `[${run + 1}/${cfg.runs}] guest fio: booting a ${accelerator().toUpperCase()} guest with ` +
+        `${cfg.variants.length} disks (${cfg.variants.join(", ")})`,
+    );
+    const b = await bootOnce(cfg, run);
+    for (const v of cfg.variants) commands[v] = { qemu: b.qemu, backend: b.backends.get(v) };
+    for (const job of cfg.jobs) {
+      for (const variant of cfg.variants) {
+        const key = `${job.name}|${variant}`;
         let c = cases.get(key);
         if (!c) {
-          c = { job, variant, iops: 0, cpuUsPerIo: 0, qemuTotalCpuUsPerIo: 0, samples: [] };
+          c = {
+            job: job.name,
+            variant,
+            iops: 0,
+            cpuUsPerIo: 0,
+            qemuTotalCpuUsPerIo: 0,
+            samples: [],
+          };
           cases.set(key, c);
         }
-        c.samples.push(s);
+        c.samples.push(b.samples.get(key)!);
       }
     }
   }
@@ -341,15 +394,18 @@ export async function guestFio(cfg: GuestFioConfig): Promise<GuestFioResult> {
     }
   }
   return {
-    description: "fio in a guest (libaio, direct, one job) against /dev/vda served three ways " +
-      "from the same image on disk. Back-end CPU: the back-end process for qsd and vhostd; for " +
-      "in-QEMU virtio-blk, QEMU's non-vCPU threads (main loop + AIO). QEMU total includes the " +
-      "vCPU threads (the emulated guest under TCG).",
+    description: "fio in one guest (libaio, direct, one job at a time) against a disk per " +
+      "variant, all three served from the same image on disk, the variants taking turns. " +
+      "Back-end CPU: the back-end process for qsd and vhostd; for in-QEMU virtio-blk, QEMU's " +
+      "non-vCPU threads (main loop + AIO). QEMU total includes the vCPU threads (the emulated " +
+      "guest under TCG).",
     accelerator: accelerator(),
     config: cfg,
     cases: [...cases.values()],
     ratios,
-    fioCommands: Object.fromEntries(cfg.jobs.map((j) => [j.name, fioCommand(j, cfg.seconds)])),
+    fioCommands: Object.fromEntries(
+      cfg.jobs.map((j) => [j.name, fioCommand(j, cfg.seconds, "/dev/vdX")]),
+    ),
     commands,
   };
 }

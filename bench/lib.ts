@@ -28,6 +28,12 @@ export function median(xs: readonly number[]): number {
   return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
 }
 
+/** `items` in the order of run `n`: rotated by `n`, so that none always goes first. */
+export function runOrder<T>(items: readonly T[], n: number): T[] {
+  const k = n % items.length;
+  return [...items.slice(k), ...items.slice(0, k)];
+}
+
 /** CPU time of a process (all its threads) in seconds: utime + stime from /proc/PID/stat. */
 export function processCpuSeconds(pid: number): number {
   return statCpuSeconds(Deno.readTextFileSync(`/proc/${pid}/stat`));

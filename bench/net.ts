@@ -43,6 +43,7 @@ import {
   processCpuSeconds,
   progress,
   type RunningBackend,
+  runOrder,
   sig,
   sleep,
   socketExists,
@@ -634,12 +635,6 @@ export function guestNics(variants: readonly GuestNetVariant[]): GuestNic[] {
     serverAddr: `198.18.${i + 1}.1`,
     mac: `52:54:00:18:${(i + 1).toString(16).padStart(2, "0")}:02`,
   }));
-}
-
-/** The order of the variants in run `n` (rotated, so that none always goes first). */
-export function runOrder<T>(items: readonly T[], n: number): T[] {
-  const k = n % items.length;
-  return [...items.slice(k), ...items.slice(0, k)];
 }
 
 /**

@@ -7,9 +7,9 @@
  */
 
 import assert from "node:assert/strict";
-import { DaemonProcess } from "./helpers/daemon.ts";
+import { DaemonProcess, runVhostd } from "./helpers/daemon.ts";
 import { assertGuestSuccess, describeGuestRun, parseResults, runGuest } from "./guest/qemu.ts";
-import { netDeviceArgs, run } from "./helpers/net.ts";
+import { linkExists, netDeviceArgs, run } from "./helpers/net.ts";
 
 /** One counter of the metrics text, for queue `queue` of the device. */
 function counter(metrics: string, name: string, queue: number): number {
@@ -18,6 +18,25 @@ function counter(metrics: string, name: string, queue: number): number {
   assert.ok(m, `${name} of queue ${queue} in\n${metrics}`);
   return Number(m[1]);
 }
+
+Deno.test("net: --poll-us out of range is one line and exit 2, before any TAP is made", async () => {
+  const tap = `vhq${Math.random().toString(36).slice(2, 8)}`;
+  const r = await runVhostd([
+    "net",
+    "--socket",
+    "/tmp/never.sock",
+    "--tap",
+    tap,
+    "--poll-us",
+    "5000",
+  ]);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(
+    r.stderr.trim(),
+    /^vhostd net: --poll-us must be a whole number from 0 to 1000, not "5000"$/,
+  );
+  assert.equal(await linkExists(tap), false, "no TAP left behind");
+});
 
 for (const pollUs of [0, 1000]) {
   Deno.test({

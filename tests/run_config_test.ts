@@ -30,6 +30,11 @@ Deno.test("run --config: each mistake is one line naming the field, exit 2", asy
         /^devices\[0\]\.queues: must be a whole number from 1 to 64, not 0$/,
       ],
       [
+        "net poll window out of range",
+        { devices: [{ type: "net", id: "n", tap: "vhxcfg0", pollUs: 5000 }] },
+        /^devices\[0\]\.pollUs: must be a whole number from 0 to 1000, not 5000$/,
+      ],
+      [
         "unknown type",
         { devices: [good, { type: "nvme", id: "n" }] },
         /^devices\[1\]\.type: unknown device type "nvme" \(this build knows: .*blk.*\)$/,

@@ -34,6 +34,8 @@ export interface VirtioBlkImage {
   path: string;
   /** Attach read-only. */
   readOnly?: boolean;
+  /** Other processes have the image open too: skip QEMU's image lock (`file.locking=off`). */
+  shared?: boolean;
 }
 
 /** What to boot and how. */
@@ -368,6 +370,7 @@ export function qemuCommand(
       optValue(img.path)
     },if=none,id=vblk${i},format=raw,aio=native,cache.direct=on`;
     if (img.readOnly) drive += ",readonly=on";
+    if (img.shared) drive += ",file.locking=off";
     args.push("-drive", drive, "-device", `virtio-blk-pci,drive=vblk${i}`);
   });
   args.push(...(opts.extraArgs ?? []));
