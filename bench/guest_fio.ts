@@ -30,8 +30,11 @@ import {
   threadCpuSeconds,
 } from "./lib.ts";
 
-/** The three ways of serving the guest's disk. */
-export type GuestVariant = "in-qemu" | "qsd" | "vhostd";
+/**
+ * The ways of serving the guest's disk: QEMU itself, qemu-storage-daemon, vhostd, and vhostd with
+ * busy-polling off (`--poll-us 0`, the lever against its default).
+ */
+export type GuestVariant = "in-qemu" | "qsd" | "vhostd" | "vhostd-nopoll";
 
 /** One fio job. */
 export interface FioJob {
@@ -242,17 +245,18 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
       }
       const socket = `${cfg.socketDir}/guest-${variant}.sock`;
       opts.vhostUserBlk!.push({ socket, numQueues: cfg.deviceQueues });
+      const levers = variant === "vhostd-nopoll" ? { ...cfg.levers, vhostdPollUs: 0 } : cfg.levers;
       try {
         backends.set(
           variant,
-          await startBackend(variant, {
+          await startBackend(variant === "qsd" ? "qsd" : "vhostd", {
             image: cfg.diskImage,
             storage: "disk",
             nullSizeBytes: 0,
             queues: cfg.deviceQueues,
             socket,
             shared: true,
-          }, cfg.levers),
+          }, levers),
         );
       } catch (e) {
         throw new StepError(step, `could not start ${variant}: ${(e as Error).message}`);

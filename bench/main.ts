@@ -221,7 +221,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
           { name: "read-128k-qd32", rw: "read", bs: 128 * 1024, depth: 32 },
         ];
         const cfg: GuestFioConfig = {
-          variants: ["in-qemu", "qsd", "vhostd"] as GuestVariant[],
+          variants: ["in-qemu", "qsd", "vhostd", "vhostd-nopoll"] as GuestVariant[],
           jobs,
           runs,
           seconds: guestSeconds,

@@ -63,7 +63,7 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
 
     const g = r.guestFio;
     assert.ok(g, "guestFio missing");
-    assert.equal(g.cases.length, 3 * 3, "jobs × variants");
+    assert.equal(g.cases.length, 3 * 4, "jobs × variants");
     for (const c of g.cases) {
       positive(c.iops, `guest ${c.job} ${c.variant} IOPS`);
       positive(c.cpuUsPerIo, `guest ${c.job} ${c.variant} back-end CPU/IO`);
