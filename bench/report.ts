@@ -553,7 +553,8 @@ export function markdown(
           "`-netdev tap` (userspace; there is no vhost-net here), `vhostd` is a vhost-user device " +
           `on \`vhostd net --tap\` at its defaults.${lever} The guest runs iperf3 over each NIC ` +
           `in turn, ${c.iperfSeconds} s per run, ${c.iperfRounds} round(s) per boot, ${c.runs} ` +
-          "boot(s), the NICs' order rotated every round; figures are medians of all runs. " +
+          "boot(s), the NICs' order rotated every round, after an unmeasured 2 s warm-up stream " +
+          "each way (a TCG guest's first stream is slow); figures are medians of all runs. " +
           "Interleaving the NICs of one guest keeps the boot-to-boot spread out of the ratios. " +
           "Same device options on every NIC" +
           (i.accelerator === "tcg"
