@@ -35,6 +35,7 @@
  */
 
 import { accelerator, describeGuestRun, type GuestResult, runGuest } from "../tests/guest/qemu.ts";
+import { linkExists, placeTap } from "../tests/helpers/net.ts";
 import {
   commandLine,
   DENO,
@@ -715,18 +716,11 @@ interface IperfBoot {
 /** Waits for a TAP to appear, then moves it into `ns` with the server's address. */
 async function tapIntoNamespace(tap: string, ns: string, addr: string, gaveUp: () => boolean) {
   const end = Date.now() + 60_000;
-  for (;;) {
-    try {
-      await run(["ip", "link", "show", "dev", tap]);
-      break;
-    } catch {
-      if (gaveUp() || Date.now() > end) throw new Error(`TAP ${tap} never appeared`);
-      await sleep(100);
-    }
+  while (!(await linkExists(tap))) {
+    if (gaveUp() || Date.now() > end) throw new Error(`TAP ${tap} never appeared`);
+    await sleep(100);
   }
-  await run(["ip", "link", "set", tap, "netns", ns]);
-  await run(["ip", "-n", ns, "addr", "add", `${addr}/24`, "dev", tap]);
-  await run(["ip", "-n", ns, "link", "set", tap, "up"]);
+  await placeTap(tap, ns, addr);
 }
 
 /** One guest with a NIC per variant, each in its own namespace with an iperf3 server. */

@@ -19,7 +19,6 @@ import {
   parsePollUs,
   parseServeOptions,
   pollOptions,
-  pollOptionsHelp,
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
@@ -45,7 +44,8 @@ Options:
   --read-only         serve read-only (VIRTIO_BLK_F_RO); writes fail
   --queues N          queues offered, 1-64 (default 16; QEMU uses one per vCPU by default)
   --direct            open the image with O_DIRECT (bypass the host page cache)
-${pollOptionsHelp("the queues and the disk", DEFAULT_POLL_US)}
+  --poll-us N         after the last request, keep polling the queues and the disk for N µs
+                      before sleeping (0-${MAX_POLL_US}, default ${DEFAULT_POLL_US}; 0: sleep at once)
   --serial ID         serial number the guest sees (default: vhostd-<image name>)
   --socket-mode MODE  octal mode of the socket file (default 0600: only the owner may connect)
   --socket-group GRP  group of the socket file (name or gid; use with --socket-mode 0660)

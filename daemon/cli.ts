@@ -47,22 +47,6 @@ export const pollOptions = {
   "poll-us": { type: "string" },
 } as const;
 
-/**
- * The help lines of {@link pollOptions}: `what` says what is polled, `defaultUs` is the device's
- * default window.
- */
-export function pollOptionsHelp(what: string, defaultUs: number): string {
-  const text = `after the last event, keep polling ${what} for N µs before sleeping ` +
-    `(0-${MAX_POLL_US}, default ${defaultUs}; 0: sleep at once)`;
-  const lines = [""];
-  for (const word of text.split(" ")) {
-    const last = lines.length - 1;
-    if (lines[last].length + word.length + 1 > 74) lines.push(word);
-    else lines[last] = lines[last] ? `${lines[last]} ${word}` : word;
-  }
-  return `  --poll-us N         ${lines.join(`\n${" ".repeat(22)}`)}`;
-}
-
 /** Checks {@link pollOptions}. */
 export function parsePollUs(values: { "poll-us"?: string }, defaultUs: number): number {
   return parseIntOption("poll-us", values["poll-us"], defaultUs, 0, MAX_POLL_US);

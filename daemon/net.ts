@@ -23,7 +23,6 @@ import {
   parsePollUs,
   parseServeOptions,
   pollOptions,
-  pollOptionsHelp,
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
@@ -54,7 +53,8 @@ Options:
   --socket-mode MODE  octal mode of the socket file (default 0600)
   --socket-group GRP  group of the socket file (name or gid)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
-${pollOptionsHelp("the transmit queues (the guest's kicks off) and the TAP", DEFAULT_NET_POLL_US)}
+  --poll-us N         after the last frame, keep polling the transmit queues (the guest's kicks
+                      off) and the TAP for N µs before sleeping (0-${MAX_POLL_US}; default ${DEFAULT_NET_POLL_US}: none)
 ${SERVE_OPTIONS_HELP}
 
 QEMU (7.2 under TCG needs vectors=0 on the device; with KVM use vectors=2N+2):

@@ -16,7 +16,7 @@ import {
   parseResults,
   runGuest,
 } from "./guest/qemu.ts";
-import { netDeviceArgs, run } from "./helpers/net.ts";
+import { netDeviceArgs, placeTap, run } from "./helpers/net.ts";
 
 /** Shell helpers shared by the guest scripts (busybox sh). */
 const SH_HELPERS = `
@@ -148,9 +148,7 @@ Deno.test({
       d = await DaemonProcess.start(["net", "--socket", sock, "--tap", tap]);
       assert.match(d.stdout, /-netdev vhost-user,id=net0,chardev=net0c/);
       // The daemon created the TAP in our namespace; the host side lives in the test's one.
-      await run("ip", "link", "set", tap, "netns", ns);
-      await run("ip", "-n", ns, "addr", "add", "198.18.1.1/24", "dev", tap);
-      await run("ip", "-n", ns, "link", "set", tap, "up");
+      await placeTap(tap, ns, "198.18.1.1");
       await run("ip", "-n", ns, "link", "set", "lo", "up");
       iperfServer = new Deno.Command("ip", {
         args: ["netns", "exec", ns, "iperf3", "-s", "-B", "198.18.1.1"],

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { DaemonProcess, runVhostd } from "./helpers/daemon.ts";
 import { assertGuestSuccess, describeGuestRun, parseResults, runGuest } from "./guest/qemu.ts";
-import { linkExists, netDeviceArgs, run } from "./helpers/net.ts";
+import { linkExists, netDeviceArgs, placeTap, run } from "./helpers/net.ts";
 
 /** One counter of the metrics text, for queue `queue` of the device. */
 function counter(metrics: string, name: string, queue: number): number {
@@ -53,7 +53,7 @@ for (const pollUs of [0, 1000]) {
       const sock = `${dir}/net.sock`;
       await run("ip", "netns", "add", ns);
       let d: DaemonProcess | undefined;
-      const servers: Deno.ChildProcess[] = [];
+      let iperfServer: Deno.ChildProcess | undefined;
       try {
         const args = ["net", "--socket", sock, "--tap", tap, "--metrics", "127.0.0.1:0"];
         d = await DaemonProcess.start(pollUs ? [...args, "--poll-us", String(pollUs)] : args);
@@ -63,18 +63,14 @@ for (const pollUs of [0, 1000]) {
           "metrics",
         );
         const port = /metrics on http:\/\/127\.0\.0\.1:(\d+)/.exec(d.stdout + d.stderr)![1];
-        await run("ip", "link", "set", tap, "netns", ns);
-        await run("ip", "-n", ns, "addr", "add", "198.18.1.1/24", "dev", tap);
-        await run("ip", "-n", ns, "link", "set", tap, "up");
+        await placeTap(tap, ns, "198.18.1.1");
         await run("ip", "-n", ns, "link", "set", "lo", "up");
         const received = `${dir}/received`;
-        const inNs = (cmd: string) =>
-          new Deno.Command("ip", {
-            args: ["netns", "exec", ns, "sh", "-c", cmd],
-            stdout: "null",
-            stderr: "null",
-          }).spawn();
-        servers.push(inNs("iperf3 -s -B 198.18.1.1"));
+        iperfServer = new Deno.Command("ip", {
+          args: ["netns", "exec", ns, "iperf3", "-s", "-B", "198.18.1.1"],
+          stdout: "null",
+          stderr: "null",
+        }).spawn();
         let fetched: Promise<string> | undefined;
         const r = await runGuest({
           script: `ip link set eth0 up || exit 10
@@ -137,13 +133,11 @@ exit 0
         else assert.ok(kicks < frames / 2, `${kicks} kicks for ${frames} frames`);
         assert.ok(counter(metrics, "requests", 0) > 0, "the receive queue carried frames");
       } finally {
-        for (const s of servers) {
-          try {
-            s.kill("SIGKILL");
-          } catch {
-            // already gone
-          }
-          await s.status;
+        try {
+          iperfServer?.kill("SIGKILL");
+          await iperfServer?.status;
+        } catch {
+          // already gone
         }
         const code = d ? await d.stop() : 0;
         await run("ip", "netns", "del", ns).catch(() => {});

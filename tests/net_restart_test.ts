@@ -15,7 +15,7 @@
  */
 
 import assert from "node:assert/strict";
-import { linkExists, netDeviceArgs, run } from "./helpers/net.ts";
+import { linkExists, netDeviceArgs, placeTap, run } from "./helpers/net.ts";
 import { DaemonProcess } from "./helpers/daemon.ts";
 import {
   assertGuestSuccess,
@@ -135,24 +135,6 @@ async function retry(tries: number, cmd: string, ...args: string[]): Promise<str
       await sleep(1000);
     }
   }
-}
-
-/**
- * Puts the daemon's TAP into the test namespace and addresses it. A TAP the daemon created dies
- * with the daemon, so after a restart there is a fresh one in our namespace to move again; a TAP
- * that survived in the test namespace (persistent) is only addressed and brought up again.
- */
-async function placeTap(tap: string, ns: string, addr: string): Promise<void> {
-  if (await linkExists(tap)) {
-    if (await linkExists(tap, ns)) {
-      throw new Error(`TAP ${tap} exists both here and in namespace ${ns}`);
-    }
-    await run("ip", "link", "set", tap, "netns", ns);
-  } else if (!(await linkExists(tap, ns))) {
-    throw new Error(`the daemon's TAP ${tap} is nowhere`);
-  }
-  await run("ip", "-n", ns, "addr", "replace", `${addr}/24`, "dev", tap);
-  await run("ip", "-n", ns, "link", "set", tap, "up");
 }
 
 /** Kills `daemon` with SIGKILL and starts a new one with `args`; returns the new one. */

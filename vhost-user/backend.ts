@@ -115,6 +115,8 @@ export class VhostUserBackend {
   readonly memory: GuestMemory;
   /** The device's queues. */
   readonly queues: SplitQueue[];
+  /** Per queue: whether the device lets it be busy-polled (`VirtioDevice.pollQueues`). */
+  readonly polled: readonly boolean[];
   /** Virtio features offered. */
   readonly features: bigint;
   /** Protocol features offered. */
@@ -137,6 +139,10 @@ export class VhostUserBackend {
     this.memory = new GuestMemory(options.maxMemSlots ?? 256);
     const maxSize = device.maxQueueSize ?? 1024;
     this.queues = Array.from({ length: device.numQueues }, (_, i) => new SplitQueue(i, maxSize));
+    const poll = device.pollQueues;
+    this.polled = this.queues.map((q) =>
+      typeof poll === "function" ? poll(q.index) : poll === true
+    );
     const stats = options.queueStats;
     if (stats) { for (const q of this.queues) q.stats = stats(q.index); }
     this.features = device.features | BASE_FEATURES;
@@ -525,17 +531,11 @@ export class VhostUserBackend {
     }
   }
 
-  /** Whether the device lets queue `index` be busy-polled (see `VirtioDevice.pollQueues`). */
-  isPolled(index: number): boolean {
-    const p = this.device.pollQueues;
-    return typeof p === "function" ? p(index) : p === true;
-  }
-
   /** Serves the queues the driver added to, kicks or not; returns whether any had work. */
   pollQueues(): boolean {
     let worked = false;
     for (const q of this.queues) {
-      if (!q.ready || !this.isPolled(q.index) || !q.hasAvailable()) continue;
+      if (!q.ready || !this.polled[q.index] || !q.hasAvailable()) continue;
       const before = q.lastAvailIdx;
       this.serviceQueue(q.index, true);
       worked ||= q.lastAvailIdx !== before;
@@ -550,7 +550,7 @@ export class VhostUserBackend {
   armQueues(): boolean {
     let pending = false;
     for (const q of this.queues) {
-      if (q.ready && this.isPolled(q.index) && q.setNotification(true)) pending = true;
+      if (q.ready && this.polled[q.index] && q.setNotification(true)) pending = true;
     }
     return pending;
   }

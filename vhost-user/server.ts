@@ -68,7 +68,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     this.#options = options;
     this.#log = getLogger(["vhostd", device.name]);
     this.backend = new VhostUserBackend(device, this, options);
-    this.#polling = loop.pollUs > 0 && (device.pollQueues ?? false) !== false;
+    this.#polling = loop.pollUs > 0 && this.backend.polled.includes(true);
   }
 
   /** Registers a queue's kick eventfd. */
@@ -220,7 +220,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     q.stats[QueueStat.KICKS]++;
     try {
       drainEventFd(q.kickFd);
-      this.backend.serviceQueue(queue, this.#polling && this.backend.isPolled(queue));
+      this.backend.serviceQueue(queue, this.#polling && this.backend.polled[queue]);
     } catch (e) {
       this.#disconnect(`dropping the front-end: queue ${queue}: ${errorText(e)}`, true);
     }

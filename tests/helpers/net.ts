@@ -1,6 +1,6 @@
 /**
- * Helpers for the network tests: QEMU arguments of a vhost-user net device, and running `ip`
- * and friends.
+ * Helpers for the network tests: QEMU arguments of a vhost-user net device, running `ip` and
+ * friends, and moving a daemon's TAP into a test namespace.
  *
  * @module
  */
@@ -37,4 +37,22 @@ export async function linkExists(name: string, ns?: string): Promise<boolean> {
   const args = ns ? ["-n", ns, "link", "show", name] : ["link", "show", name];
   const out = await new Deno.Command("ip", { args, stdout: "null", stderr: "null" }).output();
   return out.success;
+}
+
+/**
+ * Puts the daemon's TAP into the test namespace `ns` and gives it `addr`/24. A TAP the daemon created dies
+ * with the daemon, so after a restart there is a fresh one in our namespace to move again; a TAP
+ * that survived in the test namespace (persistent) is only addressed and brought up again.
+ */
+export async function placeTap(tap: string, ns: string, addr: string): Promise<void> {
+  if (await linkExists(tap)) {
+    if (await linkExists(tap, ns)) {
+      throw new Error(`TAP ${tap} exists both here and in namespace ${ns}`);
+    }
+    await run("ip", "link", "set", tap, "netns", ns);
+  } else if (!(await linkExists(tap, ns))) {
+    throw new Error(`the daemon's TAP ${tap} is nowhere`);
+  }
+  await run("ip", "-n", ns, "addr", "replace", `${addr}/24`, "dev", tap);
+  await run("ip", "-n", ns, "link", "set", tap, "up");
 }
