@@ -6,6 +6,7 @@
  * @module
  */
 
+import { pinnedArgv } from "./placement.ts";
 import { DENO, type RunningBackend, socketExists, startProcess } from "./lib.ts";
 
 /** Back-ends under test. */
@@ -117,13 +118,14 @@ function pollArgs(levers: BackendLevers): string[] {
   return levers.vhostdPollUs === undefined ? [] : ["--poll-us", String(levers.vhostdPollUs)];
 }
 
-/** Starts `backend` on `t` and waits until its socket listens. */
+/** Starts `backend` on `t` (on `cpus`, if given) and waits until its socket listens. */
 export function startBackend(
   backend: BackendName,
   t: BlkTarget,
   levers: BackendLevers,
+  cpus?: number[],
 ): Promise<RunningBackend> {
-  const argv = backendCommand(backend, t, levers);
+  const argv = pinnedArgv(backendCommand(backend, t, levers), cpus);
   try {
     Deno.removeSync(t.socket);
   } catch {

@@ -17,6 +17,7 @@
 
 import { accelerator, describeGuestRun, type GuestOptions, runGuest } from "../tests/guest/qemu.ts";
 import { type BackendLevers, startBackend } from "./backends.ts";
+import { type CpuPlacement, pinnedArgv, pinVcpuThreads, VCPU_THREAD } from "./placement.ts";
 import {
   commandLine,
   lastLines,
@@ -70,6 +71,8 @@ export interface GuestFioConfig {
   deviceQueues: number;
   /** Back-end I/O levers. */
   levers: BackendLevers;
+  /** vCPU threads on CPUs of their own, everything else on the rest; null leaves it to Linux. */
+  placement: CpuPlacement | null;
 }
 
 /** One fio job in one boot. */
@@ -208,8 +211,6 @@ function findQemuPid(tag: string): number | null {
   return null;
 }
 
-const VCPU_THREAD = /^CPU \d+\/(TCG|KVM)$/;
-
 interface CpuPoint {
   backend: number;
   qemuTotal: number;
@@ -235,7 +236,16 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
     extraArgs: ["-name", `${tag},debug-threads=on`],
     timeoutMs: 120_000 + cfg.jobs.length * devices.size * (cfg.seconds + 10) * 1000,
     vhostUserBlk: [],
+    commandPrefix: pinnedArgv([], cfg.placement?.housekeeping),
   };
+  let pinning: Promise<void> = Promise.resolve();
+  if (cfg.placement) {
+    const placement = cfg.placement;
+    opts.onSpawn = (pid) => {
+      pinning = pinVcpuThreads(pid, placement);
+      pinning.catch(() => {}); // reported after the run
+    };
+  }
   try {
     for (const variant of devices.keys()) {
       if (variant === "in-qemu") {
@@ -249,14 +259,19 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
       try {
         backends.set(
           variant,
-          await startBackend(variant === "qsd" ? "qsd" : "vhostd", {
-            image: cfg.diskImage,
-            storage: "disk",
-            nullSizeBytes: 0,
-            queues: cfg.deviceQueues,
-            socket,
-            shared: true,
-          }, levers),
+          await startBackend(
+            variant === "qsd" ? "qsd" : "vhostd",
+            {
+              image: cfg.diskImage,
+              storage: "disk",
+              nullSizeBytes: 0,
+              queues: cfg.deviceQueues,
+              socket,
+              shared: true,
+            },
+            levers,
+            cfg.placement?.housekeeping,
+          ),
         );
       } catch (e) {
         throw new StepError(step, `could not start ${variant}: ${(e as Error).message}`);
@@ -303,6 +318,11 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
         step,
         `guest exit ${r.exitStatus}, QEMU exit ${r.qemuExitCode}: ${lastLines(detail, 4)}`,
       );
+    }
+    try {
+      await pinning;
+    } catch (e) {
+      throw new StepError(step, `pinning the vCPU: ${(e as Error).message}`);
     }
     if (sampleError) throw new StepError(step, `CPU sampling failed: ${sampleError}`);
     const samples = new Map<string, FioSample>();

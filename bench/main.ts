@@ -28,6 +28,7 @@ import {
 } from "./net.ts";
 import { type BenchResult, charts, markdown } from "./report.ts";
 import { systemInfo } from "./system.ts";
+import { guestPlacement } from "./placement.ts";
 
 /** Comparisons that can be selected with `--only`. */
 export type Comparison = "backend" | "guest" | "net" | "memory";
@@ -52,6 +53,8 @@ export interface BenchOptions {
   markdownPath: string;
   /** Back-end I/O levers. */
   levers: BackendLevers;
+  /** Pin guest vCPU threads to CPUs of their own, everything else to the rest (default on). */
+  pinGuests: boolean;
   /** The command line shown in the report. */
   command: string;
 }
@@ -85,6 +88,8 @@ Options:
   --qsd-tmpfs-aio MODE  qemu-storage-daemon aio on tmpfs: threads or io_uring (default threads)
   --no-vhostd-direct    serve the disk image without O_DIRECT in vhostd (a lever, not a fair run)
   --vhostd-poll-us N    vhostd's busy-poll window in µs (default: vhostd's own default)
+  --no-pin              leave guest vCPU and back-end threads where Linux puts them (by default
+                        the vCPU gets a CPU of its own, QEMU's other threads and back-ends the rest)
   --results-dir DIR     where JSON and SVG go (default bench/results)
   --markdown PATH       report of a full run (default BENCHMARKS.md)
   -h, --help            this text
@@ -98,6 +103,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
   const startedAt = new Date().toISOString();
   const quick = opts.quick;
   const runs = opts.runs ?? (quick ? 1 : 3);
+  const guestPlacementFor = (smp: number) => opts.pinGuests ? guestPlacement(smp) : null;
   const loadSeconds = opts.loadSeconds ?? (quick ? 1 : 10);
   const guestSeconds = opts.guestSeconds ?? (quick ? 3 : 10);
   const netSeconds = opts.netSeconds ?? (quick ? 3 : 10);
@@ -231,6 +237,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
           memoryMiB: 512,
           deviceQueues: 1,
           levers: opts.levers,
+          placement: guestPlacementFor(1),
         };
         result.guestFio = await guestFio(cfg);
       });
@@ -251,6 +258,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
         iperfRounds: quick ? 1 : 2,
         leverPollUs: 1000,
         smp: 1,
+        placement: guestPlacementFor(1),
         memoryMiB: 512,
         socketDir: shmDir,
       };
@@ -338,6 +346,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       "qsd-tmpfs-aio": { type: "string" },
       "no-vhostd-direct": { type: "boolean" },
       "vhostd-poll-us": { type: "string" },
+      "no-pin": { type: "boolean" },
       "results-dir": { type: "string" },
       markdown: { type: "string" },
       help: { type: "boolean", short: "h" },
@@ -383,6 +392,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       qsdTmpfsAio: tmpfsAio as BackendLevers["qsdTmpfsAio"],
       vhostdPollUs: pollUs,
     },
+    pinGuests: values["no-pin"] !== true,
     command: ["deno task bench", ...args].join(" "),
   };
 }

@@ -36,6 +36,7 @@
 
 import { accelerator, describeGuestRun, type GuestResult, runGuest } from "../tests/guest/qemu.ts";
 import { linkExists, placeTap } from "../tests/helpers/net.ts";
+import { type CpuPlacement, pinnedArgv, pinVcpuThreads } from "./placement.ts";
 import {
   commandLine,
   DENO,
@@ -104,6 +105,8 @@ export interface NetConfig {
   leverPollUs: number;
   /** Guest vCPUs. */
   smp: number;
+  /** Guest vCPU on CPUs of its own, everything else on the rest; null leaves it to Linux. */
+  placement: CpuPlacement | null;
   /** Guest RAM in MiB. */
   memoryMiB: number;
   /** Directory for sockets. */
@@ -731,6 +734,8 @@ async function iperfBoot(
 ): Promise<IperfBoot> {
   const step = `net guest: boot ${boot + 1}`;
   const nics = guestNics(cfg.variants);
+  const housekeeping = cfg.placement?.housekeeping;
+  let pinning: Promise<void> = Promise.resolve();
   const tag = randomTag();
   const ends = nics.map((n, i) => ({
     nic: n,
@@ -751,7 +756,10 @@ async function iperfBoot(
       } catch (err) {
         throw new StepError(step, `network namespace: ${(err as Error).message}`);
       }
-      const serverArgv = ["ip", "netns", "exec", e.ns, "stdbuf", "-oL", "iperf3", "-s"];
+      const serverArgv = pinnedArgv(
+        ["ip", "netns", "exec", e.ns, "stdbuf", "-oL", "iperf3", "-s"],
+        housekeeping,
+      );
       try {
         e.server = await startProcess(
           serverArgv,
@@ -762,7 +770,7 @@ async function iperfBoot(
         throw new StepError(step, `iperf3 server: ${lastLines((err as Error).message, 2)}`);
       }
       if (e.nic.variant !== "in-qemu") {
-        const argv = vhostdNetArgv(cfg, e.nic.variant, e.socket, e.tap);
+        const argv = pinnedArgv(vhostdNetArgv(cfg, e.nic.variant, e.socket, e.tap), housekeeping);
         try {
           e.backend = await startProcess(
             argv,
@@ -792,7 +800,17 @@ async function iperfBoot(
         script: iperfGuestScript(nics, cfg.iperfSeconds, cfg.iperfRounds, boot * cfg.iperfRounds),
         smp: cfg.smp,
         memoryMiB: cfg.memoryMiB,
-        extraArgs: ends.flatMap((e, i) => guestNicArgs(e.nic, i, e.socket, e.tap)),
+        extraArgs: [
+          "-name",
+          `vhostd-bench-${tag},debug-threads=on`,
+          ...ends.flatMap((e, i) => guestNicArgs(e.nic, i, e.socket, e.tap)),
+        ],
+        commandPrefix: pinnedArgv([], housekeeping),
+        onSpawn: (pid) => {
+          if (!cfg.placement) return;
+          pinning = pinVcpuThreads(pid, cfg.placement);
+          pinning.catch(() => {}); // reported after the run
+        },
         timeoutMs: 180_000 +
           cfg.iperfRounds * 2 * nics.length * (cfg.iperfSeconds + 10) * 1000,
         onConsole: (chunk) => {
@@ -808,6 +826,11 @@ async function iperfBoot(
       await tapsReady;
     }
     if (tapError) throw new StepError(step, `TAP: ${tapError}`);
+    try {
+      await pinning;
+    } catch (err) {
+      throw new StepError(step, `pinning the vCPU: ${(err as Error).message}`);
+    }
     if (r.exitStatus !== 0 || r.qemuExitCode !== 0) {
       throw new StepError(
         step,

@@ -10,6 +10,7 @@ import type { MemoryResult } from "./memory.ts";
 import type { NetResult } from "./net.ts";
 import type { SystemInfo } from "./system.ts";
 import { sig } from "./lib.ts";
+import { describePlacement } from "./placement.ts";
 
 /** Everything one `deno task bench` run produced. */
 export interface BenchResult {
@@ -441,7 +442,10 @@ export function markdown(
         "**Back-end CPU** is the back-end process for qsd and vhostd, and for in-QEMU " +
         "virtio-blk the QEMU process's non-vCPU threads (main loop and AIO threads, which do " +
         "its I/O). QEMU total CPU (vCPU threads included) is in the second table. Each job's " +
-        "CPU window includes up to about a second of idle time around it.",
+        "CPU window includes up to about a second of idle time around it. " +
+        `**CPU placement:** ${describePlacement(c.placement ?? null)} (\`--no-pin\` leaves it ` +
+        "to Linux; on 2 CPUs a back-end worker then sometimes shares the vCPU's CPU, which " +
+        "swings vhostd's randread by tens of per cent from boot to boot).",
       "",
       img("guest-iops.svg", "guest fio IOPS chart"),
       "",
@@ -562,6 +566,7 @@ export function markdown(
               "MSI-X). **TCG-bound**: the guest's emulated CPU, not the back-end, limits these " +
               "figures."
             : ".") +
+          ` **CPU placement:** ${describePlacement(c.placement ?? null)}.` +
           ` Guest commands: \`${i.iperfCommands["guest-to-ns"]}\`, then ` +
           `\`${i.iperfCommands["ns-to-guest"]}\` (N: the NIC's subnet); receiver throughput.`,
         "",

@@ -74,6 +74,10 @@ export interface GuestOptions {
   kernelArgs?: string[];
   /** Called with console text as it arrives (polled every 200 ms). */
   onConsole?: (chunk: string) => void;
+  /** Words put before QEMU's command line, e.g. `taskset -c 1` (which must exec QEMU). */
+  commandPrefix?: string[];
+  /** Called with QEMU's pid right after it starts. */
+  onSpawn?: (pid: number) => void;
 }
 
 /** Outcome of one guest run. */
@@ -406,7 +410,10 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
       }
     }
     await Deno.writeFile(consoleLog, new Uint8Array());
-    const command = qemuCommand(opts, kit, initrd, consoleLog);
+    const command = [
+      ...(opts.commandPrefix ?? []),
+      ...qemuCommand(opts, kit, initrd, consoleLog),
+    ];
 
     const start = performance.now();
     let child: Deno.ChildProcess;
@@ -422,6 +429,7 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
         `cannot start ${command[0]} (Debian: apt-get install qemu-system-x86): ${e}`,
       );
     }
+    opts.onSpawn?.(child.pid);
     let exited = false;
     const output = child.output().finally(() => {
       exited = true;
