@@ -223,6 +223,18 @@ interface BootResult {
   backends: Map<GuestVariant, string>;
 }
 
+/** The last errors and warnings each back-end printed (` | qsd: ...`), for a failed boot. */
+function backendOutput(backends: Map<GuestVariant, RunningBackend>): string {
+  let out = "";
+  for (const [variant, be] of backends) {
+    const complaints = be.output().split("\n").filter((l) =>
+      /\[(ERR|WRN)\]|error|warning/i.test(l)
+    );
+    if (complaints.length) out += ` | ${variant}: ${lastLines(complaints.join("\n"), 3)}`;
+  }
+  return out;
+}
+
 /** One guest with a disk per variant, all on the same image; every job on every disk in turn. */
 async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
   const step = `guest fio: boot ${run + 1}`;
@@ -310,13 +322,14 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
     try {
       r = await runGuest(opts);
     } catch (e) {
-      throw new StepError(step, lastLines((e as Error).message, 4));
+      throw new StepError(step, lastLines((e as Error).message, 4) + backendOutput(backends));
     }
     if (r.exitStatus !== 0 || r.qemuExitCode !== 0) {
       const detail = describeGuestRun(r);
       throw new StepError(
         step,
-        `guest exit ${r.exitStatus}, QEMU exit ${r.qemuExitCode}: ${lastLines(detail, 4)}`,
+        `guest exit ${r.exitStatus}, QEMU exit ${r.qemuExitCode}: ${lastLines(detail, 4)}` +
+          backendOutput(backends),
       );
     }
     try {

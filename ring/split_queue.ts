@@ -249,6 +249,10 @@ export class SplitQueue implements Virtqueue {
    */
   start(): number {
     this.started = true;
+    // A ring the front-end starts again (after stopping it) is a fresh ring: a failure on the
+    // old one no longer applies, as the virtio device reset that precedes it promises the driver.
+    this.broken = false;
+    this.error = "";
     this.#signalledValid = false;
     this.#resubmit = [];
     if (this.inflight === null || !this.#translated()) return 0;

@@ -3,7 +3,9 @@
  * guest memory, and the QEMU 7.2 ordering rules.
  *
  * Rules that other back-ends learned the hard way, and that this one follows:
- * - SET_STATUS(0) arrives before GET_VRING_BASE: it changes nothing about the rings.
+ * - SET_STATUS(0) arrives before GET_VRING_BASE: it keeps the ring indices, but no ring may be
+ *   read again until it is re-enabled (firmware resets the device when the OS takes over, and the
+ *   old rings' memory may by then hold anything).
  * - GET_VRING_BASE stops a ring but does not reset its indices.
  * - SET_VRING_ENABLE may name a queue that was never set up: the flag is kept for later.
  * - net sends SET_VRING_ENABLE(1) before SET_FEATURES; without bit 30 all rings start enabled.
@@ -320,11 +322,18 @@ export class VhostUserBackend {
         this.#requireProtocol(m, ProtocolFeature.INFLIGHT_SHMFD);
         this.#setInflight(m);
         return true;
-      case Request.SET_STATUS:
-        // Status 0 (the driver resets) must not lose ring state: QEMU 7.2 sends it before
-        // GET_VRING_BASE and reads the indices afterwards.
-        this.status = Number(p.getBigUint64(0, true) & 0xffn);
+      case Request.SET_STATUS: {
+        const status = Number(p.getBigUint64(0, true) & 0xffn);
+        if (status === 0) {
+          // The driver reset the device and gave up its rings, whose memory may already hold
+          // anything: firmware (SeaBIOS) drives a disk at boot, the OS reuses that memory, and only
+          // later resets the device. No ring may be read, polled or armed until the front-end
+          // enables it again. The indices stay: QEMU 7.2 sends this before GET_VRING_BASE.
+          for (const q of this.queues) q.enabled = false;
+        }
+        this.status = status;
         return true;
+      }
       case Request.GET_STATUS:
         conn.reply(m.request, u64Payload(BigInt(this.status)));
         return null;
