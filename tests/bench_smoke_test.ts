@@ -70,6 +70,13 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
       positive(c.qemuTotalCpuUsPerIo, `guest ${c.job} ${c.variant} QEMU CPU/IO`);
     }
     assert.equal(Object.keys(g.commands).length, 4, "a command per variant");
+    if (r.system.nproc > 1) {
+      // The vCPU got a CPU of its own and every back-end ran on the others, under taskset.
+      assert.ok(g.config.placement, "guest fio placement");
+      for (const c of Object.values(g.commands)) {
+        assert.match(c.backend ?? c.qemu, /^taskset -c /, "pinned commands");
+      }
+    }
 
     const n = r.net;
     assert.ok(n, "net missing");
