@@ -17,7 +17,7 @@
 
 import { accelerator, describeGuestRun, type GuestOptions, runGuest } from "../tests/guest/qemu.ts";
 import { type BackendLevers, startBackend } from "./backends.ts";
-import { type CpuPlacement, pinnedArgv, pinVcpuThreads, VCPU_THREAD } from "./placement.ts";
+import { type CpuPlacement, VCPU_THREAD, VcpuPinning } from "./placement.ts";
 import {
   commandLine,
   lastLines,
@@ -241,6 +241,7 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
   const devices = guestDevices(cfg.variants);
   const backends = new Map<GuestVariant, RunningBackend>();
   const tag = `vhostd-bench-${crypto.randomUUID()}`;
+  const pinning = new VcpuPinning(cfg.placement);
   const opts: GuestOptions = {
     script: guestScript(cfg.jobs, cfg.seconds, devices, run),
     smp: cfg.smp,
@@ -248,16 +249,9 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
     extraArgs: ["-name", `${tag},debug-threads=on`],
     timeoutMs: 120_000 + cfg.jobs.length * devices.size * (cfg.seconds + 10) * 1000,
     vhostUserBlk: [],
-    commandPrefix: pinnedArgv([], cfg.placement?.housekeeping),
+    commandPrefix: pinning.commandPrefix,
+    onSpawn: pinning.onSpawn,
   };
-  let pinning: Promise<void> = Promise.resolve();
-  if (cfg.placement) {
-    const placement = cfg.placement;
-    opts.onSpawn = (pid) => {
-      pinning = pinVcpuThreads(pid, placement);
-      pinning.catch(() => {}); // reported after the run
-    };
-  }
   try {
     for (const variant of devices.keys()) {
       if (variant === "in-qemu") {
@@ -333,7 +327,7 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
       );
     }
     try {
-      await pinning;
+      await pinning.finished();
     } catch (e) {
       throw new StepError(step, `pinning the vCPU: ${(e as Error).message}`);
     }

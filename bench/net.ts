@@ -24,9 +24,10 @@
  * itself (`-netdev tap`, QEMU's userspace virtio-net; there is no vhost-net here), one by
  * `vhostd net --tap` at its defaults, one by `vhostd net --tap --poll-us` (the lever). The guest
  * runs iperf3 over each NIC in turn, guest → namespace then namespace → guest (`-R`), rotating
- * the order every round, after an unmeasured warm-up stream each way. Comparing NICs of one guest in interleaved runs takes the boot-to-boot
- * spread out of the ratios (under TCG a boot's speed varies by several per cent: more than the
- * difference between the back-ends). Under TCG the guest's emulated CPU bounds the throughput.
+ * the order every round, after an unmeasured warm-up stream each way. Comparing NICs of one guest
+ * in interleaved runs takes the boot-to-boot spread out of the ratios (under TCG a boot's speed
+ * varies by several per cent: more than the difference between the back-ends). Under TCG the
+ * guest's emulated CPU bounds the throughput.
  *
  * Test traffic stays on loopback sockets, in the harness's namespace and guest, on 198.18.0.0/15
  * (testpmd's txonly frames default to 198.18.0.1 → 198.18.0.2).
@@ -36,7 +37,7 @@
 
 import { accelerator, describeGuestRun, type GuestResult, runGuest } from "../tests/guest/qemu.ts";
 import { linkExists, placeTap } from "../tests/helpers/net.ts";
-import { type CpuPlacement, pinnedArgv, pinVcpuThreads } from "./placement.ts";
+import { type CpuPlacement, pinnedArgv, VcpuPinning } from "./placement.ts";
 import {
   commandLine,
   DENO,
@@ -735,7 +736,7 @@ async function iperfBoot(
   const step = `net guest: boot ${boot + 1}`;
   const nics = guestNics(cfg.variants);
   const housekeeping = cfg.placement?.housekeeping;
-  let pinning: Promise<void> = Promise.resolve();
+  const pinning = new VcpuPinning(cfg.placement);
   const tag = randomTag();
   const ends = nics.map((n, i) => ({
     nic: n,
@@ -805,12 +806,8 @@ async function iperfBoot(
           `vhostd-bench-${tag},debug-threads=on`,
           ...ends.flatMap((e, i) => guestNicArgs(e.nic, i, e.socket, e.tap)),
         ],
-        commandPrefix: pinnedArgv([], housekeeping),
-        onSpawn: (pid) => {
-          if (!cfg.placement) return;
-          pinning = pinVcpuThreads(pid, cfg.placement);
-          pinning.catch(() => {}); // reported after the run
-        },
+        commandPrefix: pinning.commandPrefix,
+        onSpawn: pinning.onSpawn,
         timeoutMs: 180_000 +
           cfg.iperfRounds * 2 * nics.length * (cfg.iperfSeconds + 10) * 1000,
         onConsole: (chunk) => {
@@ -827,7 +824,7 @@ async function iperfBoot(
     }
     if (tapError) throw new StepError(step, `TAP: ${tapError}`);
     try {
-      await pinning;
+      await pinning.finished();
     } catch (err) {
       throw new StepError(step, `pinning the vCPU: ${(err as Error).message}`);
     }

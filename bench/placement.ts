@@ -122,3 +122,35 @@ export async function pinVcpuThreads(
     await sleep(20);
   }
 }
+
+/**
+ * The pinning of one guest boot: `commandPrefix` and `onSpawn` go into `GuestOptions`; after the
+ * run, {@link finished} rejects if the vCPU threads could not be pinned. Without a placement it
+ * does nothing.
+ */
+export class VcpuPinning {
+  readonly #placement: CpuPlacement | null;
+  #done: Promise<void> = Promise.resolve();
+
+  /** Pinning for `placement` (null: none). */
+  constructor(placement: CpuPlacement | null) {
+    this.#placement = placement;
+  }
+
+  /** For `GuestOptions.commandPrefix`: QEMU starts on the housekeeping CPUs. */
+  get commandPrefix(): string[] {
+    return pinnedArgv([], this.#placement?.housekeeping);
+  }
+
+  /** For `GuestOptions.onSpawn`: moves the vCPU threads once they exist. */
+  readonly onSpawn = (pid: number): void => {
+    if (this.#placement === null) return;
+    this.#done = pinVcpuThreads(pid, this.#placement);
+    this.#done.catch(() => {}); // reported by finished()
+  };
+
+  /** Settles when the pinning did; rejects with why it failed. */
+  finished(): Promise<void> {
+    return this.#done;
+  }
+}

@@ -22,10 +22,10 @@ function restartWithFreshRings(s: BlkFrontend): void {
   s.start();
 }
 
-Deno.test("driver reset: the old rings are not read after SET_STATUS(0), whatever they hold", async () => {
+/** Runs `fn` against `vhostd blk` at its defaults (busy-polling on) on a 16 MiB image. */
+async function withDevice(fn: (s: BlkFrontend, d: DaemonProcess) => Promise<void>): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "vhostd-reset-" });
   sparseFile(`${dir}/disk.img`, 16 * MiB);
-  // The default busy-poll window: the loop arms (and reads) its rings after every message.
   const d = await DaemonProcess.start([
     "blk",
     "--socket",
@@ -35,9 +35,20 @@ Deno.test("driver reset: the old rings are not read after SET_STATUS(0), whateve
   ]);
   const s = await BlkFrontend.open({ socket: `${dir}/blk.sock`, queues: 1 });
   try {
+    await fn(s, d);
+  } finally {
+    s.close();
+    await d.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("driver reset: the old rings are not read after SET_STATUS(0), whatever they hold", () =>
+  withDevice((s, d) => {
     const pattern = new Uint8Array(4096).fill(0x5a);
     assert.equal(s.blk.write(8, pattern).status, 0, "the first driver writes");
-    // The next owner of that memory scribbles over the available index, with no kick.
+    // The next owner of that memory scribbles over the available index, with no kick. With
+    // busy-polling on, the loop arms (and reads) its rings after every message.
     const avail = s.ram.bytes(s.queues[0].layout.avail);
     avail[2] = 0x30;
     avail[3] = 0x37;
@@ -46,25 +57,11 @@ Deno.test("driver reset: the old rings are not read after SET_STATUS(0), whateve
     assert.equal(r.status, 0, "the new driver reads");
     assert.deepEqual(r.data, pattern, "and sees what the first one wrote");
     assert.ok(!d.stderr.includes(BROKEN), `no ring was declared broken:\n${d.stderr}`);
-  } finally {
-    s.close();
-    await d.stop();
-    await Deno.remove(dir, { recursive: true });
-  }
-});
+    return Promise.resolve();
+  }));
 
-Deno.test("driver reset: a ring broken by a bad chain serves again once the driver restarts it", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "vhostd-reset-" });
-  sparseFile(`${dir}/disk.img`, 16 * MiB);
-  const d = await DaemonProcess.start([
-    "blk",
-    "--socket",
-    `${dir}/blk.sock`,
-    "--image",
-    `${dir}/disk.img`,
-  ]);
-  const s = await BlkFrontend.open({ socket: `${dir}/blk.sock`, queues: 1 });
-  try {
+Deno.test("driver reset: a ring broken by a bad chain serves again once the driver restarts it", () =>
+  withDevice(async (s, d) => {
     const q = s.queues[0];
     const hdr = s.ram.alloc(16);
     const status = s.ram.alloc(1);
@@ -85,12 +82,7 @@ Deno.test("driver reset: a ring broken by a bad chain serves again once the driv
     const pattern = new Uint8Array(512).fill(0xc3);
     assert.equal(s.blk.write(0, pattern).status, 0, "the restarted ring writes");
     assert.deepEqual(s.blk.read(0, 512).data, pattern, "and reads");
-  } finally {
-    s.close();
-    await d.stop();
-    await Deno.remove(dir, { recursive: true });
-  }
-});
+  }));
 
 Deno.test("guest: three busy-polling vhostd disks survive SeaBIOS handing them to Linux", async () => {
   const dir = await Deno.makeTempDir({ prefix: "vhostd-reset-" });

@@ -40,9 +40,10 @@ export async function linkExists(name: string, ns?: string): Promise<boolean> {
 }
 
 /**
- * Puts the daemon's TAP into the test namespace `ns` and gives it `addr`/24. A TAP the daemon created dies
- * with the daemon, so after a restart there is a fresh one in our namespace to move again; a TAP
- * that survived in the test namespace (persistent) is only addressed and brought up again.
+ * Puts the daemon's TAP into the test namespace `ns` and gives it `addr`/24. A TAP the daemon
+ * created dies with the daemon, so after a restart there is a fresh one in our namespace to move
+ * again; a TAP that survived in the test namespace (persistent) is only addressed and brought up
+ * again.
  */
 export async function placeTap(tap: string, ns: string, addr: string): Promise<void> {
   if (await linkExists(tap)) {
