@@ -55,8 +55,13 @@ export interface GuestFioConfig {
   variants: GuestVariant[];
   /** fio jobs, run one after another in each guest boot. */
   jobs: FioJob[];
-  /** Boots per variant (medians are reported). */
+  /** Guest boots (medians over every run of every boot are reported). */
   runs: number;
+  /**
+   * Rounds per boot: each round runs every job on every disk once, so a variant gets
+   * `runs × rounds` samples per job. Optional for results written before rounds existed (1).
+   */
+  rounds?: number;
   /** fio runtime per job in seconds. */
   seconds: number;
   /** Image on a disk file system with O_DIRECT (aio=native needs it). */
@@ -75,7 +80,7 @@ export interface GuestFioConfig {
   placement: CpuPlacement | null;
 }
 
-/** One fio job in one boot. */
+/** One fio run of one job on one disk. */
 export interface FioSample {
   /** IOPS fio reported (read + write). */
   iops: number;
@@ -87,7 +92,7 @@ export interface FioSample {
   qemuTotalCpuUsPerIo: number;
 }
 
-/** Every boot of one (job, variant), with medians. */
+/** Every run of one (job, variant), with medians. */
 export interface GuestCaseResult {
   /** fio job name. */
   job: string;
@@ -99,7 +104,7 @@ export interface GuestCaseResult {
   cpuUsPerIo: number;
   /** Median QEMU whole-process CPU µs per I/O. */
   qemuTotalCpuUsPerIo: number;
-  /** Every boot. */
+  /** Every run, boot by boot. */
   samples: FioSample[];
 }
 
@@ -143,30 +148,35 @@ export function fioCommand(job: FioJob, seconds: number, device = "/dev/vda"): s
 }
 
 /**
- * The guest's /test.sh: every job on every variant's disk (`devices`, by variant), the variants'
- * order rotated from job to job (starting at rotation `first`); markers around each fio run and
- * one parsable line per run.
+ * The guest's /test.sh: `rounds` rounds, each running every job on every variant's disk
+ * (`devices`, by variant). The variants' order rotates from round to round, starting at rotation
+ * `first`, and is offset per job, so that over consecutive rotations every variant takes every
+ * place in the order. Markers (`job variant round`) around each fio run, and one parsable line
+ * per run.
  */
 export function guestScript(
   jobs: FioJob[],
   seconds: number,
   devices: ReadonlyMap<GuestVariant, string>,
   first: number,
+  rounds = 1,
 ): string {
   const lines = ["set -e", ...[...devices.values()].map((d) => `waitfor ${d} 20`)];
-  jobs.forEach((j, i) => {
-    for (const v of runOrder([...devices.keys()], first + i)) {
-      const key = `${j.name} ${v}`;
-      lines.push(
-        `echo "BENCH-BEGIN ${key}"`,
-        "sleep 1",
-        `out=$(${fioCommand(j, seconds, devices.get(v))})`,
-        `echo "BENCH-END ${key}"`,
-        `echo "BENCH-FIO ${key} $out"`,
-        "sleep 1",
-      );
-    }
-  });
+  for (let round = 0; round < rounds; round++) {
+    jobs.forEach((j, i) => {
+      for (const v of runOrder([...devices.keys()], first + round + i)) {
+        const key = `${j.name} ${v} ${round}`;
+        lines.push(
+          `echo "BENCH-BEGIN ${key}"`,
+          "sleep 1",
+          `out=$(${fioCommand(j, seconds, devices.get(v))})`,
+          `echo "BENCH-END ${key}"`,
+          `echo "BENCH-FIO ${key} $out"`,
+          "sleep 1",
+        );
+      }
+    });
+  }
   return lines.join("\n") + "\n";
 }
 
@@ -216,9 +226,9 @@ interface CpuPoint {
   qemuTotal: number;
 }
 
-/** What one boot measured: a sample per (job, variant). */
+/** What one boot measured: a sample per (job, variant) and round, keyed `job|variant`. */
 interface BootResult {
-  samples: Map<string, FioSample>;
+  samples: Map<string, FioSample[]>;
   qemu: string;
   backends: Map<GuestVariant, string>;
 }
@@ -238,16 +248,17 @@ function backendOutput(backends: Map<GuestVariant, RunningBackend>): string {
 /** One guest with a disk per variant, all on the same image; every job on every disk in turn. */
 async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
   const step = `guest fio: boot ${run + 1}`;
+  const rounds = cfg.rounds ?? 1;
   const devices = guestDevices(cfg.variants);
   const backends = new Map<GuestVariant, RunningBackend>();
   const tag = `vhostd-bench-${crypto.randomUUID()}`;
   const pinning = new VcpuPinning(cfg.placement);
   const opts: GuestOptions = {
-    script: guestScript(cfg.jobs, cfg.seconds, devices, run),
+    script: guestScript(cfg.jobs, cfg.seconds, devices, run * rounds, rounds),
     smp: cfg.smp,
     memoryMiB: cfg.memoryMiB,
     extraArgs: ["-name", `${tag},debug-threads=on`],
-    timeoutMs: 120_000 + cfg.jobs.length * devices.size * (cfg.seconds + 10) * 1000,
+    timeoutMs: 120_000 + rounds * cfg.jobs.length * devices.size * (cfg.seconds + 10) * 1000,
     vhostUserBlk: [],
     commandPrefix: pinning.commandPrefix,
     onSpawn: pinning.onSpawn,
@@ -303,10 +314,13 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
       const lines = pending.split("\n");
       pending = lines.pop() ?? "";
       for (const raw of lines) {
-        const m = /^BENCH-(BEGIN|END) (\S+) (\S+)/.exec(raw.replace(/\r$/, ""));
+        const m = /^BENCH-(BEGIN|END) (\S+) (\S+) (\d+)/.exec(raw.replace(/\r$/, ""));
         if (!m) continue;
         try {
-          (m[1] === "BEGIN" ? begins : ends).set(`${m[2]} ${m[3]}`, sample(m[3] as GuestVariant));
+          (m[1] === "BEGIN" ? begins : ends).set(
+            `${m[2]} ${m[3]} ${m[4]}`,
+            sample(m[3] as GuestVariant),
+          );
         } catch (e) {
           sampleError = (e as Error).message;
         }
@@ -332,33 +346,37 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
       throw new StepError(step, `pinning the vCPU: ${(e as Error).message}`);
     }
     if (sampleError) throw new StepError(step, `CPU sampling failed: ${sampleError}`);
-    const samples = new Map<string, FioSample>();
-    for (const job of cfg.jobs) {
-      const parts: string[] = [];
-      for (const variant of cfg.variants) {
-        const key = `${job.name} ${variant}`;
-        const line = r.console.split("\n").find((l) => l.startsWith(`BENCH-FIO ${key} `));
-        const b = begins.get(key), e = ends.get(key);
-        if (!line || !b || !e) throw new StepError(step, `no result or markers for ${key}`);
-        let parsed;
-        try {
-          parsed = parseTerse(line.slice(`BENCH-FIO ${key} `.length), job.bs);
-        } catch (err) {
-          throw new StepError(`${step} ${key}`, (err as Error).message);
+    const samples = new Map<string, FioSample[]>();
+    for (let round = 0; round < rounds; round++) {
+      for (const job of cfg.jobs) {
+        const parts: string[] = [];
+        for (const variant of cfg.variants) {
+          const key = `${job.name} ${variant} ${round}`;
+          const line = r.console.split("\n").find((l) => l.startsWith(`BENCH-FIO ${key} `));
+          const b = begins.get(key), e = ends.get(key);
+          if (!line || !b || !e) throw new StepError(step, `no result or markers for ${key}`);
+          let parsed;
+          try {
+            parsed = parseTerse(line.slice(`BENCH-FIO ${key} `.length), job.bs);
+          } catch (err) {
+            throw new StepError(`${step} ${key}`, (err as Error).message);
+          }
+          if (!(parsed.ios > 0)) throw new StepError(`${step} ${key}`, "fio did no I/O");
+          const s: FioSample = {
+            iops: parsed.iops,
+            ios: parsed.ios,
+            backendCpuUsPerIo: sig(((e.backend - b.backend) * 1e6) / parsed.ios, 4),
+            qemuTotalCpuUsPerIo: sig(((e.qemuTotal - b.qemuTotal) * 1e6) / parsed.ios, 4),
+          };
+          const k = `${job.name}|${variant}`;
+          samples.set(k, [...samples.get(k) ?? [], s]);
+          parts.push(
+            `${variant} ${s.iops.toLocaleString("en-US")} IOPS (${s.backendCpuUsPerIo} µs CPU/IO)`,
+          );
         }
-        if (!(parsed.ios > 0)) throw new StepError(`${step} ${key}`, "fio did no I/O");
-        const s: FioSample = {
-          iops: parsed.iops,
-          ios: parsed.ios,
-          backendCpuUsPerIo: sig(((e.backend - b.backend) * 1e6) / parsed.ios, 4),
-          qemuTotalCpuUsPerIo: sig(((e.qemuTotal - b.qemuTotal) * 1e6) / parsed.ios, 4),
-        };
-        samples.set(`${job.name}|${variant}`, s);
-        parts.push(
-          `${variant} ${s.iops.toLocaleString("en-US")} IOPS (${s.backendCpuUsPerIo} µs CPU/IO)`,
-        );
+        const label = rounds > 1 ? ` round ${round + 1}` : "";
+        progress(`guest boot ${run + 1}${label} ${job.name}: ${parts.join(", ")}`);
       }
-      progress(`guest boot ${run + 1} ${job.name}: ${parts.join(", ")}`);
     }
     return {
       samples,
@@ -372,7 +390,8 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
 
 /**
  * Runs comparison 2: `cfg.runs` boots of one guest with a disk per variant, every job run on
- * every disk in turn (interleaved, so that the variants share the boot's ups and downs).
+ * every disk in turn, `cfg.rounds` times per boot (interleaved, so that the variants share the
+ * boot's ups and downs).
  */
 export async function guestFio(cfg: GuestFioConfig): Promise<GuestFioResult> {
   const cases = new Map<string, GuestCaseResult>();
@@ -399,7 +418,7 @@ export async function guestFio(cfg: GuestFioConfig): Promise<GuestFioResult> {
           };
           cases.set(key, c);
         }
-        c.samples.push(b.samples.get(key)!);
+        c.samples.push(...b.samples.get(key)!);
       }
     }
   }

@@ -71,6 +71,11 @@ export function fmt(x: number): string {
   return String(Number(x.toPrecision(3)));
 }
 
+/** ` (min–max)` of several samples, to follow their median; nothing for one sample. */
+function spread(xs: number[]): string {
+  return xs.length > 1 ? ` (${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))})` : "";
+}
+
 /**
  * A horizontal grouped bar chart as a standalone SVG document: one group per case, one bar per
  * series, values written at the bar ends, a legend on top.
@@ -426,7 +431,7 @@ export function markdown(
     const c = g.config;
     out.push(
       `fio in one ${accel} guest (${c.smp} vCPU, ${c.memoryMiB} MiB, Debian 6.1 kernel, libaio, ` +
-        `direct, ${c.seconds} s per job) with a disk per back-end, all three served from the ` +
+        `direct, ${c.seconds} s per run) with a disk per back-end, all three served from the ` +
         "same image on disk: in-QEMU `virtio-blk-pci` (aio=native, cache.direct=on), " +
         `qemu-storage-daemon (aio=${c.levers.qsdDiskAio}, cache.direct=on) and vhostd ` +
         `(--direct), the vhost-user devices with ${c.deviceQueues} queue(s)` +
@@ -434,8 +439,9 @@ export function markdown(
           ? "; `vhostd-nopoll` is vhostd with `--poll-us 0` (the busy-poll lever)"
           : "") +
         ". The disks take " +
-        `turns: each job runs on every disk, the order rotated from job to job, in ${c.runs} ` +
-        "boot(s); figures are medians over the boots. Measuring the back-ends in one guest keeps " +
+        `turns: each job runs on every disk, ${c.rounds ?? 1} round(s) per boot, ${c.runs} ` +
+        "boot(s), the order rotated from round to round and from job to job; figures are " +
+        "medians over every run. Measuring the back-ends in one guest keeps " +
         "the boot-to-boot spread (several per cent under TCG) out of the ratios. The image is " +
         "opened by all three at once, so QEMU and qsd skip their image locks (`locking=off`); " +
         "only one disk does I/O at a time. " +
@@ -456,9 +462,10 @@ export function markdown(
     const others = c.variants.slice(1);
     const rows = c.jobs.map((j) => [
       j.name,
-      ...c.variants.map((v) =>
-        fmt(g.cases.find((x) => x.job === j.name && x.variant === v)?.iops ?? NaN)
-      ),
+      ...c.variants.map((v) => {
+        const x = g.cases.find((y) => y.job === j.name && y.variant === v);
+        return x ? fmt(x.iops) + spread(x.samples.map((r) => r.iops)) : "–";
+      }),
       ...others.map((v) => {
         const rt = g.ratios.find((x) => x.job === j.name && x.variant === v);
         if (!rt) return "–";
@@ -468,7 +475,7 @@ export function markdown(
     out.push(
       table([
         "job",
-        ...c.variants.map((v) => `${v} IOPS`),
+        ...c.variants.map((v) => `${v} IOPS (range)`),
         ...others.map((v) => `${v} / ${anchor}${v === "vhostd" ? " (target ≥ 1)" : ""}`),
       ], rows),
       "",
@@ -573,8 +580,6 @@ export function markdown(
         img("net-iperf.svg", "guest iperf3 chart"),
         "",
       );
-      const spread = (xs: number[]) =>
-        xs.length > 1 ? ` (${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))})` : "";
       const rows = (["guest-to-ns", "ns-to-guest"] as const).map((d) => [
         d === "guest-to-ns" ? "guest → namespace" : "namespace → guest",
         ...c.variants.map((v) => {
