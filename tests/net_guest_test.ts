@@ -38,7 +38,10 @@ iperf() { # iperf3 args -> receiver Mbit/s
 }
 `;
 
-/** Guest B: makes 64 MiB, serves it once, pings A, runs iperf3 both ways, then tells A. */
+/**
+ * Guest B: makes 64 MiB, serves it once, pings A, runs iperf3 both ways, then tells A (retrying
+ * until A listens).
+ */
 function senderScript(mtu: number): string {
   return `${SH_HELPERS}
 setup 198.18.0.2 ${mtu}
@@ -48,7 +51,12 @@ nc -l -p 5000 -e cat /tmp/data
 echo "RESULT rtt_b_to_a=$(rtt 198.18.0.1 ${mtu - 28})"
 echo "RESULT iperf_b_to_a=$(iperf -c 198.18.0.1 -t 3)"
 echo "RESULT iperf_a_to_b=$(iperf -c 198.18.0.1 -t 3 -R)"
-echo done | nc 198.18.0.1 5001
+# A listens for this only once it has checksummed the 64 MiB, which can take a TCG guest longer
+# than the iperf3 runs: retry until it does.
+i=0
+until echo done | nc 198.18.0.1 5001; do
+  i=$((i+1)); [ $i -lt 120 ] || { echo "A never listened for done"; exit 14; }; sleep 1
+done
 exit 0
 `;
 }
@@ -76,11 +84,10 @@ async function twoGuestsOnSwitch(mtu: number): Promise<void> {
   const a = `${dir}/a.sock`;
   const b = `${dir}/b.sock`;
   const d = await DaemonProcess.start(["switch", "--socket", a, "--socket", b]);
-  let ra: GuestResult | undefined;
-  let rb: GuestResult | undefined;
   try {
     const started = performance.now();
-    [ra, rb] = await Promise.all([
+    // Wait for both even when one fails: the other's console usually says why.
+    const settled = await Promise.allSettled([
       runGuest({
         script: receiverScript(mtu),
         extraArgs: netDeviceArgs("n0", a, "52:54:00:18:00:01"),
@@ -92,6 +99,16 @@ async function twoGuestsOnSwitch(mtu: number): Promise<void> {
         timeoutMs: 420_000,
       }),
     ]);
+    if (settled.some((x) => x.status === "rejected")) {
+      const say = (x: PromiseSettledResult<GuestResult>, who: string) =>
+        x.status === "fulfilled"
+          ? `${who}:\n${describeGuestRun(x.value)}`
+          : `${who}: ${(x.reason as Error).message}`;
+      assert.fail(
+        `${say(settled[0], "guest A")}\n\n${say(settled[1], "guest B")}\n\ndaemon:\n${d.stderr}`,
+      );
+    }
+    const [ra, rb] = settled.map((x) => (x as PromiseFulfilledResult<GuestResult>).value);
     const both = `${describeGuestRun(ra)}\n\n${describeGuestRun(rb)}\n\ndaemon:\n${d.stderr}`;
     assertGuestSuccess(ra);
     assertGuestSuccess(rb);
