@@ -59,9 +59,9 @@ export interface GuestFioConfig {
   runs: number;
   /**
    * Rounds per boot: each round runs every job on every disk once, so a variant gets
-   * `runs × rounds` samples per job. Optional for results written before rounds existed (1).
+   * `runs × rounds` samples per job.
    */
-  rounds?: number;
+  rounds: number;
   /** fio runtime per job in seconds. */
   seconds: number;
   /** Image on a disk file system with O_DIRECT (aio=native needs it). */
@@ -159,7 +159,7 @@ export function guestScript(
   seconds: number,
   devices: ReadonlyMap<GuestVariant, string>,
   first: number,
-  rounds = 1,
+  rounds: number,
 ): string {
   const lines = ["set -e", ...[...devices.values()].map((d) => `waitfor ${d} 20`)];
   for (let round = 0; round < rounds; round++) {
@@ -248,7 +248,7 @@ function backendOutput(backends: Map<GuestVariant, RunningBackend>): string {
 /** One guest with a disk per variant, all on the same image; every job on every disk in turn. */
 async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
   const step = `guest fio: boot ${run + 1}`;
-  const rounds = cfg.rounds ?? 1;
+  const rounds = cfg.rounds;
   const devices = guestDevices(cfg.variants);
   const backends = new Map<GuestVariant, RunningBackend>();
   const tag = `vhostd-bench-${crypto.randomUUID()}`;

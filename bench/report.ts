@@ -439,7 +439,7 @@ export function markdown(
           ? "; `vhostd-nopoll` is vhostd with `--poll-us 0` (the busy-poll lever)"
           : "") +
         ". The disks take " +
-        `turns: each job runs on every disk, ${c.rounds ?? 1} round(s) per boot, ${c.runs} ` +
+        `turns: each job runs on every disk, ${c.rounds} round(s) per boot, ${c.runs} ` +
         "boot(s), the order rotated from round to round and from job to job; figures are " +
         "medians over every run. Measuring the back-ends in one guest keeps " +
         "the boot-to-boot spread (several per cent under TCG) out of the ratios. The image is " +

@@ -7,7 +7,7 @@
  */
 
 import assert from "node:assert/strict";
-import { DaemonProcess, sparseFile } from "./helpers/daemon.ts";
+import { DaemonProcess, sha256, sparseFile } from "./helpers/daemon.ts";
 import { BlkFrontend } from "../vhost-user/frontend/mod.ts";
 import { assertGuestSuccess, describeGuestRun, parseResults, runGuest } from "./guest/qemu.ts";
 
@@ -96,10 +96,7 @@ Deno.test("guest: three busy-polling vhostd disks survive SeaBIOS handing them t
       const f = await Deno.open(img, { write: true });
       await f.write(head);
       f.close();
-      sums.push(
-        Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", head)))
-          .map((b) => b.toString(16).padStart(2, "0")).join(""),
-      );
+      sums.push(await sha256(head));
       daemons.push(
         await DaemonProcess.start(["blk", "--socket", `${dir}/blk${i}.sock`, "--image", img]),
       );
