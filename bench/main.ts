@@ -43,10 +43,12 @@ export interface BenchOptions {
   runs?: number;
   /** Seconds per load-generator run (default 10 full, 1 quick). */
   loadSeconds?: number;
-  /** Seconds per guest fio job (default 10 full, 3 quick). */
+  /** Seconds per guest fio job (default 5 full, 3 quick). */
   guestSeconds?: number;
-  /** Seconds of each testpmd window and each guest iperf3 run (default 10 full, 3 quick). */
+  /** Seconds of each testpmd window (default 10 full, 3 quick). */
   netSeconds?: number;
+  /** Seconds of each guest iperf3 run (default 5 full, 3 quick). */
+  iperfSeconds?: number;
   /** Directory for JSON, SVG (and quick Markdown); default bench/results. */
   resultsDir: string;
   /** Markdown report of a full run; default BENCHMARKS.md at the repository root. */
@@ -83,7 +85,8 @@ Options:
   --runs N              repetitions per case; medians are reported (default 3; quick 1)
   --seconds S           seconds per load-generator run (default 10; quick 1)
   --guest-seconds S     seconds per guest fio run; two rounds per boot (default 5; quick 3, one round)
-  --net-seconds S       seconds per testpmd window and per guest iperf3 run (default 10; quick 3)
+  --net-seconds S       seconds per testpmd window (default 10; quick 3)
+  --iperf-seconds S     seconds per guest iperf3 run; four rounds per boot (default 5; quick 3, one round)
   --qsd-disk-aio MODE   qemu-storage-daemon aio on disk: native, io_uring or threads (default native)
   --qsd-tmpfs-aio MODE  qemu-storage-daemon aio on tmpfs: threads or io_uring (default threads)
   --no-vhostd-direct    serve the disk image without O_DIRECT in vhostd (a lever, not a fair run)
@@ -110,6 +113,11 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
   const guestRounds = quick ? 1 : 2;
   const guestSeconds = opts.guestSeconds ?? (quick ? 3 : 5);
   const netSeconds = opts.netSeconds ?? (quick ? 3 : 10);
+  // Four 5 s iperf3 rounds per boot rather than two of 10 s, as for fio: twice the samples in the
+  // same time. A TCG guest's throughput swings by ±10% from run to run, more than the back-ends
+  // differ, so the median needs the samples more than each run needs the length.
+  const iperfRounds = quick ? 1 : 4;
+  const iperfSeconds = opts.iperfSeconds ?? (quick ? 3 : 5);
   const imageBytes = quick ? 256 * MiB : 1024 * MiB;
   const failures: string[] = [];
   const stepSeconds: Record<string, number> = {};
@@ -258,8 +266,8 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
         mbufs: 8192,
         queueSize: 1024,
         variants: ["in-qemu", "vhostd", "vhostd-poll"],
-        iperfSeconds: netSeconds,
-        iperfRounds: quick ? 1 : 2,
+        iperfSeconds,
+        iperfRounds,
         leverPollUs: 1000,
         smp: 1,
         placement: guestPlacementFor(1),
@@ -346,6 +354,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       seconds: { type: "string" },
       "guest-seconds": { type: "string" },
       "net-seconds": { type: "string" },
+      "iperf-seconds": { type: "string" },
       "qsd-disk-aio": { type: "string" },
       "qsd-tmpfs-aio": { type: "string" },
       "no-vhostd-direct": { type: "boolean" },
@@ -388,6 +397,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
     loadSeconds: count("seconds", values.seconds),
     guestSeconds: count("guest-seconds", values["guest-seconds"]),
     netSeconds: count("net-seconds", values["net-seconds"]),
+    iperfSeconds: count("iperf-seconds", values["iperf-seconds"]),
     resultsDir: values["results-dir"] ?? `${REPO_ROOT}/bench/results`,
     markdownPath: values.markdown ?? `${REPO_ROOT}/BENCHMARKS.md`,
     levers: {

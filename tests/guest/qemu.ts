@@ -26,6 +26,8 @@ export interface VhostUserBlkDevice {
   numQueues?: number;
   /** `queue-size` of every virtqueue (QEMU's default: 128). */
   queueSize?: number;
+  /** `packed=on`: ask for packed rings (QEMU settles on split ones if the back-end lacks them). */
+  packed?: boolean;
 }
 
 /** A disk image served by QEMU's own virtio-blk-pci (for comparison runs). */
@@ -367,6 +369,7 @@ export function qemuCommand(
     let device = `vhost-user-blk-pci,chardev=vub${i}`;
     if (d.numQueues !== undefined) device += `,num-queues=${d.numQueues}`;
     if (d.queueSize !== undefined) device += `,queue-size=${d.queueSize}`;
+    if (d.packed) device += ",packed=on";
     args.push("-chardev", chardev, "-device", device);
   });
   (opts.virtioBlkImages ?? []).forEach((img, i) => {
