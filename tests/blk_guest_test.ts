@@ -144,6 +144,7 @@ sync && echo "RESULT sync=ok"
         const res = parseResults(r.console, "RESULT ");
         assert.equal(res.fio, "ok", describeGuestRun(r));
         assert.equal(res.serial, `disk-${n}`, describeGuestRun(r));
+        assert.equal(r.command.some((a) => a.endsWith(",packed=on")), n === 1);
         assert.equal(res.packed, "0", "split ring negotiated");
         assert.ok(Number(res.discard) > 0, "discard is offered");
         assert.equal(res.blkdiscard, "ok", describeGuestRun(r));
