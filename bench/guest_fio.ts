@@ -347,12 +347,13 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
     }
     if (sampleError) throw new StepError(step, `CPU sampling failed: ${sampleError}`);
     const samples = new Map<string, FioSample[]>();
+    const fioLines = r.console.split("\n").filter((l) => l.startsWith("BENCH-FIO "));
     for (let round = 0; round < rounds; round++) {
       for (const job of cfg.jobs) {
         const parts: string[] = [];
         for (const variant of cfg.variants) {
           const key = `${job.name} ${variant} ${round}`;
-          const line = r.console.split("\n").find((l) => l.startsWith(`BENCH-FIO ${key} `));
+          const line = fioLines.find((l) => l.startsWith(`BENCH-FIO ${key} `));
           const b = begins.get(key), e = ends.get(key);
           if (!line || !b || !e) throw new StepError(step, `no result or markers for ${key}`);
           let parsed;

@@ -42,7 +42,7 @@ Deno.test("iperfGuestScript: every NIC in every place of the order, both directi
       );
     }
   }
-  assert.ok(/iperf3 -f m -c \$1 -t 5 \$2/.test(script), "each run lasts the seconds asked");
+  assert.match(script, /iperf3 -f m -c \$1 -t 5 \$2/, "each run lasts the seconds asked");
   // The next boot carries the rotation on rather than starting it again.
   assert.equal(runs[0].split(" ")[3], "in-qemu");
   const next = iperfGuestScript(nics, 5, 4, 4).split("\n").filter((l) => l.startsWith("run "));
