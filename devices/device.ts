@@ -73,6 +73,22 @@ export interface VirtioDevice {
    * after those, guest memory must no longer be written.
    */
   quiesce?(): void;
+  /**
+   * Every ring the front-end had started is stopped again (GET_VRING_BASE): the VM was paused, is
+   * migrating away, or the driver is going. Guest memory must not be written until
+   * {@link resumed}; make what was written durable and let go of what another host may need next
+   * (a disk's lock, a TAP queue, a switch port's addresses). Called after {@link quiesce}; also
+   * on RESET_DEVICE and on disconnect when rings were running.
+   */
+  suspended?(): void;
+  /** The front-end started a ring while none was running: the device is live again. */
+  resumed?(): void;
+  /**
+   * QEMU asks the device to announce the guest's MAC address on its network (vhost-user
+   * SEND_RARP), after a migration, for a guest that cannot announce itself. A device with this
+   * method is offered the RARP protocol feature.
+   */
+  announce?(mac: Uint8Array): void;
   /** The device was reset or the front-end disconnected: forget per-session state. */
   reset?(): void;
   /** The daemon is shutting down: make everything durable and release resources. */

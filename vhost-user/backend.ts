@@ -132,6 +132,7 @@ export class VhostUserBackend {
   readonly #watcher: KickWatcher;
   readonly #log: Logger;
   #inflight: Mapping | null = null;
+  #running = false;
 
   /** Creates the back-end for `device`; kick fds are registered through `watcher`. */
   constructor(device: VirtioDevice, watcher: KickWatcher, options: BackendOptions = {}) {
@@ -149,7 +150,13 @@ export class VhostUserBackend {
     if (stats) { for (const q of this.queues) q.stats = stats(q.index); }
     this.features = device.features | BASE_FEATURES;
     this.protocolFeatures = BASE_PROTOCOL_FEATURES | (device.protocolFeatures ?? 0n) |
-      (device.getConfig ? bit(ProtocolFeature.CONFIG) : 0n);
+      (device.getConfig ? bit(ProtocolFeature.CONFIG) : 0n) |
+      (device.announce ? bit(ProtocolFeature.RARP) : 0n);
+  }
+
+  /** Whether any ring is started: the device is live (see {@link VirtioDevice.suspended}). */
+  get running(): boolean {
+    return this.#running;
   }
 
   #hasProtocol(feature: number): boolean {
@@ -250,6 +257,7 @@ export class VhostUserBackend {
         const q = this.#queue(p.getUint32(0, true), "GET_VRING_BASE");
         this.device.quiesce?.();
         this.#stop(q);
+        if (this.#running && !this.queues.some((other) => other.started)) this.#suspend();
         conn.reply(m.request, vringStatePayload({ index: q.index, num: q.lastAvailIdx }));
         return null;
       }
@@ -260,6 +268,12 @@ export class VhostUserBackend {
       case Request.GET_PROTOCOL_FEATURES:
         conn.reply(m.request, u64Payload(this.protocolFeatures));
         return null;
+      case Request.SEND_RARP: {
+        if (!this.device.announce) return this.#reject(m);
+        this.#requireProtocol(m, ProtocolFeature.RARP);
+        this.device.announce(new Uint8Array(p.buffer, p.byteOffset, 6).slice());
+        return true;
+      }
       case Request.SET_PROTOCOL_FEATURES: {
         const v = p.getBigUint64(0, true);
         if (v & ~this.protocolFeatures) {
@@ -479,6 +493,10 @@ export class VhostUserBackend {
       q.setKickFd(fd);
       this.#watcher.watchKick(fd, q.index);
       const resubmitted = q.start();
+      if (!this.#running) {
+        this.#running = true;
+        this.device.resumed?.();
+      }
       if (resubmitted > 0) {
         this.#log.info("resubmitting {count} requests left in flight by an earlier back-end", {
           count: resubmitted,
@@ -510,6 +528,13 @@ export class VhostUserBackend {
     if (q.kickFd >= 0) this.#watcher.unwatchKick(q.kickFd);
     q.setKickFd(-1);
     q.started = false;
+  }
+
+  /** The last running ring stopped: tell the device (after its in-flight requests completed). */
+  #suspend(): void {
+    this.#running = false;
+    this.device.quiesce?.();
+    this.device.suspended?.();
   }
 
   /**
@@ -566,6 +591,7 @@ export class VhostUserBackend {
 
   /** RESET_DEVICE: stop and forget all rings, keep memory, ownership and protocol features. */
   resetDevice(): void {
+    if (this.#running) this.#suspend();
     this.device.quiesce?.();
     for (const q of this.queues) {
       if (q.kickFd >= 0) this.#watcher.unwatchKick(q.kickFd);

@@ -385,4 +385,5 @@ export const PAYLOAD_SIZE: Partial<Record<number, number>> = {
   [Request.ADD_MEM_REG]: 40,
   [Request.REM_MEM_REG]: 40,
   [Request.SET_STATUS]: 8,
+  [Request.SEND_RARP]: 8,
 };
