@@ -47,6 +47,8 @@ Options:
   --poll-us N         after the last request, keep polling the queues and the disk for N µs
                       before sleeping (0-${MAX_POLL_US}, default ${DEFAULT_POLL_US}; 0: sleep at once)
   --serial ID         serial number the guest sees (default: vhostd-<image name>)
+  --no-locking        do not lock the image (QEMU's byte locks); only for cluster file systems
+                      that arbitrate access themselves, never to share an image by accident
   --socket-mode MODE  octal mode of the socket file (default 0600: only the owner may connect)
   --socket-group GRP  group of the socket file (name or gid; use with --socket-mode 0660)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
@@ -98,6 +100,8 @@ export interface BlkFlags {
   serial?: string;
   /** Device name in logs, metrics and status (default `blk`). */
   name?: string;
+  /** Lock the image while the device runs (default true). */
+  locking?: boolean;
 }
 
 /** Opens the image (all its problems are usage errors) and plans the service. */
@@ -119,6 +123,7 @@ export function planBlk(
     queues: flags.queues,
     serial: flags.serial ?? `vhostd-${base}`.slice(0, 20),
     name,
+    locking: flags.locking ?? true,
     faultKillAfter: Number(Deno.env.get("VHOSTD_FAULT_KILL_AFTER") ?? 0) || undefined,
   };
   const service: ServiceOptions = {
@@ -183,6 +188,7 @@ export async function cmdBlk(args: string[]): Promise<number> {
         queues: { type: "string" },
         direct: { type: "boolean" },
         serial: { type: "string" },
+        "no-locking": { type: "boolean" },
       },
     })
   );
@@ -202,6 +208,7 @@ export async function cmdBlk(args: string[]): Promise<number> {
       queues: parseIntOption("queues", values.queues, 16, 1, 64),
       pollUs: parsePollUs(values, DEFAULT_POLL_US),
       serial: values.serial,
+      locking: !values["no-locking"],
     },
     log,
     parseAccess(values),
@@ -242,7 +249,7 @@ export async function cmdStart(args: string[]): Promise<number> {
 
 /**
  * The `blk` planner of config files. Fields: `image` (required), `socket`, `readOnly`,
- * `direct`, `queues` (1-64, default 4), `pollUs` (0-1000), `serial`.
+ * `direct`, `queues` (1-64, default 4), `pollUs` (0-1000), `serial`, `locking` (default true).
  */
 export function planBlkDevice(ctx: PlanContext): DevicePlan {
   const f = ctx.fields;
@@ -266,6 +273,7 @@ export function planBlkDevice(ctx: PlanContext): DevicePlan {
     pollUs: f.integer("pollUs", DEFAULT_POLL_US, 0, MAX_POLL_US),
     serial: f.string("serial"),
     name: ctx.id,
+    locking: f.boolean("locking", true),
   };
   if (flags.serial !== undefined && new TextEncoder().encode(flags.serial).length > 20) {
     throw new ConfigError(f.at("serial"), "must be at most 20 bytes");

@@ -66,6 +66,7 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
     const stats = new PortStatsWriter(init.stats, i);
     const server = new VhostUserServer(init.listenFds[i], device, loop, {
       allowUids: init.allowUids,
+      dirtyLogging: !skipDirtyLogForTests,
       queueStats: (queue) => stats.queue(queue),
       onStateChange: (s) => stats.publish(s),
     });
@@ -92,6 +93,12 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
     }
   }
 };
+
+/**
+ * Fault injection for migration tests: VHOSTD_FAULT_SKIP_DIRTY_LOG=1 makes the back-end offer dirty
+ * logging but never mark a page, so a test can show that it catches a back-end that does not log.
+ */
+const skipDirtyLogForTests = Deno.env.get("VHOSTD_FAULT_SKIP_DIRTY_LOG") === "1";
 
 /**
  * Fault injection for shutdown tests: VHOSTD_FAULT_SLOW_SHUTDOWN_MS makes the worker take that

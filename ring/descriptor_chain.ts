@@ -38,7 +38,7 @@ export class DescriptorChain {
   readonly address: Float64Array = new Float64Array(MAX_SEGMENTS);
   /** Length of each segment. */
   readonly length: Uint32Array = new Uint32Array(MAX_SEGMENTS);
-  /** Byte offset of each segment within its region's views. */
+  /** Index of each segment's first byte in its region's views. */
   readonly offset: Float64Array = new Float64Array(MAX_SEGMENTS);
   /** Region of each segment. */
   readonly region: (MemoryRegion | null)[] = new Array(MAX_SEGMENTS).fill(null);
@@ -63,7 +63,7 @@ export class DescriptorChain {
     this.region[i] = region;
     this.offset[i] = offset;
     this.length[i] = length;
-    this.address[i] = region.hostAddress - region.mmapOffset + offset;
+    this.address[i] = region.hostAddress - region.base + offset;
     if (writable) this.writableBytes += length;
     else {
       this.readableCount++;

@@ -9,8 +9,12 @@
  * @module
  */
 
-import { closeQuietly, fdSize } from "../sys/libc.ts";
+import { closeQuietly } from "../sys/libc.ts";
+import { fdStat } from "../sys/fd_kind.ts";
 import { Mapping } from "../sys/mman.ts";
+
+/** mmap offsets must be multiples of the page size. */
+const HOST_PAGE = 4096;
 
 /** A region as described by SET_MEM_TABLE or ADD_MEM_REG. */
 export interface MemoryRegionInfo {
@@ -32,11 +36,16 @@ export class MemoryRegion implements MemoryRegionInfo {
   readonly memorySize: number;
   /** Front-end virtual address of the first byte. */
   readonly userspaceAddr: number;
-  /** Offset of the first byte in the fd, and so in {@link u8}. */
+  /** Offset of the first byte in the fd. */
   readonly mmapOffset: number;
+  /**
+   * Index of the region's first byte in the views: only the pages holding the region are
+   * mapped (from the page holding `mmapOffset`), so this is less than a page.
+   */
+  readonly base: number;
   /** Host virtual address of the region's first byte. */
   readonly hostAddress: number;
-  /** The whole mapping as bytes (region data starts at {@link mmapOffset}). */
+  /** The mapping as bytes (region data starts at {@link base}). */
   readonly u8: Uint8Array;
   /** The whole mapping as 16-bit words, for atomic ring index access. */
   readonly u16: Uint16Array;
@@ -52,8 +61,11 @@ export class MemoryRegion implements MemoryRegionInfo {
     this.memorySize = info.memorySize;
     this.userspaceAddr = info.userspaceAddr;
     this.mmapOffset = info.mmapOffset;
-    this.#mapping = Mapping.map(fd, info.memorySize + info.mmapOffset);
-    this.hostAddress = this.#mapping.address + info.mmapOffset;
+    // Map only the region's own pages: mapping [0, offset + size) would reserve address space
+    // for everything before it, and a front-end choosing a huge offset could exhaust it.
+    this.base = info.mmapOffset % HOST_PAGE;
+    this.#mapping = Mapping.map(fd, info.memorySize + this.base, info.mmapOffset - this.base);
+    this.hostAddress = this.#mapping.address + this.base;
     const buf = this.#mapping.buffer;
     this.u8 = new Uint8Array(buf);
     this.u16 = new Uint16Array(buf, 0, Math.floor(buf.byteLength / 2));
@@ -61,16 +73,34 @@ export class MemoryRegion implements MemoryRegionInfo {
     this.view = new DataView(buf);
   }
 
-  /** Whether [gpa, gpa+length) lies wholly inside this region. */
+  /**
+   * Whether [gpa, gpa+length) lies wholly inside this region. Written with differences only,
+   * which stay exact for any addresses below 2^53 (a sum near 2^53 would round).
+   */
   containsGpa(gpa: number, length: number): boolean {
-    return gpa >= this.guestPhysAddr && length >= 0 &&
-      gpa + length <= this.guestPhysAddr + this.memorySize;
+    return gpa >= this.guestPhysAddr && length >= 0 && length <= this.memorySize &&
+      gpa - this.guestPhysAddr <= this.memorySize - length;
   }
 
-  /** Whether [uva, uva+length) lies wholly inside this region. */
+  /** Whether [uva, uva+length) lies wholly inside this region (exact, as {@link containsGpa}). */
   containsUva(uva: number, length: number): boolean {
-    return uva >= this.userspaceAddr && length >= 0 &&
-      uva + length <= this.userspaceAddr + this.memorySize;
+    return uva >= this.userspaceAddr && length >= 0 && length <= this.memorySize &&
+      uva - this.userspaceAddr <= this.memorySize - length;
+  }
+
+  /** Index in the views of guest-physical address `gpa` (which must be inside the region). */
+  offsetOfGpa(gpa: number): number {
+    return gpa - this.guestPhysAddr + this.base;
+  }
+
+  /** Index in the views of front-end address `uva` (which must be inside the region). */
+  offsetOfUva(uva: number): number {
+    return uva - this.userspaceAddr + this.base;
+  }
+
+  /** Guest-physical address of index `offset` in the views. */
+  gpaOfOffset(offset: number): number {
+    return offset - this.base + this.guestPhysAddr;
   }
 
   /** Unmaps the region; the views become empty. */
@@ -122,14 +152,14 @@ export class GuestMemory {
           );
         }
       }
+      // Guest RAM is a memfd, a hugetlbfs or tmpfs file: anything else (a pipe, a socket, a
+      // device) is not memory the front-end may hand over.
+      const { kind, size } = fdStat(fd);
+      if (kind !== "file") {
+        throw new MemoryError(`memory region fd is a ${kind}, not a memory file`);
+      }
       // mmap would accept a region larger than its file, and touching the part past the end is
       // SIGBUS, which no JavaScript handler can catch: refuse it here instead.
-      let size: number;
-      try {
-        size = fdSize(fd);
-      } catch (e) {
-        throw new MemoryError(`memory region fd cannot be sized: ${(e as Error).message}`);
-      }
       if (info.mmapOffset + info.memorySize > size) {
         throw new MemoryError(
           `memory region of ${info.memorySize} bytes at offset ${info.mmapOffset} is larger than ` +

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { createMemfd } from "../sys/mman.ts";
+import { createEventFd } from "../sys/event.ts";
 import { GuestMemory, MemoryError } from "./guest_memory.ts";
 import { openFdCount } from "../tests/helpers/daemon.ts";
 
@@ -25,7 +26,7 @@ Deno.test("translation finds the right region and refuses ranges that cross its 
     assert.equal(m.findUva(0x7100_0000_0000 + 10, 10), high);
     assert.equal(m.findUva(0x7100_0000_0000 + MiB, 1), null);
     // Both views see the same bytes the front-end wrote through its own address space.
-    high.u8[high.mmapOffset + 100] = 7;
+    high.u8[high.base + 100] = 7;
     assert.equal(high.view.getUint8(100), 7);
   } finally {
     m.clear();
@@ -40,7 +41,9 @@ Deno.test("a region with an mmap offset maps the fd from that offset", () => {
       { guestPhysAddr: 0x1000, memorySize: MiB, userspaceAddr: 0x7000_0000_0000, mmapOffset: MiB },
       fd,
     );
-    assert.equal(r.u8.length, 2 * MiB);
+    // Only the region's own pages are mapped: a huge offset must not reserve address space.
+    assert.equal(r.u8.length, MiB);
+    assert.equal(r.base, 0);
     assert.equal(r.hostAddress % 4096, 0);
     assert.ok(m.findGpa(0x1000 + MiB - 1, 1));
   } finally {
@@ -131,6 +134,55 @@ Deno.test("the slot limit is enforced", () => {
         ),
       /too many memory regions/,
     );
+  } finally {
+    m.clear();
+  }
+});
+
+Deno.test("a region far into its fd maps only its own pages (no address-space blow-up)", () => {
+  const m = new GuestMemory();
+  const offset = 100 * 2 ** 40; // 100 TiB into a sparse memfd
+  const fd = createMemfd("far", offset + MiB);
+  try {
+    const r = m.add(
+      { guestPhysAddr: 0, memorySize: MiB, userspaceAddr: 0x7000_0000_0000, mmapOffset: offset },
+      fd,
+    );
+    assert.equal(r.u8.length, MiB);
+    r.u8[r.base + MiB - 1] = 42;
+    assert.equal(r.u8[r.offsetOfGpa(MiB - 1)], 42);
+  } finally {
+    m.clear();
+  }
+});
+
+Deno.test("memory fds that are not files (an eventfd here) are refused, and closed", () => {
+  const m = new GuestMemory();
+  const before = openFdCount();
+  assert.throws(
+    () =>
+      m.add(
+        { guestPhysAddr: 0, memorySize: 4096, userspaceAddr: 0, mmapOffset: 0 },
+        createEventFd(),
+      ),
+    /is a eventfd, not a memory file/,
+  );
+  assert.equal(openFdCount(), before);
+});
+
+Deno.test("bounds checks stay exact next to 2^53", () => {
+  const m = new GuestMemory();
+  try {
+    const top = 2 ** 53;
+    const r = m.add(
+      { guestPhysAddr: top - MiB, memorySize: MiB, userspaceAddr: top - MiB, mmapOffset: 0 },
+      createMemfd("top", MiB),
+    );
+    assert.equal(r.containsGpa(top - 1, 1), true);
+    assert.equal(r.containsGpa(top - 1, 2), false, "one byte past the end");
+    assert.equal(r.containsGpa(top - 3, 4), false);
+    assert.equal(r.containsUva(top - 1, 2), false);
+    assert.equal(m.findGpa(top - 1, 2), null);
   } finally {
     m.clear();
   }

@@ -35,12 +35,18 @@ export class InflightRegion {
     this.#descNum = descNum;
   }
 
+  /** Entries per queue (the queue size QEMU gave GET/SET_INFLIGHT_FD). */
+  get size(): number {
+    return this.#descNum;
+  }
+
   #desc(head: number): number {
     return this.#base + HEADER + head * DESC_STATE;
   }
 
-  /** Marks a popped chain as taken. */
+  /** Marks a popped chain as taken. Heads past the region are ignored (see the back-end). */
   markTaken(head: number): void {
+    if (head >= this.#descNum) return;
     const d = this.#desc(head);
     this.#view.setBigUint64(d + 8, BigInt(++this.#counter), true);
     this.#view.setUint8(d, 1);
@@ -53,7 +59,7 @@ export class InflightRegion {
 
   /** After publishing the used index: the chain is done. */
   afterComplete(head: number, usedIdx: number): void {
-    this.#view.setUint8(this.#desc(head), 0);
+    if (head < this.#descNum) this.#view.setUint8(this.#desc(head), 0);
     this.#view.setUint16(this.#base + 14, usedIdx, true);
   }
 

@@ -14,6 +14,7 @@ import { closeQuietly } from "../sys/libc.ts";
 import { DescriptorChain, MAX_SEGMENTS } from "./descriptor_chain.ts";
 import type { GuestMemory, MemoryRegion } from "./guest_memory.ts";
 import type { InflightRegion } from "./inflight.ts";
+import type { DirtyLog } from "./dirty_log.ts";
 import { latencyBucket, QUEUE_STAT_SLOTS, QueueStat } from "./queue_stats.ts";
 import { monotonicMs } from "../sys/clock.ts";
 
@@ -29,6 +30,16 @@ export const VRING_USED_F_NO_NOTIFY = 1;
 export const VRING_AVAIL_F_NO_INTERRUPT = 1;
 /** Largest queue size the split ring format allows. */
 export const MAX_QUEUE_SIZE = 32768;
+/**
+ * Fewest descriptors a chain may use in total, direct and indirect, whatever the queue size. The
+ * rule is the queue size (virtio 1.2 §2.7.5.3.1), but Linux sizes indirect tables by the device's
+ * segment limit, not the queue's size, and a block device offers 126 segments plus a header and a
+ * status: a queue of 64 must still take the 128-descriptor chains its driver builds. Either way,
+ * the work per chain is bounded by this, never by a table length the guest chooses.
+ */
+export const MIN_CHAIN_BUDGET = 128;
+/** Addresses from 2^53 up do not fit a number exactly; no guest memory is there. */
+const MAX_GUEST_ADDRESS_HIGH = 2 ** 21;
 
 /** A chain the guest built wrongly; the queue is stopped until the front-end resets it. */
 export class QueueError extends Error {
@@ -108,6 +119,12 @@ export class SplitQueue implements Virtqueue {
 
   readonly #chain = new DescriptorChain();
   #memory: GuestMemory | null = null;
+  /** Where written buffers are logged during a migration (null: not logging). */
+  #log: DirtyLog | null = null;
+  /** Held until the dirty log arrives: logging is on but nothing could record it yet. */
+  #awaitingLog = false;
+  /** Guest-physical address of the used ring for the dirty log (VHOST_VRING_F_LOG), or -1. */
+  #usedLogAddress = -1;
   #generation = -1;
   #desc: MemoryRegion | null = null;
   #descOff = 0;
@@ -136,7 +153,8 @@ export class SplitQueue implements Virtqueue {
 
   /** Whether requests may be processed: configured, translated, started, enabled and sound. */
   get ready(): boolean {
-    return this.started && this.enabled && !this.broken && this.#translated();
+    return this.started && this.enabled && !this.broken && !this.#awaitingLog &&
+      this.#translated();
   }
 
   /** Forgets everything (device reset or disconnect); closes the eventfds. */
@@ -156,6 +174,9 @@ export class SplitQueue implements Virtqueue {
     this.#pushedSinceNotify = false;
     this.#resubmit = [];
     this.inflight = null;
+    this.#log = null;
+    this.#awaitingLog = false;
+    this.#usedLogAddress = -1;
     this.stats[QueueStat.IN_FLIGHT] = 0;
     this.#batchStart = 0;
     this.#poppedAt.fill(0);
@@ -212,7 +233,7 @@ export class SplitQueue implements Virtqueue {
           uva.toString(16)
         } (+${len}) is outside guest memory`;
       }
-      const off = uva - r.userspaceAddr + r.mmapOffset;
+      const off = r.offsetOfUva(uva);
       if (off % align !== 0) return `queue ${this.index}: ${name} is misaligned`;
       found.push([r, off]);
     }
@@ -338,13 +359,19 @@ export class SplitQueue implements Virtqueue {
     let tableOff = this.#descOff;
     let tableLen = this.size;
     let idx = head;
-    let budget = this.size;
+    // One budget for the whole chain, indirect table included: a table may be long, but the
+    // descriptors the device walks per chain stay bounded (see MIN_CHAIN_BUDGET).
+    let budget = Math.max(this.size, MIN_CHAIN_BUDGET);
     let inIndirect = false;
     for (;;) {
       if (budget-- === 0) return "descriptor chain loops or is longer than the queue";
       const d = tableOff + idx * 16;
       const view = table.view;
-      const addr = view.getUint32(d, true) + view.getUint32(d + 4, true) * 4294967296;
+      const high = view.getUint32(d + 4, true);
+      if (high >= MAX_GUEST_ADDRESS_HIGH) {
+        return `descriptor ${idx} points above 2^53, outside guest memory`;
+      }
+      const addr = view.getUint32(d, true) + high * 4294967296;
       const len = view.getUint32(d + 8, true);
       const flags = view.getUint16(d + 12, true);
       const next = view.getUint16(d + 14, true);
@@ -356,28 +383,27 @@ export class SplitQueue implements Virtqueue {
         const r = memory.findGpa(addr, len);
         if (r === null) return `indirect table at 0x${addr.toString(16)} is outside guest memory`;
         table = r;
-        tableOff = addr - r.guestPhysAddr + r.mmapOffset;
+        tableOff = r.offsetOfGpa(addr);
         tableLen = len / 16;
-        budget = tableLen;
         idx = 0;
         inIndirect = true;
         continue;
       }
-      if (len > 0) {
-        const r = memory.findGpa(addr, len);
-        if (r === null) {
-          return `buffer at 0x${addr.toString(16)} (+${len}) is outside guest memory`;
-        }
-        const writable = (flags & VIRTQ_DESC_F_WRITE) !== 0;
-        if (!writable && chain.segmentCount > chain.readableCount) {
-          return "device-readable buffer after a device-writable one";
-        }
-        if (chain.segmentCount === MAX_SEGMENTS) return "too many buffers in one chain";
-        if (chain.readableBytes + chain.writableBytes + len > 0xffffffff) {
-          return "chain longer than 4 GiB";
-        }
-        chain.addSegment(r, addr - r.guestPhysAddr + r.mmapOffset, len, writable);
+      // An empty buffer carries nothing and would let a chain spin through descriptors for free.
+      if (len === 0) return `descriptor ${idx} has length 0`;
+      const r = memory.findGpa(addr, len);
+      if (r === null) {
+        return `buffer at 0x${addr.toString(16)} (+${len}) is outside guest memory`;
       }
+      const writable = (flags & VIRTQ_DESC_F_WRITE) !== 0;
+      if (!writable && chain.segmentCount > chain.readableCount) {
+        return "device-readable buffer after a device-writable one";
+      }
+      if (chain.segmentCount === MAX_SEGMENTS) return "too many buffers in one chain";
+      if (chain.readableBytes + chain.writableBytes + len > 0xffffffff) {
+        return "chain longer than 4 GiB";
+      }
+      chain.addSegment(r, r.offsetOfGpa(addr), len, writable);
       if (!(flags & VIRTQ_DESC_F_NEXT)) return null;
       if (next >= tableLen) return `next descriptor ${next} out of range`;
       idx = next;
@@ -387,7 +413,8 @@ export class SplitQueue implements Virtqueue {
   /** Puts a completed chain on the used ring and publishes the new used index (fenced). */
   push(chain: DescriptorChain, written: number): void {
     this.stats[QueueStat.BYTES] += chain.readableBytes;
-    this.pushHead(chain.head, written);
+    if (this.#log !== null) this.#logChain(chain);
+    this.#complete(chain.head, written, true);
   }
 
   /**
@@ -397,13 +424,73 @@ export class SplitQueue implements Virtqueue {
    * receive packet must become visible together).
    */
   pushHead(head: number, written: number, publish = true): void {
+    if (this.#log !== null) this.#logHead(head);
+    this.#complete(head, written, publish);
+  }
+
+  /**
+   * Starts or stops logging what the device writes into the driver's buffers (during a migration,
+   * while VHOST_F_LOG_ALL is on).
+   */
+  logWrites(log: DirtyLog | null): void {
+    this.#log = log;
+    this.#awaitingLog = false;
+  }
+
+  /**
+   * Holds the queue (not {@link ready}) until {@link logWrites} gives it a log: after a reconnect
+   * in the middle of a migration, QEMU turns logging on and starts the rings before it sends the
+   * log itself, and a write made in between would reach the destination stale.
+   */
+  awaitLog(): void {
+    this.#log = null;
+    this.#awaitingLog = true;
+  }
+
+  /** Logs used-ring writes at guest-physical address `gpa` (VHOST_VRING_F_LOG), or not (-1). */
+  logUsedRingAt(gpa: number): void {
+    this.#usedLogAddress = gpa;
+  }
+
+  /** Whether writes are being logged (for status and tests). */
+  get logging(): boolean {
+    return this.#log !== null;
+  }
+
+  /** Marks the driver-writable buffers of `chain` in the dirty log (all of them: cheap, safe). */
+  #logChain(chain: DescriptorChain): void {
+    const log = this.#log!;
+    for (let i = chain.readableCount; i < chain.segmentCount; i++) {
+      log.mark(chain.region[i]!.gpaOfOffset(chain.offset[i]), chain.length[i]);
+    }
+  }
+
+  /**
+   * Marks the writable buffers of the chain at `head`, completed by index: the chain object is
+   * long reused, so its descriptors are walked again (with every check) into a scratch chain.
+   * A driver that rewrote them meanwhile only mislogs its own memory.
+   */
+  #logHead(head: number): void {
+    scratchChain ??= new DescriptorChain();
+    if (this.#parse(head, scratchChain) === null) this.#logChain(scratchChain);
+  }
+
+  /** Marks the used ring's pages (its index, elements, flags and avail_event) in the dirty log. */
+  #logUsedRing(): void {
+    if (this.#usedLogAddress >= 0) this.#log!.mark(this.#usedLogAddress, 6 + 8 * this.size);
+  }
+
+  #complete(head: number, written: number, publish: boolean): void {
     const used = this.#used!;
     this.inflight?.beforeComplete(head);
     const elem = (this.#usedOff + 4 + 8 * (this.usedIdx % this.size)) >> 2;
     used.u32[elem] = head;
     used.u32[elem + 1] = written;
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
-    if (publish) Atomics.store(used.u16, (this.#usedOff + 2) >> 1, this.usedIdx);
+    if (publish) {
+      Atomics.store(used.u16, (this.#usedOff + 2) >> 1, this.usedIdx);
+      if (this.#log !== null) this.#logUsedRing();
+    }
     this.inflight?.afterComplete(head, this.usedIdx);
     this.#pushedSinceNotify = true;
     const s = this.stats;
@@ -423,6 +510,7 @@ export class SplitQueue implements Virtqueue {
   /** Publishes the used index after {@link pushHead} calls with `publish` false (fenced). */
   publishUsed(): void {
     Atomics.store(this.#used!.u16, (this.#usedOff + 2) >> 1, this.usedIdx);
+    if (this.#log !== null) this.#logUsedRing();
   }
 
   /**
@@ -448,6 +536,7 @@ export class SplitQueue implements Virtqueue {
     } else {
       Atomics.store(used.u16, this.#usedOff >> 1, enable ? 0 : VRING_USED_F_NO_NOTIFY);
     }
+    if (this.#log !== null) this.#logUsedRing();
     return enable && this.hasAvailable();
   }
 
@@ -455,6 +544,7 @@ export class SplitQueue implements Virtqueue {
   notify(): void {
     this.#batchStart = 0;
     if (this.#completedCount > 0) this.#recordLatencies();
+    this.#log?.notify();
     if (!this.#pushedSinceNotify) return;
     this.#pushedSinceNotify = false;
     const avail = this.#avail!;
@@ -476,3 +566,6 @@ export class SplitQueue implements Virtqueue {
     }
   }
 }
+
+/** Where completions by head index are walked again for the dirty log (one per worker). */
+let scratchChain: DescriptorChain | null = null;

@@ -224,6 +224,40 @@ export class FdSocket {
     }
   }
 
+  /**
+   * Receives whatever has arrived, up to `length` bytes, into `buffer[offset..]` without waiting;
+   * fds that come with them go to `fds`. Returns the bytes received, or 0 when nothing is waiting.
+   * Throws {@link PeerClosedError} on EOF, {@link SysError} on errors.
+   */
+  recvAvailable(offset: number, length: number, fds: number[]): number {
+    if (offset + length > this.buffer.length) throw new RangeError("message larger than buffer");
+    for (;;) {
+      this.#iov[0] = this.#bufferAddr + BigInt(offset);
+      this.#iov[1] = BigInt(length);
+      const m = this.#msghdr;
+      m[0] = 0n;
+      m[1] = 0n;
+      m[2] = this.#iovAddr;
+      m[3] = 1n;
+      m[4] = this.#controlAddr;
+      m[5] = BigInt(this.#control.length);
+      m[6] = 0n;
+      const n = Number(libc.recvmsg(this.fd, m, MSG_CMSG_CLOEXEC | MSG_DONTWAIT));
+      if (n < 0) {
+        const err = errno();
+        if (err === Errno.EINTR) continue;
+        if (err === Errno.EAGAIN) return 0;
+        throw new SysError("recvmsg", err);
+      }
+      this.#collectFds(Number(m[5]), fds);
+      if (Number(m[6] & 0xffffffffn) & MSG_CTRUNC) {
+        throw new SysError("recvmsg", Errno.EINVAL, "(too many fds: control data truncated)");
+      }
+      if (n === 0) throw new PeerClosedError();
+      return n;
+    }
+  }
+
   #collectFds(controlLen: number, fds: number[]): void {
     const dv = this.#controlView;
     let off = 0;

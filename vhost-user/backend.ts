@@ -16,8 +16,11 @@
 
 import { getLogger, type Logger } from "../log/mod.ts";
 import { closeQuietly, setNonBlocking } from "../sys/libc.ts";
+import { signalEventFd } from "../sys/event.ts";
+import { fdStat } from "../sys/fd_kind.ts";
 import { createMemfd, Mapping } from "../sys/mman.ts";
 import { inflightQueueSize, InflightRegion } from "../ring/inflight.ts";
+import { DirtyLog, DirtyLogError } from "../ring/dirty_log.ts";
 import { GuestMemory, MemoryError } from "../ring/guest_memory.ts";
 import { MAX_QUEUE_SIZE, SplitQueue } from "../ring/split_queue.ts";
 import type { VirtioDevice } from "../devices/device.ts";
@@ -31,6 +34,7 @@ import {
   decodeMemTable,
   decodeVringAddr,
   Flags,
+  getU64,
   type InflightInfo,
   inflightPayload,
   type Message,
@@ -40,6 +44,7 @@ import {
   requestName,
   u64Payload,
   VirtioFeature,
+  VRING_F_LOG,
   VRING_IDX_MASK,
   VRING_NOFD_MASK,
   vringStatePayload,
@@ -61,17 +66,23 @@ export interface BackendOptions {
   maxMemSlots?: number;
   /** Where each queue keeps its counters (shared memory the main thread reads); default private. */
   queueStats?: (queue: number) => Float64Array;
+  /**
+   * Mark written pages in the dirty log during a migration (default true). Only tests turn it
+   * off, to show that a migration test catches a back-end that does not log.
+   */
+  dirtyLogging?: boolean;
 }
 
 /** Protocol features every vhostd device supports. */
 export const BASE_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) |
-  bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
-  bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS);
+  bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.REPLY_ACK) |
+  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) |
+  bit(ProtocolFeature.STATUS);
 
-/** Transport features every vhostd device supports. */
+/** Transport features every vhostd device supports (LOG_ALL: dirty logging for migration). */
 export const BASE_FEATURES = bit(VirtioFeature.VERSION_1) |
   bit(VirtioFeature.RING_INDIRECT_DESC) | bit(VirtioFeature.RING_EVENT_IDX) |
-  bit(VirtioFeature.PROTOCOL_FEATURES);
+  bit(VirtioFeature.PROTOCOL_FEATURES) | bit(VirtioFeature.LOG_ALL);
 
 /** Requests that may carry fds, and how many at most. */
 const FD_CARRIERS: Partial<Record<number, number>> = {
@@ -133,6 +144,10 @@ export class VhostUserBackend {
   readonly #log: Logger;
   #inflight: Mapping | null = null;
   #running = false;
+  /** The migration dirty log (SET_LOG_BASE), shared by every queue while LOG_ALL is on. */
+  readonly #dirtyLog = new DirtyLog();
+  readonly #dirtyLogging: boolean;
+  #logAll = false;
 
   /** Creates the back-end for `device`; kick fds are registered through `watcher`. */
   constructor(device: VirtioDevice, watcher: KickWatcher, options: BackendOptions = {}) {
@@ -146,6 +161,7 @@ export class VhostUserBackend {
     this.polled = this.queues.map((q) =>
       typeof poll === "function" ? poll(q.index) : poll === true
     );
+    this.#dirtyLogging = options.dirtyLogging ?? true;
     const stats = options.queueStats;
     if (stats) { for (const q of this.queues) q.stats = stats(q.index); }
     this.features = device.features | BASE_FEATURES;
@@ -235,6 +251,11 @@ export class VhostUserBackend {
         if (num === 0 || num > q.maxSize || (num & (num - 1)) !== 0) {
           throw new ProtocolError(`SET_VRING_NUM: bad queue size ${num} (max ${q.maxSize})`);
         }
+        if (q.inflight !== null && num > q.inflight.size) {
+          throw new ProtocolError(
+            `SET_VRING_NUM: queue size ${num} is larger than the inflight buffer's ${q.inflight.size}`,
+          );
+        }
         q.size = num;
         this.#attach(q);
         return true;
@@ -242,6 +263,11 @@ export class VhostUserBackend {
       case Request.SET_VRING_ADDR: {
         const a = decodeVringAddr(p);
         const q = this.#queue(a.index, "SET_VRING_ADDR");
+        if (a.flags & ~VRING_F_LOG) {
+          throw new ProtocolError(`SET_VRING_ADDR: unknown flags 0x${a.flags.toString(16)}`);
+        }
+        // With VHOST_VRING_F_LOG, used-ring writes are logged at the guest address QEMU gives.
+        q.logUsedRingAt(a.flags & VRING_F_LOG ? a.log : -1);
         q.addresses = { desc: a.desc, avail: a.avail, used: a.used };
         this.#attach(q);
         // The used index lives in guest memory; after a back-end restart it is the truth.
@@ -268,6 +294,17 @@ export class VhostUserBackend {
       case Request.GET_PROTOCOL_FEATURES:
         conn.reply(m.request, u64Payload(this.protocolFeatures));
         return null;
+      case Request.SET_LOG_BASE:
+        this.#setLogBase(m);
+        // QEMU waits for this reply whether or not it asked for one.
+        conn.reply(m.request, u64Payload(0n));
+        return null;
+      case Request.SET_LOG_FD: {
+        const fd = this.#takeFd(m);
+        this.#requireEventFd(fd, "SET_LOG_FD");
+        this.#dirtyLog.setNotifyFd(fd);
+        return true;
+      }
       case Request.SEND_RARP: {
         if (!this.device.announce) return this.#reject(m);
         this.#requireProtocol(m, ProtocolFeature.RARP);
@@ -397,18 +434,42 @@ export class VhostUserBackend {
     const info = this.#inflightLayout(m.payload);
     const fd = this.#takeFd(m);
     const per = inflightQueueSize(info.queueSize);
+    const need = info.numQueues * per;
+    // The mapping starts at the page holding mmapOffset (mmap wants aligned offsets).
+    const skew = info.mmapOffset % 4096;
     try {
-      if (info.mmapSize < info.numQueues * per) {
+      if (info.mmapSize < need) {
         throw new ProtocolError(`inflight buffer of ${info.mmapSize} bytes is too small`);
       }
+      const { kind, size } = fdStat(fd);
+      if (kind !== "file") {
+        throw new ProtocolError(`inflight buffer fd is a ${kind}, not a memory file`);
+      }
+      // Past the end of its file a mapping is SIGBUS, which kills every device in the process.
+      if (info.mmapOffset + need > size) {
+        throw new ProtocolError(
+          `inflight buffer of ${need} bytes at offset ${info.mmapOffset} is larger than its fd ` +
+            `(${size} bytes)`,
+        );
+      }
+      for (const q of this.queues.slice(0, info.numQueues)) {
+        if (q.size > info.queueSize) {
+          throw new ProtocolError(
+            `inflight buffer for queues of ${info.queueSize} but queue ${q.index} has ${q.size}`,
+          );
+        }
+      }
       this.#dropInflight();
-      this.#inflight = Mapping.map(fd, info.mmapSize + info.mmapOffset);
+      this.#inflight = Mapping.map(fd, need + skew, info.mmapOffset - skew);
+    } catch (e) {
+      if (e instanceof RangeError) throw new ProtocolError(e.message);
+      throw e;
     } finally {
       closeQuietly(fd);
     }
     const view = new DataView(this.#inflight.buffer);
     for (let i = 0; i < info.numQueues; i++) {
-      this.queues[i].inflight = new InflightRegion(view, info.mmapOffset + i * per, info.queueSize);
+      this.queues[i].inflight = new InflightRegion(view, skew + i * per, info.queueSize);
     }
   }
 
@@ -432,8 +493,51 @@ export class VhostUserBackend {
       // Without bit 30 there is no SET_VRING_ENABLE: rings are enabled from the start.
       if (noProtocol) q.enabled = true;
     }
+    this.#updateLogging();
     this.device.setFeatures?.(v);
     return true;
+  }
+
+  #setLogBase(m: Message): void {
+    if (!this.#hasProtocol(ProtocolFeature.LOG_SHMFD)) {
+      // Without LOG_SHMFD the payload is an address in QEMU's own memory, useless to us.
+      throw new ProtocolError("SET_LOG_BASE without the LOG_SHMFD protocol feature");
+    }
+    const fd = this.#takeFd(m);
+    const size = getU64(m.payload, 0);
+    const offset = getU64(m.payload, 8);
+    try {
+      this.#dirtyLog.map(fd, size, offset); // closes fd, mapped or not
+    } catch (e) {
+      if (e instanceof DirtyLogError) throw new ProtocolError(e.message);
+      throw e;
+    }
+    this.#log.info("dirty log of {size} bytes mapped (covers {gib} GiB of guest memory)", {
+      size,
+      gib: (this.#dirtyLog.pages * 4096 / 2 ** 30).toFixed(1),
+    });
+    this.#updateLogging();
+    // Queues held while waiting for the log may run now.
+    for (const q of this.queues) this.serviceQueue(q.index);
+  }
+
+  /**
+   * Hands the log to the queues while VHOST_F_LOG_ALL is on. Turned on before SET_LOG_BASE (QEMU
+   * does that on a reconnect during a migration), the queues are held until the log arrives;
+   * turned off, the log is unmapped (QEMU frees it; the next migration sends a new one).
+   */
+  #updateLogging(): void {
+    const logAll = (this.ackedFeatures & bit(VirtioFeature.LOG_ALL)) !== 0n;
+    if (logAll !== this.#logAll) {
+      this.#log.info("dirty logging {state}", { state: logAll ? "on" : "off" });
+      if (!logAll) this.#dirtyLog.unmap();
+      this.#logAll = logAll;
+    }
+    for (const q of this.queues) {
+      if (!logAll || !this.#dirtyLogging) q.logWrites(null);
+      else if (this.#dirtyLog.mapped) q.logWrites(this.#dirtyLog);
+      else q.awaitLog();
+    }
   }
 
   #setMemTable(m: Message): boolean {
@@ -447,10 +551,12 @@ export class VhostUserBackend {
     this.memory.clear();
     const fds = m.fds.splice(0);
     this.#mapRegion(() => {
+      let next = 0;
       try {
-        regions.forEach((r, i) => this.memory.add(r, fds[i]));
+        // add() closes each fd it is given, mapped or not; only the ones never reached are ours.
+        while (next < regions.length) this.memory.add(regions[next], fds[next++]);
       } finally {
-        for (const fd of fds) closeQuietly(fd);
+        for (const fd of fds.slice(next)) closeQuietly(fd);
       }
     });
     if (regions.length === 0) {
@@ -481,15 +587,19 @@ export class VhostUserBackend {
     const q = this.#queue(index, name);
     if (noFd && m.fds.length > 0) throw new ProtocolError(`${name}: fd sent with the no-fd flag`);
     const fd = noFd ? -1 : this.#takeFd(m);
+    // A pipe given as a call fd fills after a few hundred interrupts, and a blocking write then
+    // hangs the worker for good: only non-blocking eventfds are taken.
+    if (fd >= 0) this.#requireEventFd(fd, name);
     if (m.request === Request.SET_VRING_CALL) {
       q.setCallFd(fd);
+      // An interrupt lost while no back-end was connected (a restart, a reconnect) would leave
+      // the driver waiting for ever; a spurious one costs it a look at the used ring.
+      if (fd >= 0) signalEventFd(fd);
     } else if (m.request === Request.SET_VRING_ERR) {
       q.setErrFd(fd);
     } else {
       if (noFd) throw new ProtocolError("SET_VRING_KICK without an fd (polling) is not supported");
       if (q.kickFd >= 0) this.#watcher.unwatchKick(q.kickFd);
-      // A blocking fd (or not an eventfd at all) must not be able to hang the data plane.
-      setNonBlocking(fd);
       q.setKickFd(fd);
       this.#watcher.watchKick(fd, q.index);
       const resubmitted = q.start();
@@ -507,6 +617,22 @@ export class VhostUserBackend {
       this.serviceQueue(q.index);
     }
     return true;
+  }
+
+  /** Refuses anything but an eventfd, and makes it non-blocking; closes it when refused. */
+  #requireEventFd(fd: number, what: string): void {
+    let kind: string;
+    try {
+      kind = fdStat(fd).kind;
+      if (kind === "eventfd") {
+        setNonBlocking(fd);
+        return;
+      }
+    } catch (e) {
+      kind = `broken fd (${(e as Error).message})`;
+    }
+    closeQuietly(fd);
+    throw new ProtocolError(`${what}: the fd is a ${kind}, not an eventfd`);
   }
 
   #attach(q: SplitQueue): void {
@@ -605,6 +731,8 @@ export class VhostUserBackend {
   disconnect(): void {
     this.resetDevice();
     this.#dropInflight();
+    this.#dirtyLog.close();
+    this.#logAll = false;
     this.memory.clear();
     this.ackedFeatures = 0n;
     this.ackedProtocolFeatures = 0n;

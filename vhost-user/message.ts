@@ -100,6 +100,8 @@ export const ProtocolFeature = {
 /** Transport feature bits shared by every virtio device. */
 export const VirtioFeature = {
   NOTIFY_ON_EMPTY: 24,
+  /** vhost's VHOST_F_LOG_ALL: while acked, log every write to guest memory (live migration). */
+  LOG_ALL: 26,
   ANY_LAYOUT: 27,
   RING_INDIRECT_DESC: 28,
   RING_EVENT_IDX: 29,
@@ -141,6 +143,8 @@ export const MAX_PAYLOAD = 4096;
 export const MAX_CONFIG_SIZE = 256;
 /** Regions SET_MEM_TABLE can carry. */
 export const MAX_MEM_TABLE_REGIONS = 8;
+/** `SET_VRING_ADDR` flag (VHOST_VRING_F_LOG): log used-ring writes at the given guest address. */
+export const VRING_F_LOG = 0x1;
 /** `SET_VRING_KICK/CALL/ERR` payload bit: no fd is attached. */
 export const VRING_NOFD_MASK = 0x100;
 /** `SET_VRING_KICK/CALL/ERR` payload bits holding the queue index. */
@@ -386,4 +390,5 @@ export const PAYLOAD_SIZE: Partial<Record<number, number>> = {
   [Request.REM_MEM_REG]: 40,
   [Request.SET_STATUS]: 8,
   [Request.SEND_RARP]: 8,
+  [Request.SET_LOG_BASE]: 16,
 };

@@ -11,13 +11,13 @@
 
 import { getLogger, type Logger } from "../log/mod.ts";
 import { drainEventFd } from "../sys/event.ts";
-import { closeQuietly, SysError } from "../sys/libc.ts";
+import { closeQuietly, Errno, setNonBlocking, SysError } from "../sys/libc.ts";
+import { monotonicMs } from "../sys/clock.ts";
 import {
   acceptUnix,
   PeerClosedError,
   type PeerCredentials,
   peerCredentials,
-  setSocketTimeouts,
 } from "../sys/socket.ts";
 import type { DeviceEventLoop, VirtioDevice, Virtqueue } from "../devices/device.ts";
 import { type BackendOptions, type KickWatcher, VhostUserBackend } from "./backend.ts";
@@ -30,7 +30,10 @@ import { QueueStat } from "../ring/queue_stats.ts";
 export interface ServerOptions extends BackendOptions {
   /** User ids allowed to connect (default: anyone who can open the socket). */
   allowUids?: number[];
-  /** Time a front-end may take to send the rest of a message it started, in ms. */
+  /**
+   * Time a front-end may take to send the rest of a message it started, in ms (default 2000);
+   * then its connection is dropped. Nothing waits for it meanwhile: other sockets are served.
+   */
   messageTimeoutMs?: number;
   /**
    * Called after anything `status` shows may have changed: a front-end connected or left, a
@@ -38,6 +41,13 @@ export interface ServerOptions extends BackendOptions {
    */
   onStateChange?: (server: VhostUserServer) => void;
 }
+
+/** Messages handled per wake-up before the loop gives other fds a turn. */
+const MESSAGES_PER_WAKE = 16;
+/** Default of {@link ServerOptions.messageTimeoutMs}. */
+const MESSAGE_TIMEOUT_MS = 2000;
+/** How long accepting pauses when the process is out of fds. */
+const ACCEPT_PAUSE_MS = 1000;
 
 /**
  * One device's vhost-user server on a shared {@link EventLoop}: it accepts one front-end at a time,
@@ -112,6 +122,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
   /** Starts listening for front-ends and lets the device register its own fds. */
   start(): void {
     this.#loop.watch(this.#listenFd, () => this.#accept());
+    this.#loop.addTick(this.#timers);
     if (this.#polling) this.#loop.addPoller(this.#poller);
     this.backend.device.start?.(this);
   }
@@ -141,6 +152,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
   /** Drops any front-end and stops listening. */
   close(): void {
     if (this.#conn) this.#disconnect("the daemon is shutting down");
+    this.#acceptPausedAt = 0;
     this.#loop.unwatch(this.#listenFd);
     this.#loop.removePoller(this.#poller);
   }
@@ -150,6 +162,13 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
       fd = acceptUnix(this.#listenFd);
     } catch (e) {
       this.#log.warn("accept failed: {error}", { error: String(e) });
+      if (e instanceof SysError && (e.errno === Errno.EMFILE || e.errno === Errno.ENFILE)) {
+        // Out of fds: the pending connection stays readable, and retrying at once would spin
+        // (and flood the log). Stop listening for a second; the timer tick resumes.
+        this.#loop.unwatch(this.#listenFd);
+        this.#acceptPausedAt = monotonicMs();
+        this.#loop.wakeTicks();
+      }
       return;
     }
     let cred: PeerCredentials;
@@ -181,7 +200,9 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
       closeQuietly(fd);
       return;
     }
-    setSocketTimeouts(fd, this.#options.messageTimeoutMs ?? 5000);
+    // Non-blocking: a message trickling in is assembled across wake-ups (see #message), and a
+    // front-end that stops reading its replies fails its own send instead of stalling the loop.
+    setNonBlocking(fd);
     this.#conn = new Connection(fd);
     this.peer = cred;
     this.#loop.watch(fd, () => this.#message());
@@ -194,25 +215,68 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     if (conn === null) return;
     let request = 0;
     try {
-      const m = conn.receive();
-      request = m.request;
-      this.#log.debug("{request} flags 0x{flags} size {size} fds {fds}", {
-        request: requestName(m.request),
-        flags: m.flags.toString(16),
-        size: m.payload.byteLength,
-        fds: m.fds.length,
-      });
-      this.backend.handle(m, conn);
-      this.#options.onStateChange?.(this);
+      for (let i = 0; i < MESSAGES_PER_WAKE && this.#conn === conn; i++) {
+        const m = conn.poll();
+        if (m === null) {
+          // Part of a message came: the deadline tick watches it from now on.
+          if (conn.partialSince > 0) this.#loop.wakeTicks();
+          return;
+        }
+        request = m.request;
+        this.#log.debug("{request} flags 0x{flags} size {size} fds {fds}", {
+          request: requestName(m.request),
+          flags: m.flags.toString(16),
+          size: m.payload.byteLength,
+          fds: m.fds.length,
+        });
+        this.backend.handle(m, conn);
+        this.#options.onStateChange?.(this);
+        request = 0;
+      }
     } catch (e) {
       if (e instanceof PeerClosedError) {
         this.#disconnect("front-end closed the connection");
       } else {
         const what = request ? `${requestName(request)}: ` : "";
-        this.#disconnect(`dropping the front-end: ${what}${errorText(e)}`, true);
+        let why = errorText(e);
+        if (e instanceof SysError && e.errno === Errno.EAGAIN) {
+          why = "its socket is full: the front-end does not read the replies";
+        }
+        this.#disconnect(`dropping the front-end: ${what}${why}`, true);
       }
     }
   }
+
+  /** When accepting was paused for want of fds (0: it is not). */
+  #acceptPausedAt = 0;
+
+  /**
+   * Timed work, run by the loop only while some is pending: drop a front-end whose message has
+   * been part-way in for too long (see messageTimeoutMs), resume accepting after a pause.
+   */
+  readonly #timers = {
+    intervalMs: 250,
+    run: (): boolean => {
+      const now = monotonicMs();
+      let pending = false;
+      if (this.#acceptPausedAt > 0) {
+        if (now - this.#acceptPausedAt < ACCEPT_PAUSE_MS) pending = true;
+        else {
+          this.#acceptPausedAt = 0;
+          this.#loop.watch(this.#listenFd, () => this.#accept());
+        }
+      }
+      const since = this.#conn?.partialSince ?? 0;
+      if (since === 0) return pending;
+      const limit = this.#options.messageTimeoutMs ?? MESSAGE_TIMEOUT_MS;
+      if (now - since < limit) return true;
+      this.#disconnect(
+        `dropping the front-end: it sent part of a message and not the rest within ${limit} ms`,
+        true,
+      );
+      return pending;
+    },
+  };
 
   #kick(queue: number): void {
     const q = this.backend.queues[queue];

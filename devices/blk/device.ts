@@ -15,6 +15,8 @@ import { Errno, libc, O } from "../../sys/libc.ts";
 import { type BlockBackend, FileBackend, NullBackend } from "./backend.ts";
 import { type RequestSlot, UringEngine, type UringOwner } from "./uring.ts";
 import { ioUringAvailable, IoUringOp } from "../../sys/io_uring.ts";
+import { monotonicMs } from "../../sys/clock.ts";
+import { diskPermissions, ImageLock } from "./image_lock.ts";
 
 /** virtio device id of a block device. */
 export const VIRTIO_ID_BLOCK = 2;
@@ -98,6 +100,11 @@ export interface BlkOptions {
   /** Device name in logs; default `blk`. */
   name?: string;
   /**
+   * Lock the image as QEMU does while the front-end runs the device (default true); off only for
+   * cluster file systems that arbitrate access themselves.
+   */
+  locking?: boolean;
+  /**
    * Fault injection for restart tests: SIGKILL this process right after taking the Nth request,
    * before completing it (set from the environment variable VHOSTD_FAULT_KILL_AFTER).
    */
@@ -151,6 +158,10 @@ export class BlkDevice implements VirtioDevice {
   #lastStatus: number = BlkStatus.OK;
   #killAfter: number;
   readonly #path: string;
+  readonly #lock: ImageLock | null;
+  /** Why the image cannot be written now (another holder has its lock), or null. */
+  #fenced: string | null = null;
+  #fencedCheckedAt = 0;
 
   /** Builds the device around an open image fd. */
   constructor(options: BlkOptions) {
@@ -171,6 +182,17 @@ export class BlkDevice implements VirtioDevice {
     this.#log = getLogger(["vhostd", this.name]);
     this.#killAfter = options.faultKillAfter ?? 0;
     this.#path = options.path;
+    this.#lock = options.null || options.locking === false
+      ? null
+      : new ImageLock(options.fd, options.path, diskPermissions(options.readOnly));
+    const conflict = this.#lock?.conflict() ?? null;
+    if (conflict !== null) {
+      // A migration's destination starts while the source still runs: serve, but take the
+      // image only when the front-end starts the device, by which time the source let it go.
+      this.#log.warn("{conflict}; this device will use the image only once it is released", {
+        conflict,
+      });
+    }
     let f = bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE) |
       bit(BlkFeature.FLUSH) | bit(BlkFeature.CONFIG_WCE) | bit(BlkFeature.MQ) |
       bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES);
@@ -212,8 +234,40 @@ export class BlkDevice implements VirtioDevice {
     this.#uring?.start(loop);
   }
 
+  /**
+   * The front-end started the device: take the image's lock. If another user holds it, every
+   * request fails with an I/O error (and the lock is tried again, once a second) rather than two
+   * writers sharing the image.
+   */
+  resumed(): void {
+    if (this.#lock === null) return;
+    this.#fenced = this.#lock.acquire();
+    this.#fencedCheckedAt = monotonicMs();
+    if (this.#fenced !== null) {
+      this.#log.error("{conflict}: requests fail until it is released", {
+        conflict: this.#fenced,
+      });
+    }
+  }
+
+  /**
+   * Every ring stopped (the VM paused, or is migrating away): in-flight requests are complete
+   * (quiesce ran), so make the writes durable, for a destination that may read the image from
+   * another host next, and let go of the lock for it.
+   */
+  suspended(): void {
+    const rc = this.#storage.flush();
+    if (rc !== 0) this.#ioError("flush at device stop", rc);
+    this.#lock?.release();
+    this.#fenced = null;
+  }
+
   /** Serves every available request on the queue (or as many as there are io_uring slots). */
   processQueue(queue: Virtqueue): void {
+    if (this.#fenced !== null && !this.#unfence()) {
+      this.#failAll(queue);
+      return;
+    }
     const uring = this.#uring;
     for (;;) {
       const slot = uring?.take(queue) ?? null;
@@ -240,10 +294,30 @@ export class BlkDevice implements VirtioDevice {
     this.#uring?.drain();
   }
 
-  /** Waits for requests in flight, flushes and closes the image. */
+  /** Waits for requests in flight, flushes and closes the image (which drops its lock). */
   close(): void {
     this.#uring?.close();
     this.#storage.close();
+  }
+
+  /** Tries the lock again (at most once a second); true once it is held. */
+  #unfence(): boolean {
+    const now = monotonicMs();
+    if (now - this.#fencedCheckedAt < 1000) return false;
+    this.#fencedCheckedAt = now;
+    this.#fenced = this.#lock!.acquire();
+    if (this.#fenced !== null) return false;
+    this.#log.info("image {path}: lock taken; serving requests", { path: this.#path });
+    return true;
+  }
+
+  /** Completes every available request with an I/O error (the image is not ours to touch). */
+  #failAll(queue: Virtqueue): void {
+    for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+      if (chain.writableBytes > 0) chain.writeByte(chain.writableBytes - 1, BlkStatus.IOERR);
+      queue.countError?.();
+      queue.push(chain, chain.writableBytes > 0 ? 1 : 0);
+    }
   }
 
   /**

@@ -313,6 +313,44 @@ test("read/write round trip, data checked on the host image", async (kind) => {
   });
 });
 
+test("dirty log: while logging, reads mark the pages they filled and the used ring", async (kind) => {
+  await withSession(kind, { queues: 1 }, {}, (s) => {
+    const page = (gpa: number) => Math.floor(gpa / 4096) * 4096;
+    const usedRing = s.queues[0].layout.used.gpa;
+    const offered = s.offeredFeatures & bit(VirtioFeature.LOG_ALL);
+    assert.notEqual(offered, 0n, "VHOST_F_LOG_ALL offered (else QEMU refuses to migrate)");
+    assert.ok(s.hasProtocol(ProtocolFeature.LOG_SHMFD), "LOG_SHMFD negotiated");
+    // Before logging starts, nothing is marked anywhere.
+    assert.equal(s.blk.read(0, 8192).status, BlkStatus.OK);
+    const log = s.startMigration();
+    log.sync();
+    const r = s.blk.run({
+      type: BlkRequestType.IN,
+      sector: 64,
+      inBytes: 3 * 4096,
+      dataSegments: 3,
+    });
+    assert.equal(r.status, BlkStatus.OK);
+    const dirty = new Set(log.sync());
+    for (let off = 0; off < 3 * 4096; off += 4096) {
+      assert.ok(
+        dirty.has(page(r.dataGpa + off)),
+        `data page at 0x${(r.dataGpa + off).toString(16)}`,
+      );
+    }
+    assert.ok(dirty.has(page(r.statusGpa)), "the status byte's page");
+    assert.ok(dirty.has(page(usedRing)), "the used ring's page");
+    // A write fills no guest buffer but its status byte.
+    const w = s.blk.write(128, pattern(4096, 4));
+    assert.equal(w.status, BlkStatus.OK);
+    const afterWrite = new Set(log.sync());
+    assert.ok(afterWrite.has(page(w.statusGpa)));
+    // Logging off: nothing more is marked.
+    s.stopMigration();
+    assert.equal(s.blk.read(0, 4096).status, BlkStatus.OK);
+  });
+});
+
 test("flush", async (kind) => {
   await withSession(kind, { queues: 1 }, {}, (s) => {
     assert.equal(s.blk.write(8, pattern(4096, 2)).status, BlkStatus.OK);

@@ -54,6 +54,10 @@ export interface BlkCompletion {
   data: Uint8Array;
   /** Head descriptor of the chain. */
   head: number;
+  /** Guest-physical address of the data buffer (IN data lands here). */
+  dataGpa: number;
+  /** Guest-physical address of the status byte. */
+  statusGpa: number;
 }
 
 /** A submitted request. */
@@ -181,6 +185,8 @@ export class BlkDriver {
       expectedUsedLen: p.inBytes + 1,
       data: this.#ram.u8.slice(s.data.offset, s.data.offset + p.inBytes),
       head: p.head,
+      dataGpa: s.data.gpa,
+      statusGpa: s.status.gpa,
     };
   }
 

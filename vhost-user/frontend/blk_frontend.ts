@@ -17,7 +17,8 @@
 import { BlkFeature } from "../../devices/blk/device.ts";
 import { closeQuietly } from "../../sys/libc.ts";
 import { acceptUnix, connectUnix, listenUnix } from "../../sys/socket.ts";
-import { bit, ProtocolFeature, VirtioFeature } from "../message.ts";
+import { bit, ProtocolFeature, VirtioFeature, VRING_F_LOG } from "../message.ts";
+import { FrontendDirtyLog } from "./dirty_log.ts";
 import { BlkDriver, type BlkDriverOptions } from "./blk_driver.ts";
 import { type BlkConfigInfo, decodeBlkConfig, QEMU72_BLK_CONFIG_SIZE } from "./blk_config.ts";
 import { FrontendConnection } from "./connection.ts";
@@ -109,6 +110,8 @@ export class BlkFrontend {
   #memShared = false;
   #backendFd = -1;
   #inflight: { info: InflightInfo; fd: number } | null = null;
+  /** The dirty log while a migration runs ({@link startMigration}), else null. */
+  #dirtyLog: FrontendDirtyLog | null = null;
 
   private constructor(options: BlkFrontendOptions, conn: FrontendConnection) {
     this.#options = options;
@@ -261,6 +264,7 @@ export class BlkFrontend {
   start(): void {
     const c = this.conn;
     this.features = this.proposeFeatures();
+    if (this.#dirtyLog !== null) this.features |= bit(VirtioFeature.LOG_ALL);
     const status = this.hasProtocol(ProtocolFeature.STATUS);
     c.setFeatures(this.features);
     if (status) this.#addStatus(DeviceStatus.FEATURES_OK);
@@ -279,13 +283,53 @@ export class BlkFrontend {
       q.eventIdx = eventIdx;
       c.setVringNum(i, q.size);
       c.setVringBase(i, this.base[i]);
-      c.setVringAddr(q.vringAddr());
+      c.setVringAddr(this.#vringAddr(q));
       c.setVringKick(i, q.layout.kickFd);
     }
+    // Started (or restarted after a reconnect) during a migration: QEMU 7.2 sends the log last.
+    if (this.#dirtyLog !== null) c.setLogBase(this.#dirtyLog.fd, this.#dirtyLog.size);
     for (const q of this.queues) c.setVringEnable(q.index, true);
     if (status) {
       this.#addStatus(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.DRIVER_OK);
     }
+  }
+
+  #vringAddr(q: DriverQueue) {
+    const a = q.vringAddr();
+    return this.#dirtyLog === null ? a : { ...a, flags: VRING_F_LOG };
+  }
+
+  /**
+   * Starts dirty logging on the running device, as QEMU 7.2 does when a migration begins
+   * (`vhost_migration_log`): SET_LOG_BASE with a log covering guest RAM, SET_FEATURES with
+   * VHOST_F_LOG_ALL, then SET_VRING_ADDR with VHOST_VRING_F_LOG for every started ring. Returns
+   * the log, which {@link reconnect} keeps using until {@link stopMigration}.
+   */
+  startMigration(): FrontendDirtyLog {
+    if (this.#dirtyLog !== null) return this.#dirtyLog;
+    const top = Math.max(...this.ram.regions.map((r) => r.guestPhysAddr + r.memorySize));
+    const log = new FrontendDirtyLog(top);
+    this.#dirtyLog = log;
+    const c = this.conn;
+    c.setLogBase(log.fd, log.size);
+    this.features |= bit(VirtioFeature.LOG_ALL);
+    c.setFeatures(this.features);
+    for (const i of this.#started) c.setVringAddr(this.#vringAddr(this.queues[i]));
+    if (c.ackMode === "qemu") c.sync();
+    return log;
+  }
+
+  /** Ends dirty logging (migration over or cancelled): LOG_ALL and the rings' log flags off. */
+  stopMigration(): void {
+    const log = this.#dirtyLog;
+    if (log === null) return;
+    this.#dirtyLog = null;
+    const c = this.conn;
+    this.features &= ~bit(VirtioFeature.LOG_ALL);
+    c.setFeatures(this.features);
+    for (const i of this.#started) c.setVringAddr(this.#vringAddr(this.queues[i]));
+    if (c.ackMode === "qemu") c.sync();
+    log.close();
   }
 
   #shareMemory(): void {
@@ -334,6 +378,8 @@ export class BlkFrontend {
   /** Closes the connection, the rings' eventfds and guest RAM. Idempotent. */
   close(): void {
     this.conn.close();
+    this.#dirtyLog?.close();
+    this.#dirtyLog = null;
     closeQuietly(this.#backendFd);
     this.#backendFd = -1;
     if (this.#inflight) closeQuietly(this.#inflight.fd);

@@ -407,6 +407,26 @@ export class FrontendConnection {
     this.request(Request.SET_INFLIGHT_FD, inflightPayload(info), [fd]);
   }
 
+  /**
+   * SET_LOG_BASE with LOG_SHMFD: hands over the dirty log (`size` bytes at `offset` in `fd`). QEMU
+   * waits for the back-end's reply whether or not REPLY_ACK was negotiated, and so does this.
+   */
+  setLogBase(fd: number, size: number, offset = 0): void {
+    const payload = new Uint8Array(16);
+    const dv = new DataView(payload.buffer);
+    dv.setBigUint64(0, BigInt(size), true);
+    dv.setBigUint64(8, BigInt(offset), true);
+    this.sendRaw(Request.SET_LOG_BASE, Flags.VERSION, payload, [fd]);
+    this.receiveReply(Request.SET_LOG_BASE);
+  }
+
+  /** SEND_RARP: asks the back-end to announce `mac` (the first 6 of 8 payload bytes). */
+  sendRarp(mac: Uint8Array): void {
+    const payload = new Uint8Array(8);
+    payload.set(mac.subarray(0, 6));
+    this.request(Request.SEND_RARP, payload);
+  }
+
   /** SET_BACKEND_REQ_FD (QEMU's SET_SLAVE_REQ_FD), handing over one end of a socket pair. */
   setBackendReqFd(fd: number): void {
     this.request(Request.SET_BACKEND_REQ_FD, undefined, [fd]);

@@ -23,3 +23,4 @@ export * from "./driver_queue.ts";
 export * from "./blk_config.ts";
 export * from "./blk_driver.ts";
 export * from "./blk_frontend.ts";
+export * from "./dirty_log.ts";
