@@ -387,6 +387,9 @@ export class SplitQueue implements Virtqueue {
         tableLen = len / 16;
         idx = 0;
         inIndirect = true;
+        // The pointer to the table carries no buffer: the budget is for the table's entries
+        // (Linux fills a table with its 128 segments, header and status included).
+        budget++;
         continue;
       }
       // An empty buffer carries nothing and would let a chain spin through descriptors for free.

@@ -80,6 +80,12 @@ export interface GuestOptions {
   commandPrefix?: string[];
   /** Called with QEMU's pid right after it starts. */
   onSpawn?: (pid: number) => void;
+  /** A QMP monitor on this unix socket (server, no wait) instead of `-monitor none`. */
+  qmpSocket?: string;
+  /** `-incoming URI`: wait for a migration instead of booting (the destination side). */
+  incoming?: string;
+  /** Use this initramfs as it is (a migration's destination shares its source's). */
+  initrdPath?: string;
 }
 
 /** Outcome of one guest run. */
@@ -334,8 +340,9 @@ export function qemuCommand(
     "-no-reboot",
     "-display",
     "none",
-    "-monitor",
-    "none",
+    ...(opts.qmpSocket
+      ? ["-monitor", "none", "-qmp", `unix:${optValue(opts.qmpSocket)},server=on,wait=off`]
+      : ["-monitor", "none"]),
     "-accel",
     accel,
     "-cpu",
@@ -381,7 +388,24 @@ export function qemuCommand(
     args.push("-drive", drive, "-device", `virtio-blk-pci,drive=vblk${i}`);
   });
   args.push(...(opts.extraArgs ?? []));
+  if (opts.incoming) args.push("-incoming", opts.incoming);
   return args;
+}
+
+/**
+ * Writes the run's initramfs to `path`: the kit's, padded to 4 bytes, with `/test.sh` and
+ * `opts.files` appended as a second archive (the kernel unpacks both).
+ */
+export async function writeInitrd(opts: GuestOptions, kit: GuestKit, path: string): Promise<void> {
+  await Deno.copyFile(kit.initrd, path);
+  const f = await Deno.open(path, { append: true });
+  try {
+    const len = (await f.stat()).size;
+    await writeAll(f, new Uint8Array((4 - (len % 4)) % 4));
+    await writeAll(f, overlayArchive(opts.script, opts.files ?? {}));
+  } finally {
+    f.close();
+  }
 }
 
 /**
@@ -399,19 +423,7 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
   try {
     const initrd = `${tmp}/initrd`;
     const consoleLog = `${tmp}/console.log`;
-    await Deno.copyFile(kit.initrd, initrd);
-    {
-      // Pad to 4 bytes (the unpacker skips zeros), then append the overlay.
-      const f = await Deno.open(initrd, { append: true });
-      try {
-        const len = (await f.stat()).size;
-        const padding = new Uint8Array((4 - (len % 4)) % 4);
-        await writeAll(f, padding);
-        await writeAll(f, overlayArchive(opts.script, opts.files ?? {}));
-      } finally {
-        f.close();
-      }
-    }
+    await writeInitrd(opts, kit, initrd);
     await Deno.writeFile(consoleLog, new Uint8Array());
     const command = [
       ...(opts.commandPrefix ?? []),
