@@ -227,7 +227,8 @@ export function describeArrangement(c: NetCpus, queueSize: number): string {
     "never leave CPU time to spare, and anything else running on the machine takes its share " +
     "from the same CPUs. DPDK's back-end forwards port to port (`--forward-mode=io`) with no " +
     "address lookup; vhostd's switch learns and looks up MAC addresses (the rxonly port never " +
-    "sends, so its frames are flooded to the one other port)." +
+    "sends, so its frames are flooded to the one other port; the switch's flood rate limit is " +
+    "turned off for that, `--flood-rate 0`)." +
     (c.tx === c.rx
       ? " Because txonly and rxonly take turns on one CPU, whichever is descheduled stalls its " +
         "side: while rxonly waits for the CPU its receive ring fills and the back-end drops, " +
@@ -444,6 +445,10 @@ export function pmdBackendArgv(
       a,
       "--socket",
       b,
+      // The rxonly port never sends, so every frame is unknown unicast and flooded: without
+      // this the switch's storm control would cap the stream at its default rate.
+      "--flood-rate",
+      "0",
       "--log-level",
       "warning",
     ];

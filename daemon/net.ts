@@ -10,7 +10,14 @@
 
 import { parseArgs } from "node:util";
 import { UsageError } from "../devices/blk/image.ts";
-import type { NetSwitchOptions } from "../devices/net/switch.ts";
+import { formatMac, parseMac } from "../devices/net/header.ts";
+import {
+  DEFAULT_FLOOD_RATE,
+  DEFAULT_MAC_AGE_S,
+  DEFAULT_MAX_MACS,
+  DEFAULT_UPLINK_MAX_MACS,
+  type NetSwitchOptions,
+} from "../devices/net/switch.ts";
 import type { NetTapOptions } from "../devices/net/tap_device.ts";
 import { SysError } from "../sys/libc.ts";
 import { MAX_IFNAME, TapDevice, TUN_F_CSUM } from "../sys/tap.ts";
@@ -64,19 +71,46 @@ QEMU (7.2 under TCG needs vectors=0 on the device; with KVM use vectors=2N+2):
   -device virtio-net-pci,netdev=net0,mq=on
 `;
 
+/**
+ * Highest `--max-macs`: a port at its limit scans its own addresses for idle ones (at most once
+ * per address it learned), so the limit bounds that cost too.
+ */
+const MAX_PORT_MACS = 4096;
+/** Highest `--uplink-max-macs` (the same scan, over the uplink's addresses). */
+const MAX_UPLINK_MACS = 16384;
+/** Highest flood rate accepted (`--flood-rate`), in frames per second. */
+const MAX_FLOOD_RATE = 1_000_000;
+
 /** `vhostd switch --help`. */
 export const SWITCH_HELP =
   `Usage: deno task vhostd switch --socket A.sock --socket B.sock [...] [options]
 
-Serves one virtio-net port per --socket, joined by a learning L2 switch (unknown and broadcast
-frames are flooded, learned addresses age out), until SIGINT or SIGTERM. Partial checksums are
+Serves one virtio-net port per --socket (port 0, 1, ... in order), joined by a learning L2
+switch (unknown and broadcast frames are flooded), until SIGINT or SIGTERM. Partial checksums are
 carried to guests that accept them and completed by the switch for the others. Ports offer no
 segmentation offload (TSO): use a large MTU (up to 9000 tested) for large frames.
+
+Guests are not trusted. An address a port sends from is that port's while the port runs: frames
+from any other port with that source are dropped and counted. A port lets go of its addresses
+when its VM stops or pauses, migrates away, or disconnects; the next port to send from one (the
+VM on its new port, or QEMU's announcement after a migration) takes it. --port-mac pins addresses
+to ports instead: such a port sends from those only, and no other port ever sends from them (give
+two ports the same address to migrate a VM between them: the running one holds it).
 
 Options:
   --socket PATH       a port's vhost-user socket (repeat: at least one)
   --uplink-tap NAME   also switch to and from this TAP interface (created if missing)
-  --mac-age SECONDS   how long a learned address is kept (default 300)
+  --port-mac N=MAC[,MAC...]
+                      port N sends from these addresses only (repeatable)
+  --max-macs N        addresses a port without --port-mac may learn (default ${DEFAULT_MAX_MACS}); frames
+                      from a new address beyond that are dropped
+  --uplink-max-macs N
+                      addresses learned on the uplink (default ${DEFAULT_UPLINK_MAX_MACS})
+  --flood-rate N      broadcast, multicast and unknown-unicast frames a port may send per second,
+                      in bursts of up to N (default ${DEFAULT_FLOOD_RATE}; 0: no limit); the excess is dropped
+  --mac-age SECONDS   how long an address learned on the uplink is kept, and how long a port's
+                      address must be unused before the port may replace it at its limit
+                      (default ${DEFAULT_MAC_AGE_S})
   --socket-mode MODE  octal mode of the socket files (default 0600)
   --socket-group GRP  group of the socket files (name or gid)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
@@ -88,6 +122,34 @@ QEMU, one per port (7.2 under TCG needs vectors=0 on the device):
   -netdev vhost-user,id=net0,chardev=net0c
   -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01
 `;
+
+/**
+ * Parses the `--port-mac N=MAC[,MAC...]` values for a switch of `ports` ports: the configured
+ * addresses of each port (a port named twice gets both lists). Addresses must be unicast and not
+ * zero; one address may be given to several ports (a VM migrating between them).
+ */
+export function parsePortMacs(values: readonly string[], ports: number): number[][] {
+  const out: number[][] = Array.from({ length: ports }, () => []);
+  for (const v of values) {
+    const m = /^(\d+)=(.+)$/.exec(v);
+    if (!m) throw new UsageError(`--port-mac takes PORT=MAC[,MAC...], not "${v}"`);
+    const port = Number(m[1]);
+    if (port >= ports) {
+      throw new UsageError(
+        `--port-mac ${v}: there is no port ${port} (ports are 0 to ${ports - 1}, one per --socket)`,
+      );
+    }
+    for (const text of m[2].split(",")) {
+      const mac = parseMac(text);
+      if (mac === null) throw new UsageError(`--port-mac ${v}: "${text}" is not a MAC address`);
+      if (mac === 0 || Math.floor(mac / 0x10000000000) & 1) {
+        throw new UsageError(`--port-mac ${v}: ${text} is not a unicast address`);
+      }
+      if (!out[port].includes(mac)) out[port].push(mac);
+    }
+  }
+  return out;
+}
 
 /** Opens a TAP, turning the usual failures into one-line usage errors. */
 function openTap(name: string, queues: number): TapDevice {
@@ -236,6 +298,10 @@ export async function cmdSwitch(args: string[]): Promise<number> {
         socket: { type: "string", multiple: true },
         "uplink-tap": { type: "string" },
         "mac-age": { type: "string" },
+        "port-mac": { type: "string", multiple: true },
+        "max-macs": { type: "string" },
+        "uplink-max-macs": { type: "string" },
+        "flood-rate": { type: "string" },
       },
     })
   );
@@ -251,7 +317,29 @@ export async function cmdSwitch(args: string[]): Promise<number> {
   if (sockets.length > 64) throw new UsageError("switch: at most 64 ports");
   const { log, extras } = parseServeOptions(values);
   const acc = parseAccess(values);
-  const macAge = parseIntOption("mac-age", values["mac-age"], 300, 1, 86400);
+  const macAge = parseIntOption("mac-age", values["mac-age"], DEFAULT_MAC_AGE_S, 1, 86400);
+  const portMacs = parsePortMacs(values["port-mac"] ?? [], sockets.length);
+  const maxMacs = parseIntOption(
+    "max-macs",
+    values["max-macs"],
+    DEFAULT_MAX_MACS,
+    1,
+    MAX_PORT_MACS,
+  );
+  const uplinkMaxMacs = parseIntOption(
+    "uplink-max-macs",
+    values["uplink-max-macs"],
+    DEFAULT_UPLINK_MAX_MACS,
+    1,
+    MAX_UPLINK_MACS,
+  );
+  const floodRate = parseIntOption(
+    "flood-rate",
+    values["flood-rate"],
+    DEFAULT_FLOOD_RATE,
+    0,
+    MAX_FLOOD_RATE,
+  );
   let uplink: TapDevice | null = null;
   if (values["uplink-tap"] !== undefined) {
     uplink = openTap(values["uplink-tap"], 1);
@@ -265,6 +353,10 @@ export async function cmdSwitch(args: string[]): Promise<number> {
     uplinkFd: uplink?.fds[0] ?? -1,
     uplinkName: uplink?.name,
     macAgeMs: macAge * 1000,
+    portMacs,
+    maxMacs,
+    uplinkMaxMacs,
+    floodRate,
   };
   const service: ServiceOptions = {
     socket: sockets,
@@ -276,7 +368,8 @@ export async function cmdSwitch(args: string[]): Promise<number> {
   };
   const lines = sockets.map((s, i) =>
     `  port ${i}: -chardev socket,id=net${i}c,path=${s},reconnect=1 ` +
-    `-netdev vhost-user,id=net${i},chardev=net${i}c -device virtio-net-pci,netdev=net${i}`
+    `-netdev vhost-user,id=net${i},chardev=net${i}c -device virtio-net-pci,netdev=net${i}` +
+    (portMacs[i].length > 0 ? `,mac=${formatMac(portMacs[i][0])}` : "")
   );
   const banner = `vhostd: serving switch with ${sockets.length} ports` +
     (uplink ? ` and uplink TAP ${uplink.name}` : "") +

@@ -61,7 +61,17 @@ Deno.test({
     const a = `${dir}/a.sock`;
     const b = `${dir}/b.sock`;
     const tag = Math.random().toString(36).slice(2, 8);
-    const d = await DaemonProcess.start(["switch", "--socket", a, "--socket", b]);
+    // rxonly never sends, so its address is never learned and every frame is flooded: the
+    // switch's flood limit would hold the stream to its default rate.
+    const d = await DaemonProcess.start([
+      "switch",
+      "--socket",
+      a,
+      "--socket",
+      b,
+      "--flood-rate",
+      "0",
+    ]);
     let rx: Deno.ChildProcess | undefined;
     let tx: Deno.ChildProcess | undefined;
     let rxOut = "";

@@ -31,6 +31,13 @@ export const NetFeature = {
   HOST_ECN: 13,
   /** The driver can merge receive buffers (one packet over several chains). */
   MRG_RXBUF: 15,
+  /**
+   * The driver can announce itself (a gratuitous ARP through its own transmit queue) when the
+   * device asks, after a migration. Needs the control queue, which QEMU emulates for a
+   * vhost-user device: the back-end only offers the bit, and then sees the guest's
+   * announcement as an ordinary frame.
+   */
+  GUEST_ANNOUNCE: 21,
   /** Several queue pairs. */
   MQ: 22,
 } as const;
@@ -44,6 +51,10 @@ export const NET_HDR_LEGACY_SIZE = 10;
 export const HDR_FLAGS = 0;
 /** gso_type offset. */
 export const HDR_GSO_TYPE = 1;
+/** hdr_len offset (le16). */
+export const HDR_HDR_LEN = 2;
+/** gso_size offset (le16). */
+export const HDR_GSO_SIZE = 4;
 /** csum_start offset (le16). */
 export const HDR_CSUM_START = 6;
 /** csum_offset offset (le16). */
@@ -93,9 +104,9 @@ export function setLe16(buf: Uint8Array, at: number, value: number): void {
  * the rest. Returns false, changing nothing, if csum_start/csum_offset point outside the frame.
  */
 export function completeChecksum(buf: Uint8Array, hdr: number, frameLen: number): boolean {
+  if (!partialChecksumFits(buf, hdr, frameLen)) return false;
   const start = le16(buf, hdr + HDR_CSUM_START);
   const offset = le16(buf, hdr + HDR_CSUM_OFFSET);
-  if (start >= frameLen || offset + 2 > frameLen - start) return false;
   const frame = hdr + NET_HDR_SIZE;
   const folded = onesComplementSum(buf, frame + start, frame + frameLen);
   let csum = ~folded & 0xffff;
@@ -105,6 +116,41 @@ export function completeChecksum(buf: Uint8Array, hdr: number, frameLen: number)
   buf[frame + start + offset] = csum >> 8;
   buf[frame + start + offset + 1] = csum & 0xff;
   buf[hdr + HDR_FLAGS] &= ~NEEDS_CSUM;
+  return true;
+}
+
+/**
+ * Whether the checksum field a header names (csum_offset bytes after csum_start) lies inside a
+ * frame of `frameLen` bytes.
+ */
+export function partialChecksumFits(buf: Uint8Array, hdr: number, frameLen: number): boolean {
+  const start = le16(buf, hdr + HDR_CSUM_START);
+  const offset = le16(buf, hdr + HDR_CSUM_OFFSET);
+  return start < frameLen && offset + 2 <= frameLen - start;
+}
+
+/**
+ * Rewrites the header of a staged frame (at `hdr`) to what a switch can vouch for, whatever the
+ * sender put there: flags NEEDS_CSUM with csum_start/csum_offset for a partial checksum, all
+ * zero otherwise. Never DATA_VALID (nobody checked the sender's checksum) nor any other flag,
+ * no segmentation fields, and num_buffers zero (each writer sets its own). Returns false, for a
+ * frame to drop, when the header claims segmentation offload (no port negotiated it), or a
+ * partial checksum the sender may not send (`partialAllowed` false: it did not negotiate CSUM) or
+ * whose field lies outside the frame.
+ */
+export function sanitizeHeader(
+  buf: Uint8Array,
+  hdr: number,
+  frameLen: number,
+  partialAllowed: boolean,
+): boolean {
+  if (buf[hdr + HDR_GSO_TYPE] !== GSO_NONE) return false;
+  const partial = (buf[hdr + HDR_FLAGS] & NEEDS_CSUM) !== 0;
+  if (partial && (!partialAllowed || !partialChecksumFits(buf, hdr, frameLen))) return false;
+  buf[hdr + HDR_FLAGS] = partial ? NEEDS_CSUM : 0;
+  buf.fill(0, hdr + HDR_HDR_LEN, hdr + HDR_CSUM_START);
+  if (!partial) buf.fill(0, hdr + HDR_CSUM_START, hdr + HDR_NUM_BUFFERS);
+  buf.fill(0, hdr + HDR_NUM_BUFFERS, hdr + NET_HDR_SIZE);
   return true;
 }
 
@@ -128,6 +174,12 @@ export function macAt(buf: Uint8Array, at: number): number {
 /** Whether the MAC at `buf[at]` is a group (broadcast or multicast) address. */
 export function isGroupMac(buf: Uint8Array, at: number): boolean {
   return (buf[at] & 1) !== 0;
+}
+
+/** Parses `aa:bb:cc:dd:ee:ff` (hex digits, either case) into a MAC number; null if malformed. */
+export function parseMac(text: string): number | null {
+  if (!/^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/.test(text)) return null;
+  return parseInt(text.replaceAll(":", ""), 16);
 }
 
 /** Formats a MAC number as `aa:bb:cc:dd:ee:ff` (for logs and tests). */

@@ -11,6 +11,10 @@ import { NetTapDevice, type NetTapOptions } from "./tap_device.ts";
 
 export * from "./header.ts";
 export * from "./mac_table.ts";
+export * from "./port_macs.ts";
+export * from "./rarp.ts";
+export * from "./throttled_log.ts";
+export * from "./token_bucket.ts";
 export * from "./frame_io.ts";
 export * from "./tap_device.ts";
 export * from "./switch.ts";
