@@ -108,8 +108,8 @@ Per port:
                  instead. Only vhostd's own uid, root and --attach-allow-uid may attach
                  (SO_PEERCRED), at most --attach-max-clients at once.
   log            every byte the guest wrote, appended: --log FILE for port 0 and FILE.<name>
-                 for the others, or PATH.<name>.log without --log. A symlink, a file that is
-                 not regular or has other hard links is refused. At --log-max-size the log
+                 for the others, or PATH.<name>.log without --log. A symlink, or a file that
+                 is not regular or has other hard links, is refused. At --log-max-size the log
                  becomes FILE.1 (replacing the one before) and a new one starts.
 
 Attach modes (--attach, one per port from port 0 on; ports without one get unix:PATH.<name>):
@@ -135,8 +135,8 @@ Options:
   --ports N           number of ports, 1-${MAX_PORTS} (default: 1 + number of --name)
   --name NAME         name of the next port from port 1 on; repeat for more ports
   --log FILE          log file of port 0 (others get FILE.<name>)
-  --log-max-size BYTES  rotate each log at this size, 0 (never) or ${MIN_LOG_MAX_BYTES}-${MAX_LOG_MAX_BYTES}
-                      (default ${DEFAULT_LOG_MAX_BYTES}: at most twice that on disk per port)
+  --log-max-size BYTES  rotate each log at this size: 0 (never) or ${MIN_LOG_MAX_BYTES} and up
+                      (default ${DEFAULT_LOG_MAX_BYTES}, 16 MiB: twice that on disk per port at most)
   --attach MODE       unix:SOCK, tcp:[HOST:]PORT, pty or stdio for the next port from port 0
                       on (repeatable; see above)
   --attach-mode MODE  octal mode of the Unix attach sockets (default 0600)

@@ -372,7 +372,9 @@ Deno.test("console --log-max-size: the log is rotated to FILE.1 and never grows 
 });
 
 Deno.test("console: a guest flooding the control queue gets a few log lines, not one per message", async () => {
+  let daemon: DaemonProcess | null = null;
   await withConsole(() => ["--name", "agent"], async ({ sock, d }) => {
+    daemon = d;
     const driver = await ConsoleDriver.connect(sock, { ports: 2 });
     try {
       driver.handshake(2);
@@ -384,12 +386,6 @@ Deno.test("console: a guest flooding the control queue gets a few log lines, not
       driver.sendControl(0, ControlEvent.PORT_OPEN, 1);
       driver.write(0, enc.encode("after the flood\r\n"));
       await waitForFile(`${sock}.console.log`, "after the flood\r\n");
-      const lines = d.stderr.split("\n");
-      const count = (re: RegExp) => lines.filter((l) => re.test(l)).length;
-      assert.ok(count(/ignoring control event 99/) <= 10, d.stderr);
-      assert.ok(count(/control event 6 for unknown port 7/) <= 10, d.stderr);
-      assert.ok(count(/guest (opened|closed) port 1/) <= 10, d.stderr);
-      assert.ok(count(/ignoring control event 99/) >= 1, "the first lines still come");
       // The device still serves the guest.
       const client = await AttachClient.connect(`${sock}.console`);
       await client.send("still here\n");
@@ -399,4 +395,55 @@ Deno.test("console: a guest flooding the control queue gets a few log lines, not
       driver.close();
     }
   });
+  // The daemon has stopped: all it logged has been read.
+  const lines = daemon!.stderr.split("\n");
+  const count = (re: RegExp) => lines.filter((l) => re.test(l)).length;
+  const stderr = daemon!.stderr;
+  assert.ok(count(/ignoring control event 99/) <= 10, stderr);
+  assert.ok(count(/control event 6 for unknown port 7/) <= 10, stderr);
+  assert.ok(count(/guest (opened|closed) port 1/) <= 10, stderr);
+  assert.ok(count(/ignoring control event 99/) >= 1, "the first lines still come");
+});
+
+Deno.test("console: bad values of the access and log settings are one error naming the flag or field", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "vhostd-console-" });
+  try {
+    const con = ["console", "--socket", `${dir}/con.sock`];
+    const flags: [string[], RegExp][] = [
+      [["--attach-mode", "0999"], /--attach-mode must be octal like 0660, not "0999"/],
+      [["--attach-group", "no-such-group"], /--attach-group: no group named "no-such-group"/],
+      [["--attach-allow-uid", "root"], /--attach-allow-uid takes numeric uids, not "root"/],
+      [["--attach-max-clients", "0"], /--attach-max-clients must be a whole number from 1 to 1024/],
+      [["--log-max-size", "4096"], /--log-max-size must be 0 \(never rotate\) or at least 65536/],
+      [["--metrics", "0.0.0.0:0"], /--metrics 0\.0\.0\.0:0 would serve metrics without auth/],
+    ];
+    for (const [args, want] of flags) {
+      const r = await runVhostd([...con, ...args], 30_000);
+      assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+      assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+      assert.match(r.stderr, want);
+    }
+    const config = `${dir}/vm.json`;
+    const fields: [Record<string, unknown>, RegExp][] = [
+      [{ attachMode: "rw" }, /^vhostd run: devices\[0\]\.attachMode must be octal/],
+      [{ attachGroup: "no-such-group" }, /devices\[0\]\.attachGroup: no group named/],
+      [{ attachAllowUids: [-1] }, /devices\[0\]\.attachAllowUids\[0\]: must be a numeric uid/],
+      [{ attachMaxClients: 5000 }, /devices\[0\]\.attachMaxClients: must be a whole number/],
+      [{ logMaxSize: 1 }, /devices\[0\]\.logMaxSize: must be 0 \(never rotate\) or at least/],
+      [{ attachTokenFile: `${dir}/none` }, /devices\[0\]\.attachTokenFile: .*file not found/],
+    ];
+    for (const [extra, want] of fields) {
+      Deno.writeTextFileSync(
+        config,
+        JSON.stringify({ socketDir: dir, devices: [{ type: "console", id: "con", ...extra }] }),
+      );
+      const r = await runVhostd(["run", "--config", config, "--check"], 30_000);
+      assert.equal(r.code, 2, `${JSON.stringify(extra)}: ${r.stderr}`);
+      assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+      assert.match(r.stderr, want);
+      assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name), ["vm.json"], "nothing left");
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
