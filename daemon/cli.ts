@@ -21,13 +21,14 @@
 
 import { UsageError } from "../devices/blk/image.ts";
 import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
-import { type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
+import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
 
 /** `parseArgs` options of logging, metrics and the control socket (spread them in). */
 export const serveOptions = {
   "log-level": { type: "string" },
   "log-format": { type: "string" },
   metrics: { type: "string" },
+  "metrics-any-address": { type: "boolean" },
   control: { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
@@ -55,7 +56,9 @@ export function parsePollUs(values: { "poll-us"?: string }, defaultUs: number): 
 /** The help lines of {@link serveOptions}, to paste into a command's help text. */
 export const SERVE_OPTIONS_HELP =
   `  --metrics ADDR      serve Prometheus metrics on http://ADDR/metrics (and /healthz),
-                      e.g. 127.0.0.1:9101
+                      e.g. 127.0.0.1:9101; a loopback address only, since they have no
+                      authentication, unless --metrics-any-address is given
+  --metrics-any-address  allow --metrics on an address that is not loopback
   --control PATH      answer "vhostd status --control PATH" on this Unix socket
   --log-level LEVEL   trace, debug, info, warning, error (default info)
   --log-format FMT    text or json (default text)
@@ -76,6 +79,7 @@ export interface ServeOptionValues {
   "log-level"?: string;
   "log-format"?: string;
   metrics?: string;
+  "metrics-any-address"?: boolean;
   control?: string;
 }
 
@@ -84,7 +88,13 @@ export function parseServeOptions(
   values: ServeOptionValues,
 ): { log: LogSettings; extras: ServeExtras } {
   const extras: ServeExtras = {};
-  if (values.metrics !== undefined) extras.metrics = parseMetricsAddress(values.metrics);
+  if (values.metrics !== undefined) {
+    extras.metrics = parseMetricsAddress(values.metrics);
+    const anyAddress = values["metrics-any-address"] ?? false;
+    checkMetricsExposure(extras.metrics, anyAddress, "--metrics-any-address");
+  } else if (values["metrics-any-address"]) {
+    throw new UsageError("--metrics-any-address goes with --metrics ADDR");
+  }
   if (values.control !== undefined) extras.control = values.control;
   return { log: logSettings(values), extras };
 }
@@ -136,14 +146,19 @@ export function parseAccess(
   const access: Access = { socketMode: parseMode(values["socket-mode"]) };
   const group = values["socket-group"];
   if (group !== undefined) access.socketGroup = parseGroup(group);
-  const uids = values["allow-uid"]?.flatMap((s) => s.split(","));
-  if (uids) {
-    access.allowUids = uids.map((u) => {
-      if (!/^\d+$/.test(u)) throw new UsageError(`--allow-uid takes numeric uids, not "${u}"`);
-      return Number(u);
-    });
-  }
+  const uids = values["allow-uid"];
+  if (uids) access.allowUids = parseUids(uids, "--allow-uid");
   return access;
+}
+
+/** Parses a repeatable uid flag whose values may also be comma-separated lists. */
+export function parseUids(values: string[], flag: string): number[] {
+  return values.flatMap((s) => s.split(",")).map((u) => {
+    if (!/^\d+$/.test(u) || Number(u) > 0xffffffff) {
+      throw new UsageError(`${flag} takes numeric uids, not "${u}"`);
+    }
+    return Number(u);
+  });
 }
 
 /** Parses a whole-number option within bounds (`def` when absent). */

@@ -13,7 +13,7 @@ import { UsageError } from "../devices/blk/image.ts";
 import type { LogSettings } from "./log.ts";
 import type { ServiceOptions } from "./service.ts";
 import { type Access, parseGroup, parseMode } from "./cli.ts";
-import { type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
+import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
 import { LOG_LEVELS } from "./log.ts";
 
 /** A config mistake; its message starts with the field's path. */
@@ -245,6 +245,8 @@ export interface ConfigOverrides {
   log?: Partial<LogSettings>;
   /** `--metrics`. */
   metrics?: MetricsAddress;
+  /** `--metrics-any-address`: metrics may be served on an address that is not loopback. */
+  metricsAnyAddress?: boolean;
   /** `--control`. */
   control?: string;
 }
@@ -304,26 +306,10 @@ export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
     );
   }
   checkDirectory(overrides.socketDir ? "--socket-dir" : "socketDir", socketDir);
-  const access: Access = {
-    socketMode: modeField(top, "socketMode"),
-  };
-  const group = top.string("socketGroup");
-  if (group !== undefined) {
-    try {
-      access.socketGroup = parseGroup(group, "socketGroup");
-    } catch (e) {
-      throw new ConfigError("", (e as Error).message);
-    }
-  }
-  const uids = top.array("allowUids");
-  if (top.has("allowUids")) {
-    access.allowUids = uids.map((u, i) => {
-      if (typeof u !== "number" || !Number.isInteger(u) || u < 0 || u > 0xffffffff) {
-        throw new ConfigError(`allowUids[${i}]`, `must be a numeric uid, not ${show(u)}`);
-      }
-      return u;
-    });
-  }
+  const access: Access = { socketMode: modeField(top, "socketMode") };
+  const group = groupField(top, "socketGroup");
+  if (group !== undefined) access.socketGroup = group;
+  if (top.has("allowUids")) access.allowUids = uidsField(top, "allowUids");
   const logFields = top.object("log");
   const level = logFields?.choice("level", LOG_LEVELS, "info") ?? "info";
   const format = logFields?.choice("format", ["text", "json"] as const, "text") ?? "text";
@@ -342,6 +328,20 @@ export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
         "metrics",
         `must be HOST:PORT like 127.0.0.1:9101, not ${show(metricsField)}`,
       );
+    }
+  }
+  const metricsAnyAddress = top.boolean("metricsAnyAddress", false);
+  if (metrics !== undefined) {
+    const fromFile = overrides.metrics === undefined;
+    try {
+      checkMetricsExposure(
+        metrics,
+        metricsAnyAddress || overrides.metricsAnyAddress === true,
+        fromFile ? `"metricsAnyAddress": true` : "--metrics-any-address",
+      );
+    } catch (e) {
+      if (!fromFile) throw e;
+      throw new ConfigError("metrics", (e as Error).message.replace(/^--metrics /, ""));
     }
   }
   const controlField = top.string("control");
@@ -411,13 +411,35 @@ export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
   return { name, socketDir, devices, log, metrics, control };
 }
 
-function modeField(f: Fields, key: string): number {
+/** An octal file mode field such as `"0660"` (0600 when absent). */
+export function modeField(f: Fields, key: string): number {
   const v = f.string(key);
   try {
-    return parseMode(v, key);
+    return parseMode(v, f.at(key));
   } catch (e) {
     throw new ConfigError("", (e as Error).message);
   }
+}
+
+/** A group field, by name or number, as a gid (undefined when absent). */
+export function groupField(f: Fields, key: string): number | undefined {
+  const group = f.string(key);
+  if (group === undefined) return undefined;
+  try {
+    return parseGroup(group, f.at(key));
+  } catch (e) {
+    throw new ConfigError("", (e as Error).message);
+  }
+}
+
+/** A list of numeric uids (empty when absent). */
+export function uidsField(f: Fields, key: string): number[] {
+  return f.array(key).map((u, i) => {
+    if (typeof u !== "number" || !Number.isInteger(u) || u < 0 || u > 0xffffffff) {
+      throw new ConfigError(`${f.at(key)}[${i}]`, `must be a numeric uid, not ${show(u)}`);
+    }
+    return u;
+  });
 }
 
 function checkDirectory(field: string, path: string): void {

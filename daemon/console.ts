@@ -12,16 +12,32 @@ import { getLogger } from "../log/mod.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import type { ConsoleOptions } from "../devices/console/device.ts";
 import {
+  type AttachAccess,
   DEFAULT_INPUT_LIMIT,
+  DEFAULT_MAX_CLIENTS,
   DEFAULT_SCROLLBACK,
   type PortConfig,
   type TerminalConfig,
 } from "../devices/console/port_hub.ts";
+import { parseToken } from "../devices/console/attach_token.ts";
+import {
+  DEFAULT_LOG_MAX_BYTES,
+  MIN_LOG_MAX_BYTES,
+  type OpenedLog,
+  openLogFile,
+} from "../devices/console/console_log.ts";
 import type { ChardevWorkerInit, ChardevWorkerReport } from "../devices/console/chardev_worker.ts";
 import { queueCount } from "../devices/console/protocol.ts";
 import { createEventFd, signalEventFd } from "../sys/event.ts";
 import { closeQuietly, O, openFile } from "../sys/libc.ts";
-import { type IpAddress, ipText, isLoopback, listenTcp, parseIpAddress } from "../sys/socket.ts";
+import {
+  type IpAddress,
+  ipText,
+  isLoopback,
+  listenTcp,
+  parseIpAddress,
+  type SocketFileMode,
+} from "../sys/socket.ts";
 import { isTerminal, makeRaw, openPty, restoreTerminal } from "../sys/pty.ts";
 import { type LogSettings, setupLogging } from "./log.ts";
 import { runServices } from "./serve.ts";
@@ -30,14 +46,24 @@ import {
   type Access,
   accessOptions,
   parseAccess,
+  parseGroup,
   parseIntOption,
+  parseMode,
   parseServeOptions,
+  parseUids,
   SERVE_OPTIONS_HELP,
   type ServeExtras,
   serveOptions,
   usage,
 } from "./cli.ts";
-import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
+import {
+  ConfigError,
+  type DevicePlan,
+  groupField,
+  modeField,
+  type PlanContext,
+  uidsField,
+} from "./config.ts";
 
 const O_APPEND = 0o2000;
 const O_NOCTTY = 0o400;
@@ -48,6 +74,10 @@ export const MAX_PORTS = 31;
 export const MIN_SCROLLBACK = 1024;
 /** Largest scrollback per port, in bytes. */
 export const MAX_SCROLLBACK = 64 << 20;
+/** Largest log rotation size accepted, in bytes (1 TiB: a cap is the point). */
+export const MAX_LOG_MAX_BYTES = 2 ** 40;
+/** Most socket clients a port may be allowed at once. */
+export const MAX_ATTACH_CLIENTS = 1024;
 
 /** `vhostd console --help`. */
 export const CONSOLE_HELP = `Usage: deno task vhostd console --socket PATH [options]
@@ -65,28 +95,35 @@ Two modes:
       -device virtconsole,chardev=con0
       -chardev socket,id=con1,path=PATH.agent.chardev,reconnect=1
       -device virtserialport,chardev=con1,name=agent
+                        Only vhostd's own uid, root and --allow-uid may connect as QEMU
+                        (SO_PEERCRED): whoever holds a port's socket reads what is typed into it.
 
 Ports: port 0 is the console (/dev/hvc0 in the guest), named "console". Ports 1.. are named
 channels (/dev/virtio-ports/<name>), named by --name in order (default port<N>).
 
 Per port:
-  attach socket  PATH.<name> (Unix stream; any number of clients), or what --attach says. A
-                 client first gets the scrollback, then live output; what it sends goes to the
-                 guest. Sending ESC [ 8 ; ROWS ; COLS t resizes the console instead.
+  attach socket  PATH.<name> (Unix stream, mode 0600 whatever --socket-mode says), or what
+                 --attach says. A client first gets the scrollback, then live output; what it
+                 sends goes to the guest. Sending ESC [ 8 ; ROWS ; COLS t resizes the console
+                 instead. Only vhostd's own uid, root and --attach-allow-uid may attach
+                 (SO_PEERCRED), at most --attach-max-clients at once.
   log            every byte the guest wrote, appended: --log FILE for port 0 and FILE.<name>
-                 for the others, or PATH.<name>.log without --log.
+                 for the others, or PATH.<name>.log without --log. A symlink, or a file that
+                 is not regular or has other hard links, is refused. At --log-max-size the log
+                 becomes FILE.1 (replacing the one before) and a new one starts.
 
 Attach modes (--attach, one per port from port 0 on; ports without one get unix:PATH.<name>):
   unix:SOCK       the attach socket is SOCK instead of PATH.<name>
   tcp:[HOST:]PORT the attach socket is TCP on HOST (default 127.0.0.1; [::1] for IPv6), in place
-                  of the Unix one; PORT 0 picks a free port (printed in the banner). TCP has no
-                  access control: any local user can connect. A HOST that is not loopback is
-                  refused unless --attach-any-address is given.
-  pty             a pseudo-terminal attached for the daemon's life, besides the Unix socket; its
-                  path is printed and linked as PATH.<name>.pty (screen, minicom or cat open it).
-                  Output nobody reads fills the pty's buffer (about 20 KiB) and is then skipped
-                  (the log and scrollback keep all). A size set on the pty reaches the guest with the next
-                  input from it.
+                  of the Unix one; PORT 0 picks a free port (printed in the banner). Needs
+                  --attach-token-file: a client's first line (ended by Enter) must be the token,
+                  else it is disconnected. A HOST that is not loopback is refused unless
+                  --attach-any-address is given.
+  pty             a pseudo-terminal (mode 0600) attached for the daemon's life, besides the Unix
+                  socket; its path is printed and linked as PATH.<name>.pty (screen, minicom or
+                  cat open it). Output nobody reads fills the pty's buffer (about 20 KiB) and is
+                  then skipped (the log and scrollback keep all). A size set on the pty reaches
+                  the guest with the next input from it.
   stdio           port 0 only: the daemon's own stdin and stdout (a terminal or a pipe), besides
                   the Unix socket. A terminal is put in raw mode (Ctrl-C still stops vhostd) and
                   restored on exit; its size becomes the console's, and a resize reaches the guest
@@ -98,15 +135,27 @@ Options:
   --ports N           number of ports, 1-${MAX_PORTS} (default: 1 + number of --name)
   --name NAME         name of the next port from port 1 on; repeat for more ports
   --log FILE          log file of port 0 (others get FILE.<name>)
+  --log-max-size BYTES  rotate each log at this size: 0 (never) or ${MIN_LOG_MAX_BYTES} and up
+                      (default ${DEFAULT_LOG_MAX_BYTES}, 16 MiB: twice that on disk per port at most)
   --attach MODE       unix:SOCK, tcp:[HOST:]PORT, pty or stdio for the next port from port 0
                       on (repeatable; see above)
+  --attach-mode MODE  octal mode of the Unix attach sockets (default 0600)
+  --attach-group GRP  group of the Unix attach sockets (name or gid; with --attach-mode 0660)
+  --attach-allow-uid UID  also let these uids attach over Unix sockets (repeatable or
+                      comma-separated; their access to the socket file is needed too)
+  --attach-token-file FILE  the token tcp: clients must send first (16-256 bytes, one line; the
+                      file must not be readable by every user)
+  --attach-max-clients N  socket clients per port at once, 1-${MAX_ATTACH_CLIENTS} (default ${DEFAULT_MAX_CLIENTS});
+                      more are told so and disconnected
   --attach-any-address  allow tcp: on an address that is not loopback
   --size COLSxROWS    initial console size (default 80x24; a terminal on stdio gives its own)
   --scrollback BYTES  scrollback per port, ${MIN_SCROLLBACK}-${MAX_SCROLLBACK} (default ${DEFAULT_SCROLLBACK})
-  --socket-mode MODE  octal mode of every socket file, attach sockets included (default 0600)
-  --socket-group GRP  group of every socket file (name or gid; use with --socket-mode 0660)
-  --allow-uid UID     accept front-ends of these uids only on the vhost-user socket
-                      (repeatable or comma-separated; vhost-user mode only)
+  --socket-mode MODE  octal mode of the vhost-user socket or the chardev sockets (default 0600;
+                      attach sockets keep their own, see --attach-mode)
+  --socket-group GRP  group of those sockets (name or gid; use with --socket-mode 0660)
+  --allow-uid UID     accept front-ends of these uids only on the vhost-user socket; with
+                      --chardev, the uids besides vhostd's own and root whose QEMU may connect
+                      (repeatable or comma-separated)
 ${SERVE_OPTIONS_HELP}
   (--metrics and --control need vhost-user mode)
 
@@ -131,8 +180,8 @@ export interface PortAttach {
 
 /**
  * Parses one attach value for the port named `name` of the console on `socket`; throws an Error
- * whose message completes "--attach ..." or "attach[i] ...". TCP defaults to loopback, because an
- * attach socket has no authentication: whoever connects types into the guest's console.
+ * whose message completes "--attach ..." or "attach[i] ...". TCP defaults to loopback: a TCP
+ * client is authenticated by the token alone, and whoever gets in types into the guest's console.
  */
 export function parseAttach(
   text: string,
@@ -162,8 +211,8 @@ export function parseAttach(
   }
   if (!isLoopback(addr) && !anyAddress) {
     throw new Error(
-      `${text} would let anyone who reaches ${host} type into the console (no authentication); ` +
-        `use a loopback address, or allow it with ${anyAddressName}`,
+      `${text} would let anyone who reaches ${host} try to get into the console (only the token ` +
+        `keeps them out); use a loopback address, or allow it with ${anyAddressName}`,
     );
   }
   return { ...base, unix: null, tcp: { addr, port } };
@@ -194,8 +243,14 @@ export interface ConsolePlan {
   rows: number;
   /** Scrollback bytes per port. */
   scrollback: number;
-  /** Mode and group of every socket file; front-end uids of the vhost-user socket. */
+  /** Rotation size of every log (0: never). */
+  logMaxBytes: number;
+  /** Mode and group of the vhost-user or chardev sockets; the front-end uids they accept. */
   access: Access;
+  /** Mode and group of the Unix attach sockets (their own: QEMU's group must not type in). */
+  attachFile: SocketFileMode;
+  /** Who may attach (the token read from its file), and how many at once. */
+  attachAccess: AttachAccess;
 }
 
 /** What the command line and a config file both give, before it is checked. */
@@ -220,19 +275,32 @@ interface ConsoleRequest {
   size?: string;
   /** Scrollback bytes per port (already range-checked by the caller). */
   scrollback: number;
+  /** Rotation size of every log (0, or range-checked by the caller). */
+  logMaxBytes: number;
   /** Socket access. */
   access: Access;
+  /** Mode and group of the Unix attach sockets. */
+  attachFile: SocketFileMode;
+  /** Uids besides the daemon's and root that may attach over Unix sockets. */
+  attachAllowUids: number[];
+  /** The file holding the token of tcp: clients. */
+  tokenFile?: string;
+  /** What to name when tcp: has no token file (the flag or the config field). */
+  tokenFileName: string;
+  /** Socket clients per port at most (range-checked by the caller). */
+  maxClients: number;
 }
 
 /** A setting {@link resolveConsole} may reject: a config field, or the flag it comes from. */
-type ConsoleSetting = "names" | "size" | "attach";
+type ConsoleSetting = "names" | "size" | "attach" | "attachTokenFile" | "logMaxSize";
 
 /** Throws the caller's error for a bad setting (a usage error naming a flag or a field). */
 type Reject = (setting: ConsoleSetting, message: string, index?: number) => never;
 
 /**
- * Checks port names and size and derives every path: the one validation both `vhostd console`
- * and the config planner use. Nothing is opened yet (see {@link openConsole}).
+ * Checks port names and size, reads the attach token, and derives every path: the one validation
+ * both `vhostd console` and the config planner use. Nothing is opened yet (see
+ * {@link openConsole}).
  */
 function resolveConsole(req: ConsoleRequest, reject: Reject): ConsolePlan {
   const { socket } = req;
@@ -281,6 +349,26 @@ function resolveConsole(req: ConsoleRequest, reject: Reject): ConsolePlan {
     req.log === undefined ? `${socket}.${n}.log` : i === 0 ? req.log : `${req.log}.${n}`
   );
   const chardevPaths = names.map((n, i) => i === 0 ? socket : `${socket}.${n}.chardev`);
+  let token: Uint8Array<ArrayBuffer> | undefined;
+  if (req.tokenFile !== undefined) {
+    try {
+      token = readAttachToken(req.tokenFile);
+    } catch (e) {
+      reject("attachTokenFile", (e as Error).message);
+    }
+  }
+  const tcpPort = attach.findIndex((a) => a.tcp !== null);
+  if (tcpPort >= 0 && token === undefined) {
+    reject(
+      "attach",
+      `${req.attach![tcpPort]} needs a token (TCP says nothing of who connects): give one with ` +
+        req.tokenFileName,
+      tcpPort,
+    );
+  }
+  if (req.logMaxBytes !== 0 && req.logMaxBytes < MIN_LOG_MAX_BYTES) {
+    reject("logMaxSize", `must be 0 (never rotate) or at least ${MIN_LOG_MAX_BYTES} bytes`);
+  }
   const size = /^(\d{1,5})x(\d{1,5})$/.exec(req.size ?? "80x24");
   if (!size || Number(size[1]) > 0xffff || Number(size[2]) > 0xffff) {
     reject("size", `must be COLSxROWS like 120x40, not "${req.size}"`);
@@ -302,8 +390,39 @@ function resolveConsole(req: ConsoleRequest, reject: Reject): ConsolePlan {
     cols: Number(size![1]),
     rows: Number(size![2]),
     scrollback: req.scrollback,
+    logMaxBytes: req.logMaxBytes,
     access: req.access,
+    attachFile: req.attachFile,
+    attachAccess: { allowUids: req.attachAllowUids, token, maxClients: req.maxClients },
   };
+}
+
+/**
+ * Reads the token of tcp: clients from `path`. The file must not be open to every user: whoever
+ * reads it can type into the console.
+ */
+function readAttachToken(path: string): Uint8Array<ArrayBuffer> {
+  let info: Deno.FileInfo, bytes: Uint8Array;
+  try {
+    info = Deno.statSync(path);
+    if (!info.isFile) throw new Error(`${path} is not a regular file`);
+    bytes = Deno.readFileSync(path);
+  } catch (e) {
+    const why = e instanceof Deno.errors.NotFound ? "file not found" : (e as Error).message;
+    throw new Error(
+      `${path}: ${why} (make one with: head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE)`,
+    );
+  }
+  if (((info.mode ?? 0) & 0o007) !== 0) {
+    throw new Error(
+      `${path} is open to every user (mode 0${(info.mode! & 0o777).toString(8)}); chmod o-rwx it`,
+    );
+  }
+  try {
+    return parseToken(bytes);
+  } catch (e) {
+    throw new Error(`${path} ${(e as Error).message}`);
+  }
 }
 
 /** What `vhostd console` was asked to do. */
@@ -316,7 +435,13 @@ export interface ConsoleCommand {
   extras: ServeExtras;
 }
 
-const FLAG_OF: Record<ConsoleSetting, string> = { names: "name", size: "size", attach: "attach" };
+const FLAG_OF: Record<ConsoleSetting, string> = {
+  names: "name",
+  size: "size",
+  attach: "attach",
+  attachTokenFile: "attach-token-file",
+  logMaxSize: "log-max-size",
+};
 
 /** Turns the command line into a plan, or throws {@link UsageError}. */
 export function planConsole(args: string[]): ConsoleCommand | "help" {
@@ -334,6 +459,12 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
         log: { type: "string" },
         attach: { type: "string", multiple: true },
         "attach-any-address": { type: "boolean" },
+        "attach-mode": { type: "string" },
+        "attach-group": { type: "string" },
+        "attach-allow-uid": { type: "string", multiple: true },
+        "attach-token-file": { type: "string" },
+        "attach-max-clients": { type: "string" },
+        "log-max-size": { type: "string" },
         size: { type: "string" },
         scrollback: { type: "string" },
       },
@@ -343,8 +474,8 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
   if (!v.socket) throw new UsageError("console needs --socket PATH");
   const chardev = v.chardev ?? false;
   if (chardev) {
-    // The chardev worker is served outside runServices: no metrics, control socket or peer check.
-    for (const flag of ["metrics", "control", "allow-uid"] as const) {
+    // The chardev worker is served outside runServices: no metrics or control socket.
+    for (const flag of ["metrics", "control"] as const) {
       if (v[flag] !== undefined) {
         throw new UsageError(`--${flag} needs vhost-user mode (no --chardev)`);
       }
@@ -368,6 +499,7 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
     MIN_SCROLLBACK,
     MAX_SCROLLBACK,
   );
+  const group = v["attach-group"];
   const plan = resolveConsole(
     {
       socket: v.socket,
@@ -380,7 +512,28 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
       allowStdio: true,
       size: v.size,
       scrollback,
+      logMaxBytes: parseIntOption(
+        "log-max-size",
+        v["log-max-size"],
+        DEFAULT_LOG_MAX_BYTES,
+        0,
+        MAX_LOG_MAX_BYTES,
+      ),
       access,
+      attachFile: {
+        mode: parseMode(v["attach-mode"], "--attach-mode"),
+        gid: group === undefined ? undefined : parseGroup(group, "--attach-group"),
+      },
+      attachAllowUids: parseUids(v["attach-allow-uid"] ?? [], "--attach-allow-uid"),
+      tokenFile: v["attach-token-file"],
+      tokenFileName: "--attach-token-file FILE",
+      maxClients: parseIntOption(
+        "attach-max-clients",
+        v["attach-max-clients"],
+        DEFAULT_MAX_CLIENTS,
+        1,
+        MAX_ATTACH_CLIENTS,
+      ),
     },
     (setting, message) => {
       throw new UsageError(`--${FLAG_OF[setting]} ${message}`);
@@ -418,29 +571,29 @@ class PortOpenError extends UsageError {
 
 /** Opens logs and binds attach sockets in the main thread, so problems are usage errors. */
 function openPorts(plan: ConsolePlan, opened: Opened): PortConfig[] {
-  const { socketMode, socketGroup } = plan.access;
+  const { mode, gid } = plan.attachFile;
   return plan.names.map((name, id) => {
     const logPath = plan.logPaths[id];
     let existed = true;
     try {
-      Deno.statSync(logPath);
+      Deno.lstatSync(logPath);
     } catch {
       existed = false;
     }
-    let logFd: number;
+    let log: OpenedLog;
     try {
-      logFd = openFile(logPath, O.WRONLY | O.CREAT | O_APPEND, 0o640);
+      log = openLogFile(logPath);
     } catch (e) {
       throw new PortOpenError("log", `cannot open log ${logPath}: ${(e as Error).message}`);
     }
-    opened.fds.push(logFd);
+    opened.fds.push(log.fd);
     if (!existed) opened.newLogs.push(logPath);
     const a = plan.attach[id];
     let attachFd: number;
     const where: string[] = [];
     if (a.unix !== null) {
       try {
-        attachFd = bindSocket(a.unix, socketMode, socketGroup);
+        attachFd = bindSocket(a.unix, mode, gid);
       } catch (e) {
         throw new PortOpenError("socket", (e as Error).message);
       }
@@ -481,8 +634,9 @@ function openPorts(plan: ConsolePlan, opened: Opened): PortConfig[] {
       attachFd,
       attachPath: a.unix ?? "",
       attachTcp: a.tcp !== null,
+      access: plan.attachAccess,
       terminal,
-      logFd,
+      log: { path: logPath, ...log, maxBytes: plan.logMaxBytes },
       scrollbackBytes: plan.scrollback,
       inputBytes: DEFAULT_INPUT_LIMIT,
     };
@@ -706,9 +860,12 @@ export async function cmdConsole(args: string[]): Promise<number> {
 /**
  * The `console` planner of config files (vhost-user mode; QEMU 10.2 or newer). Fields: `socket`,
  * `names` (ports besides the console), `log` (port 0's log; the others FILE.<name>; default
- * `<socket>.<name>.log`), `size` (COLSxROWS, default 80x24), `scrollback` (bytes per port),
- * `attach` (the `--attach` strings from port 0 on, stdio excepted: a service has no terminal) and
- * `attachAnyAddress` (allow TCP beyond loopback). The logs, attach sockets (`<socket>.<name>` by
+ * `<socket>.<name>.log`), `logMaxSize` (rotation size in bytes, 0: never), `size` (COLSxROWS,
+ * default 80x24), `scrollback` (bytes per port), `attach` (the `--attach` strings from port 0 on,
+ * stdio excepted: a service has no terminal), `attachAnyAddress` (allow TCP beyond loopback),
+ * `attachMode` and `attachGroup` (the Unix attach sockets' own mode, default "0600", and group),
+ * `attachAllowUids` (who may attach besides the daemon's uid and root), `attachTokenFile` (the
+ * token of tcp: clients) and `attachMaxClients`. The logs, attach sockets (`<socket>.<name>` by
  * default) and ptys are opened while planning, as the command line does, so their problems are
  * config errors too.
  */
@@ -748,6 +905,11 @@ export function planConsoleDevice(ctx: PlanContext): DevicePlan {
   const logField = f.string("log");
   const size = f.string("size");
   const scrollback = f.integer("scrollback", DEFAULT_SCROLLBACK, MIN_SCROLLBACK, MAX_SCROLLBACK);
+  const logMaxBytes = f.integer("logMaxSize", DEFAULT_LOG_MAX_BYTES, 0, MAX_LOG_MAX_BYTES);
+  const attachFile = { mode: modeField(f, "attachMode"), gid: groupField(f, "attachGroup") };
+  const attachAllowUids = uidsField(f, "attachAllowUids");
+  const tokenFile = f.string("attachTokenFile");
+  const maxClients = f.integer("attachMaxClients", DEFAULT_MAX_CLIENTS, 1, MAX_ATTACH_CLIENTS);
   const socket = ctx.socketPath();
   const plan = resolveConsole(
     {
@@ -761,7 +923,13 @@ export function planConsoleDevice(ctx: PlanContext): DevicePlan {
       allowStdio: false,
       size,
       scrollback,
+      logMaxBytes,
       access: ctx.access,
+      attachFile,
+      attachAllowUids,
+      tokenFile,
+      tokenFileName: `"attachTokenFile"`,
+      maxClients,
     },
     (setting, message, index) => {
       throw new ConfigError(f.at(setting) + (index === undefined ? "" : `[${index}]`), message);
@@ -837,6 +1005,7 @@ async function runChardev(
     ports,
     chardevFds,
     chardevPaths: plan.chardevPaths,
+    allowUids: plan.access.allowUids ?? [],
     shutdownFd,
     log,
   };

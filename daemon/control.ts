@@ -8,7 +8,8 @@
  */
 
 import { UsageError } from "../devices/blk/image.ts";
-import { probeSocketPath } from "../sys/socket.ts";
+import { bindSocketFile } from "../sys/socket.ts";
+import { clearSocketPath } from "./service.ts";
 import { QueueFlag } from "./stats.ts";
 import { LATENCY_BUCKETS, QueueStat } from "../ring/queue_stats.ts";
 import type { ObservedDevice } from "./metrics.ts";
@@ -139,21 +140,18 @@ export interface ControlServer {
  * and answers each connection's request with `report()`.
  */
 export function startControlServer(path: string, report: () => StatusReport): ControlServer {
-  const state = probeSocketPath(path);
-  if (state === "live") {
-    throw new UsageError(`control socket ${path} is in use by a running daemon`);
-  }
-  if (state === "not-a-socket") {
-    throw new UsageError(`${path} exists and is not a socket; refusing to replace it`);
-  }
-  if (state === "stale") Deno.removeSync(path);
+  clearSocketPath(path, "control socket", "daemon");
   let listener: Deno.UnixListener;
   try {
-    listener = Deno.listen({ transport: "unix", path });
+    listener = bindSocketFile(
+      path,
+      { mode: 0o600 },
+      (at) => Deno.listen({ transport: "unix", path: at }),
+      (l) => l.close(),
+    );
   } catch (e) {
     throw new UsageError(`cannot listen on ${path}: ${(e as Error).message}`);
   }
-  Deno.chmodSync(path, 0o600);
   (async () => {
     try {
       for await (const conn of listener) answer(conn, report).catch(() => {});

@@ -8,6 +8,7 @@
 import { UsageError } from "../devices/blk/image.ts";
 import { LATENCY_BUCKETS, latencyBucketLimit, QueueStat } from "../ring/queue_stats.ts";
 import type { PortSnapshot } from "./stats.ts";
+import { isLoopback, parseIpAddress } from "../sys/socket.ts";
 
 /** Where the metrics server listens. */
 export interface MetricsAddress {
@@ -25,6 +26,32 @@ export function parseMetricsAddress(s: string): MetricsAddress {
     throw new UsageError(`--metrics must be HOST:PORT like 127.0.0.1:9101, not "${s}"`);
   }
   return { hostname: m[1] ?? m[2], port };
+}
+
+/**
+ * Refuses a metrics address that is not loopback unless `anyAddress` says so: `/metrics` and
+ * `/healthz` have no authentication, and they tell anyone who reaches them which devices a VM has
+ * and how busy they are. A host name other than `localhost` counts as not loopback (what it
+ * resolves to is not ours to know). `allowedBy` names the flag or field that allows it.
+ */
+export function checkMetricsExposure(
+  address: MetricsAddress,
+  anyAddress: boolean,
+  allowedBy: string,
+): void {
+  if (anyAddress || isLoopbackHost(address.hostname)) return;
+  throw new UsageError(
+    `--metrics ${address.hostname}:${address.port} would serve metrics without authentication ` +
+      `to every host that reaches ${address.hostname}; use a loopback address like ` +
+      `127.0.0.1:${address.port}, or allow it with ${allowedBy}`,
+  );
+}
+
+/** Whether metrics on `hostname` are reachable from this machine only. */
+export function isLoopbackHost(hostname: string): boolean {
+  if (hostname === "localhost") return true;
+  const addr = parseIpAddress(hostname);
+  return addr !== null && isLoopback(addr);
 }
 
 /** A device as the metrics and status endpoints see it. */

@@ -42,7 +42,8 @@ Options:
                       (default: socketDir, else $RUNTIME_DIRECTORY set by systemd)
   --check             check the file, print what would be served, and exit
 ${SERVE_OPTIONS_HELP}
-  (--metrics, --control and the log options override the file's settings)
+  (--metrics, --control and the log options override the file's settings;
+   --metrics-any-address also allows the file's metrics address)
 
 Example:
   deno task vhostd run --config /etc/vhostd/vm1.json --metrics 127.0.0.1:9101
@@ -75,6 +76,7 @@ export function planRun(args: string[]): VmPlan | "help" | { check: VmPlan } {
     overrides.log = given;
   }
   if (values.metrics !== undefined) overrides.metrics = parseMetricsAddress(values.metrics);
+  if (values["metrics-any-address"]) overrides.metricsAnyAddress = true;
   if (values.control !== undefined) overrides.control = values.control;
   const plan = planVm(readConfigFile(values.config), overrides);
   return values.check ? { check: plan } : plan;

@@ -9,7 +9,12 @@ import { getLogger } from "../log/mod.ts";
 import { defaultLogSettings, type LogSettings, setupLogging } from "./log.ts";
 import { DeviceService, type ServiceOptions, socketPaths } from "./service.ts";
 import type { ServeExtras } from "./cli.ts";
-import { type MetricsServer, type ObservedDevice, startMetricsServer } from "./metrics.ts";
+import {
+  isLoopbackHost,
+  type MetricsServer,
+  type ObservedDevice,
+  startMetricsServer,
+} from "./metrics.ts";
 import { type ControlServer, startControlServer, statusReport } from "./control.ts";
 import { SdNotifier } from "./notify.ts";
 
@@ -113,6 +118,11 @@ export async function runServices(
   if (metrics) {
     const m = (metrics as MetricsServer).address;
     logger.info("metrics on http://{host}:{port}/metrics", { host: m.hostname, port: m.port });
+    if (!isLoopbackHost(m.hostname)) {
+      logger.warn("metrics on {host} are served to every host that reaches it, unauthenticated", {
+        host: m.hostname,
+      });
+    }
   }
   const summary = () => {
     const devices = observe(services);

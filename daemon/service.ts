@@ -38,27 +38,33 @@ export interface ServiceOptions {
 }
 
 /**
- * Binds `path`: a live socket is never taken over, a stale one is replaced, and anything that is
- * not a socket is left alone.
+ * Makes room for a socket at `path`: a live socket is never taken over (a usage error saying
+ * that `what` is in use by a running `owner`), a stale one is removed, and anything that is not a
+ * socket is left alone.
  */
-export function bindSocket(path: string, mode = 0o600, gid?: number): number {
+export function clearSocketPath(path: string, what = "socket", owner = "back-end"): void {
   const state = probeSocketPath(path);
   if (state === "live") {
-    throw new UsageError(`socket ${path} is in use by a running back-end`);
+    throw new UsageError(`${what} ${path} is in use by a running ${owner}`);
   }
   if (state === "not-a-socket") {
     throw new UsageError(`${path} exists and is not a socket; refusing to replace it`);
   }
   if (state === "stale") Deno.removeSync(path);
-  let fd: number;
+}
+
+/**
+ * Binds `path` with `mode` and group `gid` from its first moment (see `bindSocketFile`): a live
+ * socket is never taken over, a stale one is replaced, and anything that is not a socket is left
+ * alone.
+ */
+export function bindSocket(path: string, mode = 0o600, gid?: number): number {
+  clearSocketPath(path);
   try {
-    fd = listenUnix(path);
+    return listenUnix(path, { mode, gid });
   } catch (e) {
     throw new UsageError(`cannot listen on ${path}: ${(e as Error).message}`);
   }
-  Deno.chmodSync(path, mode);
-  if (gid !== undefined) Deno.chownSync(path, null, gid);
-  return fd;
 }
 
 /** One running device. */

@@ -49,6 +49,28 @@ export function drainEventFd(fd: number): number {
   return Number(scratch[0]);
 }
 
+const CLOCK_MONOTONIC = 1;
+const TFD_CLOEXEC = 0o2000000;
+const TFD_NONBLOCK = 0o4000;
+const timerSpec = new BigInt64Array(4);
+
+/**
+ * Creates a non-blocking, disarmed timerfd on the monotonic clock: an fd that becomes readable
+ * when armed time runs out, so a worker blocked in `epoll_wait` can wait for time too. It reads
+ * as an 8-byte count, like an eventfd: {@link drainEventFd} clears it.
+ */
+export function createTimerFd(): number {
+  return check(libc.timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK), "timerfd_create");
+}
+
+/** Arms a timerfd to fire once, `ms` milliseconds from now (0 disarms it). */
+export function armTimerFd(fd: number, ms: number): void {
+  // struct itimerspec: it_interval (0: once), then it_value.
+  timerSpec[2] = BigInt(Math.floor(ms / 1000));
+  timerSpec[3] = BigInt(Math.round((ms % 1000) * 1e6));
+  check(libc.timerfd_settime(fd, 0, timerSpec, null), "timerfd_settime");
+}
+
 /**
  * An epoll instance with a preallocated event buffer. Each registered fd carries a 32-bit token
  * (the caller's own numbering) that {@link wait} reports back.

@@ -133,3 +133,23 @@ export function fdatasync(fd: number): number {
 export function fallocate(fd: number, mode: number, offset: number, length: number): number {
   return libc.fallocate(fd, mode, BigInt(offset), BigInt(length)) < 0 ? -errno() : 0;
 }
+
+/**
+ * Writes all of `data` to `fd`; false when a write fails. With `mayBlock`, EAGAIN is retried (a log
+ * file may block briefly); without it a full non-blocking fd is a failure, so that a console
+ * client that does not keep up is dropped rather than stalling every other port and the guest.
+ */
+export function writeAll(fd: number, data: Uint8Array, mayBlock: boolean): boolean {
+  let off = 0;
+  while (off < data.length) {
+    const part = off === 0 ? data : data.subarray(off);
+    const n = Number(libc.write(fd, part as Uint8Array<ArrayBuffer>, BigInt(part.length)));
+    if (n < 0) {
+      const err = errno();
+      if (err === Errno.EINTR || (mayBlock && err === Errno.EAGAIN)) continue;
+      return false;
+    }
+    off += n;
+  }
+  return true;
+}

@@ -32,9 +32,9 @@ export interface Pty {
 
 /**
  * Opens a pty pair with the slave in raw mode (no echo, no line editing, no CR/LF mapping: the
- * guest's own tty does that). The daemon holds the slave open itself: with no slave open, the
- * master reports a hang-up on every epoll_wait, which would spin the data plane until someone
- * opened the pty.
+ * guest's own tty does that) and mode 0600. The daemon holds the slave open itself: with no slave
+ * open, the master reports a hang-up on every epoll_wait, which would spin the data plane until
+ * someone opened the pty.
  */
 export function openPty(): Pty {
   const master = check(
@@ -50,6 +50,9 @@ export function openPty(): Pty {
     if (rc !== 0) throw new SysError("ptsname_r", rc);
     const path = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
     slave = openFile(path, O.RDWR | O_NOCTTY);
+    // grantpt leaves the slave writable by group tty (for write(1) and wall); nobody but the
+    // daemon's user is meant to type into a guest's console through it.
+    check(libc.fchmod(slave, 0o600), "fchmod", path);
     makeRaw(slave, false);
     return { master, slave, path };
   } catch (e) {

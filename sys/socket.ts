@@ -7,7 +7,7 @@
  * @module
  */
 
-import { check, closeQuietly, cstring, Errno, errno, libc, SysError } from "./libc.ts";
+import { check, closeQuietly, cstring, Errno, errno, libc, O, openFile, SysError } from "./libc.ts";
 
 const AF_UNIX = 1;
 const SOCK_STREAM = 1;
@@ -52,18 +52,103 @@ export interface PeerCredentials {
   gid: number;
 }
 
-/** Creates a listening Unix socket bound to `path` and returns its fd. */
-export function listenUnix(path: string, backlog = 4): number {
-  const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket");
+/** The mode and group a socket file has from the moment it appears at its path. */
+export interface SocketFileMode {
+  /** Permission bits, e.g. `0o600`. */
+  mode: number;
+  /** Group to give the file; the creator's when absent. */
+  gid?: number;
+}
+
+const AT_FDCWD = -100;
+const RENAME_NOREPLACE = 1;
+/** The longest path a socket address holds (108 bytes with the terminating NUL). */
+const MAX_SOCKET_PATH = 107;
+
+/**
+ * Creates the socket file at `path` so that nobody ever reaches it with another mode or group
+ * than `file` says, and no symlink is ever followed.
+ *
+ * bind(2) creates the file with the process umask: a chmod after it leaves a window in which
+ * anyone the umask lets in may connect, and a chmod or chown by path follows a symlink that
+ * someone with write access to the folder put there meanwhile. So `bind` creates the file inside
+ * a fresh directory beside `path` (mode 0700: nobody else can reach into it), the file gets its
+ * mode there and its group through lchown, and it is then renamed into place with
+ * RENAME_NOREPLACE, which replaces nothing that appeared at `path` meanwhile.
+ *
+ * `bind(at)` must bind (and listen on) the socket at `at`: inside the private directory, or the
+ * same place reached through `/proc/self/fd` when that path is too long for a socket address.
+ * `release` undoes a `bind` that succeeded when a later step fails.
+ */
+export function bindSocketFile<T>(
+  path: string,
+  file: SocketFileMode,
+  bind: (at: string) => T,
+  release: (bound: T) => void,
+): T {
+  const slash = path.lastIndexOf("/");
+  const dir = slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
+  // mkdir(2) with mode 0700 (what Deno does): the directory is private from its first moment.
+  const privateDir = Deno.makeTempDirSync({ dir, prefix: ".vhostd-" });
+  // A random name: a listener that unlinks its bound path when closed (Deno's does) must not hit
+  // anything else once the directory is gone.
+  const name = `s${crypto.getRandomValues(new Uint32Array(1))[0].toString(16)}`;
+  const inside = `${privateDir}/${name}`;
+  let dirFd = -1;
+  let bound: { value: T } | null = null;
   try {
-    const addr = sockaddrUn(path);
-    check(libc.bind(fd, addr, addr.length), "bind", path);
-    check(libc.listen(fd, backlog), "listen", path);
+    let at = inside;
+    if (cstring(inside).length - 1 > MAX_SOCKET_PATH) {
+      dirFd = openFile(privateDir, O.PATH | O.DIRECTORY);
+      at = `/proc/self/fd/${dirFd}/${name}`;
+    }
+    bound = { value: bind(at) };
+    check(libc.chmod(cstring(inside), file.mode), "chmod", inside);
+    if (file.gid !== undefined) {
+      check(libc.lchown(cstring(inside), 0xffffffff, file.gid), "lchown", inside);
+    }
+    const rc = libc.renameat2(AT_FDCWD, cstring(inside), AT_FDCWD, cstring(path), RENAME_NOREPLACE);
+    check(rc, "rename", path);
+    return bound.value;
   } catch (e) {
-    closeQuietly(fd);
+    if (bound !== null) release(bound.value);
+    try {
+      Deno.removeSync(inside);
+    } catch {
+      // never bound, or renamed into place
+    }
     throw e;
+  } finally {
+    closeQuietly(dirFd);
+    try {
+      Deno.removeSync(privateDir);
+    } catch {
+      // not empty only if the rename failed and the removal above did too: leave it
+    }
   }
-  return fd;
+}
+
+/**
+ * Creates a listening Unix socket at `path` with the given mode and group (0600 and the creator's
+ * group by default; see {@link bindSocketFile}) and returns its fd.
+ */
+export function listenUnix(
+  path: string,
+  file: SocketFileMode = { mode: 0o600 },
+  backlog = 4,
+): number {
+  return bindSocketFile(path, file, (at) => {
+    const fd = check(libc.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket");
+    try {
+      const addr = sockaddrUn(at);
+      check(libc.bind(fd, addr, addr.length), "bind", path);
+      check(libc.listen(fd, backlog), "listen", path);
+    } catch (e) {
+      closeQuietly(fd);
+      throw e;
+    }
+    return fd;
+  }, closeQuietly);
 }
 
 /** Connects to the Unix socket at `path` and returns the connected fd. */

@@ -7,7 +7,13 @@
 
 import assert from "node:assert/strict";
 import { DaemonProcess, runVhostd, sparseFile } from "./helpers/daemon.ts";
-import { AttachClient, PtyClient } from "./helpers/attach.ts";
+import {
+  AttachClient,
+  PtyClient,
+  waitForFile,
+  withConsole,
+  writeTokenFile,
+} from "./helpers/attach.ts";
 import { ConsoleDriver } from "../vhost-user/frontend/console_driver.ts";
 import { ControlEvent } from "../devices/console/mod.ts";
 import { parseAttach } from "../daemon/console.ts";
@@ -50,15 +56,6 @@ async function connectGuest(sock: string, chardev: boolean, ports: number): Prom
   };
 }
 
-/** Waits until `path` (a port's log) contains `text`: the daemon has taken the guest's output. */
-async function waitForLog(path: string, text: string): Promise<void> {
-  const end = Date.now() + 10_000;
-  while (!(await Deno.readTextFile(path).catch(() => "")).includes(text)) {
-    if (Date.now() > end) throw new Error(`${path} never got ${JSON.stringify(text)}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
 function exists(path: string): boolean {
   try {
     Deno.lstatSync(path);
@@ -68,33 +65,21 @@ function exists(path: string): boolean {
   }
 }
 
-/** Runs `fn` with a console daemon started with `args` in a fresh directory; cleans up. */
-async function withDaemon(
-  args: (sock: string) => string[],
-  fn: (ctx: { sock: string; dir: string; d: DaemonProcess }) => Promise<void>,
-): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "vhostd-conattach-" });
-  const sock = `${dir}/con.sock`;
-  let d: DaemonProcess | null = null;
-  try {
-    d = await DaemonProcess.start(["console", "--socket", sock, ...args(sock)]);
-    await fn({ sock, dir, d });
-  } finally {
-    try {
-      if (d) assert.equal(await d.stop(), 0, d.stderr);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  }
-}
-
 for (const chardev of [false, true]) {
   const mode = chardev ? "chardev mode" : "vhost-user mode";
   const modeArgs = chardev ? ["--chardev"] : [];
 
-  Deno.test(`console attach tcp (${mode}): loopback with an ephemeral port, scrollback, input to the guest`, async () => {
-    await withDaemon(
-      () => [...modeArgs, "--name", "agent", "--attach", "tcp:127.0.0.1:0", "--attach", "tcp:0"],
+  Deno.test(`console attach tcp (${mode}): loopback with an ephemeral port, the token, scrollback, input to the guest`, async () => {
+    let token = "";
+    await withConsole(
+      (sock) => {
+        token = writeTokenFile(`${sock}.token`);
+        return [
+          ...modeArgs,
+          ...["--name", "agent", "--attach", "tcp:127.0.0.1:0", "--attach", "tcp:0"],
+          ...["--attach-token-file", `${sock}.token`],
+        ];
+      },
       async ({ sock, d }) => {
         const m = /port 0 console:(?: chardev \S+,)? attach tcp 127\.0\.0\.1:(\d+),/.exec(d.stdout);
         assert.ok(m, d.stdout);
@@ -108,8 +93,8 @@ for (const chardev of [false, true]) {
         let client: AttachClient | null = null;
         try {
           await guest.write("boot over tcp\r\n");
-          await waitForLog(`${sock}.console.log`, "boot over tcp\r\n");
-          client = await AttachClient.connectTcp(port);
+          await waitForFile(`${sock}.console.log`, "boot over tcp\r\n");
+          client = await AttachClient.connectTcp(port, token);
           await client.waitFor("boot over tcp\r\n", 10_000); // the scrollback
           await client.send("typed over tcp\n");
           await guest.readUntil("typed over tcp\n");
@@ -124,7 +109,7 @@ for (const chardev of [false, true]) {
   });
 
   Deno.test(`console attach pty (${mode}): output to the pty, input from it, the link`, async () => {
-    await withDaemon(() => [...modeArgs, "--attach", "pty"], async ({ sock, d }) => {
+    await withConsole(() => [...modeArgs, "--attach", "pty"], async ({ sock, d }) => {
       const m =
         /port 0 console:(?: chardev \S+,)? attach (\S+), pty (\/dev\/pts\/\d+) \(linked as (\S+)\),/
           .exec(
@@ -239,9 +224,9 @@ for (const chardev of [false, true]) {
 
 Deno.test("console attach: non-loopback TCP is refused without the flag; bad modes are usage errors", async () => {
   const cases: [string[], RegExp][] = [
-    [["--attach", "tcp:0.0.0.0:0"], /no authentication.*--attach-any-address/],
-    [["--attach", "tcp:[::]:0"], /no authentication.*--attach-any-address/],
-    [["--attach", "tcp:192.0.2.1:4000"], /no authentication.*--attach-any-address/],
+    [["--attach", "tcp:0.0.0.0:0"], /only the token keeps them out.*--attach-any-address/],
+    [["--attach", "tcp:[::]:0"], /only the token keeps them out.*--attach-any-address/],
+    [["--attach", "tcp:192.0.2.1:4000"], /only the token keeps them out.*--attach-any-address/],
     [["--attach", "tcp:127.0.0.1:70000"], /port must be 0-65535/],
     [["--attach", "tcp:example.com:80"], /HOST must be/],
     [["--attach", "tcp:::1:80"], /must be unix:PATH, tcp:\[HOST:\]PORT, pty or stdio/],
@@ -293,6 +278,10 @@ Deno.test("run --config: a console's attach list (tcp and pty); bad entries name
       const [attach, want] of [
         [["stdio"], /^vhostd run: devices\[1\]\.attach\[0\]: stdio is for `vhostd console`/],
         [["tcp:10.1.2.3:0"], /^vhostd run: devices\[1\]\.attach\[0\]: .*"attachAnyAddress": true/],
+        [
+          ["tcp:127.0.0.1:0"],
+          /^vhostd run: devices\[1\]\.attach\[0\]: .*needs a token.*"attachTokenFile"/,
+        ],
         [["pty", "pty", "pty"], /^vhostd run: devices\[1\]\.attach: has 3 entries for 2 port/],
         [[7], /^vhostd run: devices\[1\]\.attach\[0\]: must be a string/],
       ] as [unknown[], RegExp][]
@@ -304,7 +293,8 @@ Deno.test("run --config: a console's attach list (tcp and pty); bad entries name
       assert.match(r.stderr, want);
     }
 
-    write(["tcp:127.0.0.1:0", "pty"]);
+    const token = writeTokenFile(`${dir}/token`);
+    write(["tcp:127.0.0.1:0", "pty"], { attachTokenFile: `${dir}/token` });
     const d = await DaemonProcess.start(["run", "--config", config]);
     let driver: ConsoleDriver | null = null;
     let client: AttachClient | null = null;
@@ -318,7 +308,7 @@ Deno.test("run --config: a console's attach list (tcp and pty); bad entries name
       driver.handshake(2);
       driver.sendControl(0, ControlEvent.PORT_OPEN, 1);
       driver.sendControl(1, ControlEvent.PORT_OPEN, 1);
-      client = await AttachClient.connectTcp(Number(m[1]));
+      client = await AttachClient.connectTcp(Number(m[1]), token);
       pty = new PtyClient(`${sock}.agent.pty`);
       driver.write(0, enc.encode("console out\n"));
       driver.write(1, enc.encode("agent out\n"));

@@ -9,11 +9,13 @@
 
 /// <reference lib="deno.worker" />
 
-import { getLogger } from "../../log/mod.ts";
+import { getLogger, type Logger } from "../../log/mod.ts";
+import { rateLimited } from "../../log/rate_limit.ts";
 import { closeQuietly, Errno, errno, libc, setNonBlocking } from "../../sys/libc.ts";
-import { acceptUnix } from "../../sys/socket.ts";
 import { type LogSettings, setupLogging } from "../../daemon/log.ts";
 import { EventLoop } from "../../vhost-user/event_loop.ts";
+import { Acceptor, refuse } from "./acceptor.ts";
+import { PeerPolicy } from "./peer_policy.ts";
 import { type PortConfig, PortHub } from "./port_hub.ts";
 
 /** The first message the worker receives. */
@@ -24,6 +26,8 @@ export interface ChardevWorkerInit {
   chardevFds: number[];
   /** Per port: its path, removed on exit. */
   chardevPaths: string[];
+  /** Uids besides the daemon's own and root whose QEMU may connect (`--allow-uid`). */
+  allowUids: number[];
   /** Signalled to stop. */
   shutdownFd: number;
   /** Logging. */
@@ -45,15 +49,28 @@ class ChardevLink {
   readonly hub: PortHub;
   readonly #listenFd: number;
   readonly #loop: EventLoop;
+  readonly #acceptor: Acceptor;
+  readonly #peers: PeerPolicy;
+  /** Rate-limited: a front-end that redials in a loop causes these lines. */
+  readonly #log: Logger;
   readonly #buf = new Uint8Array(READ_CHUNK);
   #fd = -1;
 
-  constructor(hub: PortHub, listenFd: number, loop: EventLoop) {
+  constructor(hub: PortHub, listenFd: number, loop: EventLoop, peers: PeerPolicy) {
     this.hub = hub;
     this.#listenFd = listenFd;
     this.#loop = loop;
+    this.#peers = peers;
+    this.#log = rateLimited(getLogger(["vhostd", "console"]));
     setNonBlocking(listenFd);
-    loop.watch(listenFd, () => this.#accept());
+    this.#acceptor = new Acceptor(
+      listenFd,
+      loop,
+      (fd) => this.#admit(fd),
+      this.#log,
+      `the chardev socket of port ${hub.id}`,
+    );
+    this.#acceptor.start();
     hub.onInput = () => this.flush();
   }
 
@@ -62,22 +79,36 @@ class ChardevLink {
     return this.#fd >= 0 && this.hub.input.length > 0;
   }
 
-  #accept(): void {
-    let fd: number;
-    try {
-      fd = acceptUnix(this.#listenFd);
-    } catch {
+  /**
+   * Takes QEMU's connection if its uid is allowed: whoever holds this socket reads everything
+   * typed into the console, so a local user must not be able to take QEMU's place.
+   */
+  #admit(fd: number): void {
+    const verdict = this.#peers.check(fd);
+    if ("refused" in verdict) {
+      this.#log.warn("refusing a front-end on port {port}: {why}", {
+        port: this.hub.id,
+        why: verdict.refused,
+      });
+      refuse(fd, verdict.refused);
       return;
     }
     if (this.#fd >= 0) {
       // One QEMU per port: a second one would interleave two guests' bytes.
+      this.#log.warn("refusing a second front-end (pid {pid}) on port {port}", {
+        pid: verdict.peer.pid,
+        port: this.hub.id,
+      });
       closeQuietly(fd);
       return;
     }
     setNonBlocking(fd);
     this.#fd = fd;
     this.#loop.watch(fd, () => this.#read());
-    getLogger(["vhostd", "console"]).info("QEMU connected to port {port}", { port: this.hub.id });
+    this.#log.info("QEMU connected to port {port} (pid {pid}, uid {uid})", {
+      port: this.hub.id,
+      ...verdict.peer,
+    });
     this.flush();
   }
 
@@ -115,12 +146,12 @@ class ChardevLink {
     this.#loop.unwatch(this.#fd);
     closeQuietly(this.#fd);
     this.#fd = -1;
-    getLogger(["vhostd", "console"]).info("QEMU left port {port}", { port: this.hub.id });
+    this.#log.info("QEMU left port {port}", { port: this.hub.id });
   }
 
   close(): void {
     this.#disconnect();
-    this.#loop.unwatch(this.#listenFd);
+    this.#acceptor.close();
     closeQuietly(this.#listenFd);
   }
 }
@@ -132,11 +163,12 @@ self.onmessage = (event: MessageEvent<ChardevWorkerInit>) => {
   setupLogging(init.log);
   const loop = new EventLoop();
   const links: ChardevLink[] = [];
+  const peers = new PeerPolicy(init.allowUids);
   try {
     init.ports.forEach((p, i) => {
       const hub = new PortHub(p);
       hub.start(loop);
-      links.push(new ChardevLink(hub, init.chardevFds[i], loop));
+      links.push(new ChardevLink(hub, init.chardevFds[i], loop, peers));
     });
     loop.addTick({
       intervalMs: RETRY_MS,

@@ -8,6 +8,7 @@
  */
 
 import { getLogger, type Logger } from "../../log/mod.ts";
+import { rateLimited } from "../../log/rate_limit.ts";
 import type { DeviceEventLoop, VirtioDevice, Virtqueue } from "../device.ts";
 import {
   CONFIG_COLS,
@@ -80,6 +81,7 @@ export class ConsoleDevice implements VirtioDevice {
   readonly #copy = new Uint8Array(COPY_CHUNK);
   readonly #emerg = new Uint8Array(1);
   readonly #pendingControl: Uint8Array[] = [];
+  /** Rate-limited: every line here is caused by the guest's driver or a console client. */
   readonly #log: Logger;
   #loop: DeviceEventLoop | null = null;
   #multiport = false;
@@ -92,7 +94,7 @@ export class ConsoleDevice implements VirtioDevice {
     this.#state = this.ports.map(() => ({ ready: false, guestOpen: false }));
     this.cols = options.cols;
     this.rows = options.rows;
-    this.#log = getLogger(["vhostd", "console"]);
+    this.#log = rateLimited(getLogger(["vhostd", "console"]));
     for (const p of this.ports) {
       p.onInput = () => this.#deliver(p.id, true);
       p.onResize = (cols, rows) => this.resize(cols, rows);

@@ -9,12 +9,25 @@
 export { ConsoleDevice, type ConsoleOptions, createDevice } from "./device.ts";
 export { ByteRing } from "./byte_ring.ts";
 export {
+  type AttachAccess,
   DEFAULT_INPUT_LIMIT,
+  DEFAULT_MAX_CLIENTS,
   DEFAULT_SCROLLBACK,
   type FdWatcher,
   findResize,
   type PortConfig,
   PortHub,
+  type PortLogConfig,
   type ResizeRequest,
 } from "./port_hub.ts";
+export { Acceptor, refuse, tell } from "./acceptor.ts";
+export { PeerPolicy } from "./peer_policy.ts";
+export { parseToken, TokenCheck, type TokenProgress } from "./attach_token.ts";
+export {
+  ConsoleLog,
+  DEFAULT_LOG_MAX_BYTES,
+  MIN_LOG_MAX_BYTES,
+  type OpenedLog,
+  openLogFile,
+} from "./console_log.ts";
 export * from "./protocol.ts";

@@ -11,10 +11,16 @@
  */
 
 import { getLogger, type Logger } from "../../log/mod.ts";
+import { rateLimited } from "../../log/rate_limit.ts";
 import { closeQuietly, Errno, errno, libc, setNonBlocking } from "../../sys/libc.ts";
-import { acceptUnix, setTcpNoDelay } from "../../sys/socket.ts";
+import { writeAll } from "../../sys/io.ts";
+import { setTcpNoDelay } from "../../sys/socket.ts";
 import { windowSize } from "../../sys/pty.ts";
 import { ByteRing } from "./byte_ring.ts";
+import { Acceptor, refuse, tell } from "./acceptor.ts";
+import { MAX_TOKEN_BYTES, TokenCheck } from "./attach_token.ts";
+import { ConsoleLog } from "./console_log.ts";
+import { PeerPolicy } from "./peer_policy.ts";
 
 /** Where a port registers its fds: the device's event loop. */
 export interface FdWatcher {
@@ -36,14 +42,41 @@ export interface PortConfig {
   attachPath: string;
   /** The attach socket is TCP (its clients get TCP_NODELAY). */
   attachTcp?: boolean;
+  /** Who may attach, and how many at once. */
+  access: AttachAccess;
   /** A terminal attached for the port's whole life (`--attach pty` or `stdio`). */
   terminal?: TerminalConfig;
-  /** Log file opened O_APPEND, or -1. */
-  logFd: number;
+  /** The log, opened by the main thread (see `openLogFile`), or null. */
+  log: PortLogConfig | null;
   /** Scrollback bytes kept for clients that attach later. */
   scrollbackBytes: number;
   /** Client input held while the guest cannot take it. */
   inputBytes: number;
+}
+
+/** Who may attach to a port (plain data, like {@link PortConfig}). */
+export interface AttachAccess {
+  /**
+   * Uids besides the daemon's own and root that may connect to the Unix attach socket, checked
+   * with SO_PEERCRED (see `PeerPolicy`).
+   */
+  allowUids: number[];
+  /** The token a TCP client must send as its first line (required for TCP; see `TokenCheck`). */
+  token?: Uint8Array<ArrayBuffer>;
+  /** Socket clients attached at once at most (the terminal does not count); more are refused. */
+  maxClients: number;
+}
+
+/** A port's log file, opened by the main thread. */
+export interface PortLogConfig {
+  /** Its path (rotated to `path.1`). */
+  path: string;
+  /** The fd, O_APPEND. */
+  fd: number;
+  /** Its size when opened. */
+  size: number;
+  /** Rotation size in bytes (0: never). */
+  maxBytes: number;
 }
 
 /**
@@ -73,6 +106,8 @@ export interface TerminalConfig {
 export const DEFAULT_SCROLLBACK = 64 * 1024;
 /** Default input held per port while the guest has no receive buffers. */
 export const DEFAULT_INPUT_LIMIT = 64 * 1024;
+/** Default number of socket clients attached to one port at once. */
+export const DEFAULT_MAX_CLIENTS = 16;
 
 /** Bytes read from a client per read(2). */
 const READ_CHUNK = 16 * 1024;
@@ -125,6 +160,8 @@ interface Client {
   watched: boolean;
   /** Last window size seen on the terminal (see {@link TerminalConfig.sizeFd}). */
   size: string;
+  /** A TCP client that has not sent its token yet: it gets no output and gives no input. */
+  token: TokenCheck | null;
 }
 
 /** One port's host side. */
@@ -144,7 +181,11 @@ export class PortHub {
   readonly #config: PortConfig;
   readonly #clients = new Set<Client>();
   readonly #readBuf = new Uint8Array(READ_CHUNK);
+  /** Rate-limited: clients, and through the log's rotation the guest, cause these lines. */
   readonly #log: Logger;
+  readonly #peers: PeerPolicy;
+  readonly #consoleLog: ConsoleLog | null;
+  #acceptor: Acceptor | null = null;
   #loop: FdWatcher | null = null;
   /** Clients are not read while the input ring is full (back-pressure instead of dropping). */
   #paused = false;
@@ -158,7 +199,10 @@ export class PortHub {
     this.name = config.name;
     this.scrollback = new ByteRing(config.scrollbackBytes);
     this.input = new ByteRing(config.inputBytes);
-    this.#log = getLogger(["vhostd", "console", config.name]);
+    this.#log = rateLimited(getLogger(["vhostd", "console", config.name]));
+    this.#peers = new PeerPolicy(config.access.allowUids);
+    const log = config.log;
+    this.#consoleLog = log && new ConsoleLog(log.path, log, log.maxBytes, this.#log);
   }
 
   /** Number of attached clients (the terminal included). */
@@ -171,7 +215,15 @@ export class PortHub {
     this.#loop = loop;
     if (this.#config.attachFd >= 0) {
       setNonBlocking(this.#config.attachFd);
-      loop.watch(this.#config.attachFd, () => this.#accept());
+      const what = `the attach socket of port ${this.id}`;
+      this.#acceptor = new Acceptor(
+        this.#config.attachFd,
+        loop,
+        (fd) => this.#admit(fd),
+        this.#log,
+        what,
+      );
+      this.#acceptor.start();
     }
     const t = this.#config.terminal;
     if (t) {
@@ -183,6 +235,7 @@ export class PortHub {
         permanent: true,
         watched: false,
         size: "",
+        token: null,
       };
       this.#clients.add(c);
       this.#checkSize(c);
@@ -193,14 +246,10 @@ export class PortHub {
   /** The guest wrote `data`: log it, keep it, and send it to every client. */
   output(data: Uint8Array): void {
     if (data.length === 0) return;
-    if (this.#config.logFd >= 0 && !writeAll(this.#config.logFd, data, true)) {
-      this.#log.error("writing the log failed (errno {errno}); logging stops", { errno: errno() });
-      closeQuietly(this.#config.logFd);
-      this.#config.logFd = -1;
-    }
+    this.#consoleLog?.append(data);
     this.scrollback.append(data);
     for (const c of this.#clients) {
-      if (c.writeFd < 0 || writeAll(c.writeFd, data, false)) continue;
+      if (c.writeFd < 0 || c.token !== null || writeAll(c.writeFd, data, false)) continue;
       if (!c.permanent) {
         this.#drop(c, "it does not keep up or went away");
         continue;
@@ -235,8 +284,9 @@ export class PortHub {
     }
   }
 
+  /** A client still owing its token is read even while input is paused: it gives no input. */
   #watch(c: Client): void {
-    if (this.#paused || c.watched || c.readFd < 0) return;
+    if ((this.#paused && c.token === null) || c.watched || c.readFd < 0) return;
     c.watched = true;
     this.#loop?.watch(c.readFd, () => this.#readClient(c));
   }
@@ -247,33 +297,79 @@ export class PortHub {
     this.#loop?.unwatch(c.readFd);
   }
 
-  #accept(): void {
-    let fd: number;
-    try {
-      // accept4 takes any stream listener: the Unix and the TCP attach socket alike.
-      fd = acceptUnix(this.#config.attachFd);
-    } catch {
-      return; // EAGAIN: another wake-up took it
+  /** Decides whether a new connection may attach: who it is, and how many are attached. */
+  #admit(fd: number): void {
+    this.#dropLate(performance.now());
+    const tcp = this.#config.attachTcp === true;
+    if (!tcp) {
+      // TCP carries no credentials: its clients prove themselves with the token instead.
+      const verdict = this.#peers.check(fd);
+      if ("refused" in verdict) {
+        this.#log.warn("refusing a client of port {port}: {why}", {
+          port: this.id,
+          why: verdict.refused,
+        });
+        refuse(fd, verdict.refused);
+        return;
+      }
+    }
+    const max = this.#config.access.maxClients;
+    if (this.#socketClients() >= max) {
+      this.#log.warn("refusing a client of port {port}: {max} clients are attached already", {
+        port: this.id,
+        max,
+      });
+      refuse(fd, `port ${this.name} has ${max} clients attached already; try again later`);
+      return;
     }
     setNonBlocking(fd);
-    if (this.#config.attachTcp) {
+    if (tcp) {
       try {
         setTcpNoDelay(fd);
       } catch {
         // only latency is at stake
       }
     }
-    // A new client sees the recent past first, then live output.
+    const token = tcp ? new TokenCheck(this.#config.access.token!) : null;
+    const c: Client = {
+      readFd: fd,
+      writeFd: fd,
+      permanent: false,
+      watched: false,
+      size: "",
+      token,
+    };
+    this.#clients.add(c);
+    this.#watch(c);
+    if (token === null) this.#welcome(c);
+  }
+
+  /** Socket clients attached or owing their token (the terminal does not count). */
+  #socketClients(): number {
+    let n = 0;
+    for (const c of this.#clients) if (!c.permanent) n++;
+    return n;
+  }
+
+  /** Drops TCP clients that did not send their token in time, making room for others. */
+  #dropLate(now: number): void {
+    for (const c of this.#clients) {
+      if (c.token !== null && now > c.token.deadline) {
+        tell(c.writeFd, "no token in time");
+        this.#drop(c, "it sent no token in time");
+      }
+    }
+  }
+
+  /** A client is in: it sees the recent past first, then live output. */
+  #welcome(c: Client): void {
     for (const part of [0, 1] as const) {
       const seg = this.scrollback.segment(part);
-      if (seg.length > 0 && !writeAll(fd, seg, false)) {
-        closeQuietly(fd);
+      if (seg.length > 0 && !writeAll(c.writeFd, seg, false)) {
+        this.#drop(c, "it does not take the scrollback");
         return;
       }
     }
-    const c: Client = { readFd: fd, writeFd: fd, permanent: false, watched: false, size: "" };
-    this.#clients.add(c);
-    this.#watch(c);
     this.#log.info("client attached to port {port} ({clients} attached)", {
       port: this.id,
       clients: this.#clients.size,
@@ -293,7 +389,8 @@ export class PortHub {
   }
 
   #readClient(c: Client): void {
-    const room = Math.min(this.input.free, READ_CHUNK);
+    // A client owing its token is read a line's worth at most: what follows the token is input.
+    const room = c.token !== null ? MAX_TOKEN_BYTES + 2 : Math.min(this.input.free, READ_CHUNK);
     if (room === 0) {
       this.#pause();
       return;
@@ -309,8 +406,25 @@ export class PortHub {
       this.#drop(c, "it disconnected");
       return;
     }
+    let chunk: Uint8Array = this.#readBuf.subarray(0, n);
+    if (c.token !== null) {
+      const progress = c.token.feed(chunk);
+      if (progress.state === "waiting") {
+        this.#dropLate(performance.now());
+        return;
+      }
+      if (progress.state === "refused") {
+        tell(c.writeFd, progress.why);
+        this.#drop(c, `it sent a ${progress.why}`);
+        return;
+      }
+      c.token = null;
+      if (this.#paused) this.#unwatch(c);
+      this.#welcome(c);
+      chunk = progress.rest;
+      if (chunk.length === 0 || !this.#clients.has(c)) return;
+    }
     this.#checkSize(c);
-    let chunk = this.#readBuf.subarray(0, n);
     for (let r = findResize(chunk); r !== null; r = findResize(chunk)) {
       this.input.write(chunk.subarray(0, r.index));
       this.onResize(r.cols, r.rows);
@@ -321,9 +435,10 @@ export class PortHub {
     this.onInput();
   }
 
+  /** Stops reading clients that give input (a client owing its token gives none). */
   #pause(): void {
     if (this.#paused) return;
-    for (const c of this.#clients) this.#unwatch(c);
+    for (const c of this.#clients) if (c.token === null) this.#unwatch(c);
     this.#paused = true;
   }
 
@@ -373,14 +488,15 @@ export class PortHub {
       }
       this.#config.terminal = undefined;
     }
+    this.#acceptor?.close();
+    this.#acceptor = null;
     if (this.#config.attachFd >= 0) {
-      this.#loop?.unwatch(this.#config.attachFd);
       closeQuietly(this.#config.attachFd);
       this.#config.attachFd = -1;
       if (this.#config.attachPath) removeQuietly(this.#config.attachPath);
     }
-    closeQuietly(this.#config.logFd);
-    this.#config.logFd = -1;
+    this.#consoleLog?.close();
+    if (this.#config.log) this.#config.log.fd = -1;
   }
 }
 
@@ -390,24 +506,4 @@ function removeQuietly(path: string): void {
   } catch {
     // already gone
   }
-}
-
-/**
- * Writes all of `data` to `fd`. A log file may block briefly; a client socket is non-blocking and
- * a client whose socket buffer is full is reported as failing (false) rather than stalling every
- * other port and the guest.
- */
-export function writeAll(fd: number, data: Uint8Array, mayBlock: boolean): boolean {
-  let off = 0;
-  while (off < data.length) {
-    const part = off === 0 ? data : data.subarray(off);
-    const n = Number(libc.write(fd, part as Uint8Array<ArrayBuffer>, BigInt(part.length)));
-    if (n < 0) {
-      const err = errno();
-      if (err === Errno.EINTR || (mayBlock && err === Errno.EAGAIN)) continue;
-      return false;
-    }
-    off += n;
-  }
-  return true;
 }

@@ -5,7 +5,9 @@
  * @module
  */
 
+import assert from "node:assert/strict";
 import { closeQuietly, Errno, errno, libc, O, openFile } from "../../sys/libc.ts";
+import { DaemonProcess } from "./daemon.ts";
 
 /** Polls `text()` until `pattern` matches; throws with what arrived after `ms`. */
 async function waitForText(
@@ -69,9 +71,18 @@ export class AttachClient {
     }
   }
 
-  /** Connects to a TCP attach socket on loopback (or `hostname`). */
-  static async connectTcp(port: number, hostname = "127.0.0.1"): Promise<AttachClient> {
-    return new AttachClient(await Deno.connect({ transport: "tcp", hostname, port }));
+  /**
+   * Connects to a TCP attach socket on loopback (or `hostname`) and sends `token` as the first
+   * line, as a person pastes it and presses Enter (nothing when null).
+   */
+  static async connectTcp(
+    port: number,
+    token: string | null,
+    hostname = "127.0.0.1",
+  ): Promise<AttachClient> {
+    const client = new AttachClient(await Deno.connect({ transport: "tcp", hostname, port }));
+    if (token !== null) await client.send(`${token}\r`);
+    return client;
   }
 
   /** Whether the server closed the connection. */
@@ -149,5 +160,48 @@ export class PtyClient {
   close(): void {
     clearInterval(this.#timer);
     closeQuietly(this.fd);
+  }
+}
+
+/** Writes a fresh random token to `path` (mode 0600), as an operator would; returns it. */
+export function writeTokenFile(path: string): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(24));
+  const token = btoa(String.fromCharCode(...bytes));
+  Deno.writeTextFileSync(path, `${token}\n`, { mode: 0o600 });
+  Deno.chmodSync(path, 0o600);
+  return token;
+}
+
+/** Waits until the file at `path` (a port's log) contains `text`: the daemon has taken it. */
+export async function waitForFile(path: string, text: string, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await Deno.readTextFile(path).catch(() => "")).includes(text)) {
+    if (Date.now() > end) throw new Error(`${path} never got ${JSON.stringify(text)}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/**
+ * Runs `fn` with `vhostd console --socket <dir>/con.sock ...args(sock)` started in a fresh
+ * directory (mode 0755, or `dirMode`); checks the daemon stops cleanly and removes the directory.
+ */
+export async function withConsole(
+  args: (sock: string) => string[],
+  fn: (ctx: { sock: string; dir: string; d: DaemonProcess }) => Promise<void>,
+  dirMode = 0o755,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "vhostd-console-" });
+  Deno.chmodSync(dir, dirMode);
+  const sock = `${dir}/con.sock`;
+  let d: DaemonProcess | null = null;
+  try {
+    d = await DaemonProcess.start(["console", "--socket", sock, ...args(sock)]);
+    await fn({ sock, dir, d });
+  } finally {
+    try {
+      if (d) assert.equal(await d.stop(), 0, `vhostd did not stop cleanly:\n${d.stderr}`);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
   }
 }

@@ -36,8 +36,21 @@ export class DaemonProcess {
     script = MAIN,
   ): DaemonProcess {
     const argv = task ? ["task", ...args] : ["run", "-A", script, ...args];
-    const child = new Deno.Command(Deno.execPath(), {
-      args: argv,
+    return DaemonProcess.spawnUnder([], argv, env);
+  }
+
+  /**
+   * Starts `deno ...denoArgs` under `wrapper` (a command that runs the rest of its arguments,
+   * such as `prlimit --nofile=64:64 --` or `strace ... --`); the daemon is then the wrapper's child.
+   */
+  static spawnUnder(
+    wrapper: string[],
+    denoArgs: string[],
+    env?: Record<string, string>,
+  ): DaemonProcess {
+    const [cmd, ...args] = [...wrapper, Deno.execPath(), ...denoArgs];
+    const child = new Deno.Command(cmd, {
+      args,
       cwd: new URL("../..", import.meta.url).pathname,
       stdin: "null",
       stdout: "piped",
@@ -94,12 +107,21 @@ export class DaemonProcess {
   }
 }
 
-/** Runs `vhostd ...args` to completion; returns code and output. */
+/**
+ * Runs `vhostd ...args` to completion; returns code and output. With `killAfterMs`, a daemon
+ * still running by then (one that should have refused to start) is stopped with SIGTERM, and its
+ * code is whatever it exits with then.
+ */
 export async function runVhostd(
   args: string[],
+  killAfterMs?: number,
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const d = DaemonProcess.spawn(args);
+  const timer = killAfterMs === undefined
+    ? undefined
+    : setTimeout(() => d.stop().catch(() => {}), killAfterMs);
   const code = await d.exit();
+  clearTimeout(timer);
   return { code, stdout: d.stdout, stderr: d.stderr };
 }
 
