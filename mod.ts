@@ -12,6 +12,7 @@ export { type ByteRef, DescriptorChain } from "./ring/descriptor_chain.ts";
 export { GuestMemory, MemoryRegion, type MemoryRegionInfo } from "./ring/guest_memory.ts";
 export { type RingAddresses, SplitQueue } from "./ring/split_queue.ts";
 export { InflightRegion } from "./ring/inflight.ts";
+export { DirtyLog } from "./ring/dirty_log.ts";
 export { IoVec } from "./sys/io.ts";
 export { runServices, serveDevice, type ServeDeviceOptions } from "./daemon/serve.ts";
 export type { LogLevel, LogSettings } from "./daemon/log.ts";
