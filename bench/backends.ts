@@ -28,8 +28,8 @@ export interface BlkTarget {
   /** vhost-user socket to listen on. */
   socket: string;
   /**
-   * Other processes have the image open too (taking turns at I/O): qsd then skips its image lock
-   * (`locking=off`), which would otherwise refuse the sharing.
+   * Other processes have the image open too (taking turns at I/O): qsd and vhostd then skip
+   * their image locks (`locking=off`, `--no-locking`), which would otherwise refuse the sharing.
    */
   shared?: boolean;
 }
@@ -91,6 +91,7 @@ export function backendCommand(
       "warning",
     ];
     if (t.storage === "disk" && levers.vhostdDirect) argv.push("--direct");
+    if (t.shared) argv.push("--no-locking");
     argv.push(...pollArgs(levers));
     return argv;
   }

@@ -194,7 +194,12 @@ function planNet(
   name: string,
 ): NetPlan {
   const tap = openTap(tapName, queues);
-  const options: NetTapOptions = { kind: "tap", tap: tap.name, fds: tap.fds };
+  const options: NetTapOptions = {
+    kind: "tap",
+    tap: tap.name,
+    fds: tap.fds,
+    multiQueue: tap.multiQueue,
+  };
   const service: ServiceOptions = {
     socket,
     module: netModule,

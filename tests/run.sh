@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 
 DENO_VERSION=2.9.6
 # QEMU 7.2 and qemu-storage-daemon; the guest kit (busybox, fio, iperf3, cpio); the QEMU 11.1 chroot
-# (debootstrap); net tests (iproute2 for namespaces, DPDK testpmd with its virtio-user PMD);
-# operations tests (systemd-analyze, xmllint, virt-xml-validate); strace (the write-cache test).
+# (debootstrap); net tests (iproute2 for namespaces, ping for the migration tests, DPDK testpmd
+# with its virtio-user PMD); operations tests (systemd-analyze, xmllint, virt-xml-validate);
+# strace (the write-cache test).
 PACKAGES="qemu-system-x86 qemu-system-common qemu-utils busybox-static fio iperf3 cpio debootstrap
-  iproute2 dpdk-dev librte-net-virtio23 systemd libxml2-utils libvirt-clients strace"
+  iproute2 iputils-ping dpdk-dev librte-net-virtio23 systemd libxml2-utils libvirt-clients strace"
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -9,6 +9,12 @@
  * has none, the TAP is left unread (the kernel queues, then drops and counts) until the guest
  * posts more, so one stalled guest costs the other fds of the loop nothing.
  *
+ * Migration: the TAP is multi-queue, and its queues are attached only while the guest runs
+ * (between resumed and suspended). A destination daemon on the same host opens the same TAP
+ * with queues of its own, detached until its guest starts, so the kernel hands every frame to
+ * whichever side runs the guest. A guest that acks GUEST_ANNOUNCE announces itself after the
+ * move; for one that cannot, QEMU's SEND_RARP makes the device send a RARP from its address.
+ *
  * @module
  */
 
@@ -28,6 +34,8 @@ import {
   TUN_F_TSO_ECN,
 } from "../../sys/tap.ts";
 import { Delivery, RxWriter } from "./frame_io.ts";
+import { RARP_FRAME_LEN, writeRarpAnnouncement } from "./rarp.ts";
+import { setQueueAttached, writeFrame } from "../../sys/tap.ts";
 import { featureBit, headerSize, NET_HDR_SIZE, NetFeature, STAGING_SIZE } from "./header.ts";
 
 /** Options of a TAP-backed net device (structured-clonable: the fds were opened by the CLI). */
@@ -38,6 +46,8 @@ export interface NetTapOptions {
   tap: string;
   /** One nonblocking TAP fd per queue pair. */
   fds: number[];
+  /** Whether the TAP is multi-queue (its queues can be detached while the guest is stopped). */
+  multiQueue?: boolean;
 }
 
 /** Chains taken from a transmit queue before other fds get a turn. */
@@ -59,6 +69,7 @@ export const TAP_FEATURES = [
   NetFeature.HOST_TSO6,
   NetFeature.HOST_ECN,
   NetFeature.MRG_RXBUF,
+  NetFeature.GUEST_ANNOUNCE,
 ].reduce((acc, b) => acc | featureBit(b), 0n);
 
 /** Per-pair counters. */
@@ -124,10 +135,12 @@ export class NetTapDevice implements VirtioDevice {
   #loop: DeviceEventLoop | null = null;
   #hdrLen = NET_HDR_SIZE;
   #mergeable = false;
+  readonly #multiQueue: boolean;
 
   /** Serves the TAP queues `options.fds` (closed by {@link close}). */
   constructor(options: NetTapOptions) {
     this.tap = options.tap;
+    this.#multiQueue = options.multiQueue ?? false;
     this.#pairs = options.fds.map((fd, i) => new QueuePair(fd, i));
     this.numQueues = 2 * this.#pairs.length;
     this.#yielded = new Array(this.numQueues).fill(false);
@@ -139,10 +152,49 @@ export class NetTapDevice implements VirtioDevice {
     return this.#pairs.map((p) => p.counters);
   }
 
-  /** Starts reading the TAP queues. */
+  /** Starts reading the TAP queues; they stay detached until a guest runs. */
   start(loop: DeviceEventLoop): void {
     this.#loop = loop;
+    this.#attach(false);
     for (const p of this.#pairs) this.#watch(p);
+  }
+
+  /** The guest runs: the kernel may send this device's queues frames. */
+  resumed(): void {
+    this.#attach(true);
+  }
+
+  /**
+   * The guest stopped (paused, or migrating away): frames go to whoever else has the TAP open
+   * (the destination's daemon), or are dropped by the kernel, not queued for a stopped guest.
+   */
+  suspended(): void {
+    this.#attach(false);
+  }
+
+  /** SEND_RARP: sends a RARP from `mac` out of the TAP, as the guest would have announced. */
+  announce(mac: Uint8Array): void {
+    const frame = new Uint8Array(NET_HDR_SIZE + RARP_FRAME_LEN);
+    writeRarpAnnouncement(frame, NET_HDR_SIZE, mac);
+    const rc = writeFrame(this.#pairs[0].fd, frame, frame.length);
+    this.#log.info("{tap}: announced {mac} after a migration{failed}", {
+      tap: this.tap,
+      mac: [...mac].map((b) => b.toString(16).padStart(2, "0")).join(":"),
+      failed: rc < 0 ? ` (write failed: errno ${-rc})` : "",
+    });
+  }
+
+  #attach(attached: boolean): void {
+    if (!this.#multiQueue) return;
+    try {
+      for (const p of this.#pairs) setQueueAttached(p.fd, attached);
+    } catch (e) {
+      this.#log.warn("{tap}: cannot {what} its queues: {error}", {
+        tap: this.tap,
+        what: attached ? "attach" : "detach",
+        error: (e as Error).message,
+      });
+    }
   }
 
   /** Sizes the header and tells the kernel which offloads the guest accepts. */
@@ -244,8 +296,17 @@ export class NetTapDevice implements VirtioDevice {
         true,
       );
       if (r === Delivery.NO_BUFFERS) {
+        if (q.broken) {
+          // The guest broke its ring (the queue stopped itself): drop, and let the TAP drain.
+          pair.pending = 0;
+          pair.rx.clear();
+          pair.counters.rxDropped++;
+          q = null;
+          continue;
+        }
         // Ask for a kick when the guest posts more (the used event is then where we stopped);
-        // if it already did meanwhile, carry on at once: that kick would never come.
+        // if it already did meanwhile, carry on at once: that kick would never come. (A ring
+        // that claims more chains than it has is broken by now, caught above: no spinning.)
         if (q.setNotification(true)) {
           n--;
           continue;

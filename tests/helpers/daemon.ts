@@ -72,6 +72,17 @@ export class DaemonProcess {
     return d;
   }
 
+  /** {@link start}, with the daemon run under `wrapper` (e.g. `ip netns exec NS`). */
+  static async startUnder(
+    wrapper: string[],
+    args: string[],
+    env?: Record<string, string>,
+  ): Promise<DaemonProcess> {
+    const d = DaemonProcess.spawnUnder(wrapper, ["run", "-A", MAIN, ...args], env);
+    await d.waitFor(() => d.stdout.includes("vhostd: serving"), 30_000, "the start banner");
+    return d;
+  }
+
   /** Polls `cond` every 50 ms; throws with the daemon's output after `timeoutMs`. */
   async waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
     const end = Date.now() + timeoutMs;
