@@ -119,9 +119,11 @@ export class DirtyLog {
       last = this.#pages - 1;
     }
     const bits = this.#bits;
-    for (let page = first; page <= last; page++) {
-      Atomics.or(bits, page >>> 3, 1 << (page & 7));
-    }
+    let page = first;
+    // Bit by bit up to a byte boundary, then whole bytes (large ranges: see markAll).
+    for (; page <= last && (page & 7) !== 0; page++) Atomics.or(bits, page >>> 3, 1 << (page & 7));
+    for (; page + 7 <= last; page += 8) Atomics.or(bits, page >>> 3, 0xff);
+    for (; page <= last; page++) Atomics.or(bits, page >>> 3, 1 << (page & 7));
     this.#marked = true;
   }
 

@@ -70,3 +70,15 @@ Deno.test("SET_LOG_FD's eventfd is signalled once per batch of marks", () => {
     log.close(); // closes fd
   }
 });
+
+Deno.test("a long range is marked exactly, across byte boundaries", () => {
+  const log = new DirtyLog();
+  try {
+    log.map(createMemfd("log", 4096), 64, 0);
+    log.mark(3 * 4096 + 100, 20 * 4096); // pages 3 to 23
+    const marked = [...Array(64 * 8).keys()].filter((p) => log.isMarked(p));
+    assert.deepEqual(marked, [...Array(21).keys()].map((i) => i + 3));
+  } finally {
+    log.close();
+  }
+});

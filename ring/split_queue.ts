@@ -258,6 +258,11 @@ export class SplitQueue implements Virtqueue {
     return Atomics.load(this.#avail!.u16, (this.#availOff + 2) >> 1);
   }
 
+  /** Chains popped (or to be resubmitted) and not yet put on the used ring. */
+  get inFlight(): number {
+    return (this.lastAvailIdx - this.usedIdx) & 0xffff;
+  }
+
   /** Whether the driver has made chains available that the device has not popped. */
   hasAvailable(): boolean {
     return this.#resubmit.length > 0 || this.availIdx() !== this.lastAvailIdx;

@@ -10,23 +10,13 @@
 import assert from "node:assert/strict";
 import { DaemonProcess } from "./helpers/daemon.ts";
 import { AttachClient } from "./helpers/attach.ts";
-import { assertGuestSuccess, describeGuestRun, parseResults, runGuest } from "./guest/qemu.ts";
-
-const REPO = new URL("..", import.meta.url).pathname;
-const QEMU11 = `${REPO}.cache/qemu11/qemu-system-x86_64`;
-
-/** Builds the QEMU 11 chroot if needed (idempotent, seconds when up to date). */
-async function ensureQemu11(): Promise<string> {
-  const out = await new Deno.Command("bash", {
-    args: [`${REPO}tests/guest/build-qemu11.sh`],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  if (!out.success) {
-    throw new Error(`build-qemu11.sh failed:\n${new TextDecoder().decode(out.stderr)}`);
-  }
-  return QEMU11;
-}
+import {
+  assertGuestSuccess,
+  describeGuestRun,
+  ensureQemu11,
+  parseResults,
+  runGuest,
+} from "./guest/qemu.ts";
 
 /** Makes /dev/virtio-ports/NAME links as udev would (the test kernel has no udev). */
 const PORT_LINKS = `

@@ -148,6 +148,8 @@ export class VhostUserBackend {
   readonly #dirtyLog = new DirtyLog();
   readonly #dirtyLogging: boolean;
   #logAll = false;
+  /** Logging came on before the log did: this connection joined a migration under way. */
+  #joinedMigration = false;
 
   /** Creates the back-end for `device`; kick fds are registered through `watcher`. */
   constructor(device: VirtioDevice, watcher: KickWatcher, options: BackendOptions = {}) {
@@ -282,6 +284,14 @@ export class VhostUserBackend {
       case Request.GET_VRING_BASE: {
         const q = this.#queue(p.getUint32(0, true), "GET_VRING_BASE");
         this.device.quiesce?.();
+        if (q.inFlight > 0 && q.started) {
+          // The front-end takes the index as "everything before it is done": a chain still out
+          // would never complete (on a migration's destination, nobody knows of it).
+          this.#log.warn("queue {queue} stops with {count} requests not completed", {
+            queue: q.index,
+            count: q.inFlight,
+          });
+        }
         this.#stop(q);
         if (this.#running && !this.queues.some((other) => other.started)) this.#suspend();
         conn.reply(m.request, vringStatePayload({ index: q.index, num: q.lastAvailIdx }));
@@ -354,8 +364,11 @@ export class VhostUserBackend {
         conn.reply(m.request, u64Payload(BigInt(this.memory.maxRegions)));
         return null;
       case Request.ADD_MEM_REG: {
+        // Decode before taking the fd: a field that does not fit must leave it in the message,
+        // which closes it.
+        const region = decodeMemRegion(p, 8);
         const fd = this.#takeFd(m);
-        this.#mapRegion(() => this.memory.add(decodeMemRegion(p, 8), fd));
+        this.#mapRegion(() => this.memory.add(region, fd));
         return true;
       }
       case Request.REM_MEM_REG: {
@@ -503,9 +516,9 @@ export class VhostUserBackend {
       // Without LOG_SHMFD the payload is an address in QEMU's own memory, useless to us.
       throw new ProtocolError("SET_LOG_BASE without the LOG_SHMFD protocol feature");
     }
-    const fd = this.#takeFd(m);
     const size = getU64(m.payload, 0);
     const offset = getU64(m.payload, 8);
+    const fd = this.#takeFd(m); // after decoding: a field that throws leaves it to be closed
     try {
       this.#dirtyLog.map(fd, size, offset); // closes fd, mapped or not
     } catch (e) {
@@ -516,6 +529,18 @@ export class VhostUserBackend {
       size,
       gib: (this.#dirtyLog.pages * 4096 / 2 ** 30).toFixed(1),
     });
+    if (this.#joinedMigration && this.#dirtyLogging) {
+      // This connection replaces one that died mid-migration. Pages the dead back-end wrote since
+      // QEMU last read the log are lost to QEMU (QEMU 7.2 stops syncing a vhost log once the
+      // back-end is gone), and nobody can tell which: mark every page, so that QEMU copies
+      // guest RAM once more rather than leave a page stale on the destination.
+      for (const r of this.memory.regions) this.#dirtyLog.mark(r.guestPhysAddr, r.memorySize);
+      this.#log.warn(
+        "joined a migration under way: all of guest memory marked dirty, since a back-end " +
+          "that died mid-migration may have written pages QEMU never learned of",
+      );
+    }
+    this.#joinedMigration = false;
     this.#updateLogging();
     // Queues held while waiting for the log may run now.
     for (const q of this.queues) this.serviceQueue(q.index);
@@ -531,6 +556,9 @@ export class VhostUserBackend {
     if (logAll !== this.#logAll) {
       this.#log.info("dirty logging {state}", { state: logAll ? "on" : "off" });
       if (!logAll) this.#dirtyLog.unmap();
+      // QEMU turns logging on before sending the log only when a connection starts in the middle
+      // of a migration (a reconnect); when a migration starts, the log comes first.
+      this.#joinedMigration = logAll && !this.#dirtyLog.mapped;
       this.#logAll = logAll;
     }
     for (const q of this.queues) {
@@ -733,6 +761,7 @@ export class VhostUserBackend {
     this.#dropInflight();
     this.#dirtyLog.close();
     this.#logAll = false;
+    this.#joinedMigration = false;
     this.memory.clear();
     this.ackedFeatures = 0n;
     this.ackedProtocolFeatures = 0n;

@@ -70,6 +70,11 @@ export interface GuestOptions {
   timeoutMs?: number;
   /** QEMU binary (default `qemu-system-x86_64`). */
   qemuBinary?: string;
+  /**
+   * Major version of {@link qemuBinary} (default 7), where options are spelled differently:
+   * QEMU 10 and later take `reconnect-ms` instead of `reconnect`.
+   */
+  qemuMajor?: number;
   /** Add `reconnect=N` (seconds) to the vhost-user chardevs. */
   chardevReconnect?: number;
   /** Extra words for the kernel command line. */
@@ -84,6 +89,11 @@ export interface GuestOptions {
   qmpSocket?: string;
   /** `-incoming URI`: wait for a migration instead of booting (the destination side). */
   incoming?: string;
+  /**
+   * Serve the serial console on this unix socket too (QEMU listens), so that a test can type
+   * into it; the console log file still gets everything the guest prints.
+   */
+  serialSocket?: string;
   /** Use this initramfs as it is (a migration's destination shares its source's). */
   initrdPath?: string;
 }
@@ -213,6 +223,22 @@ async function buildKit(): Promise<GuestKit> {
     kernel: pick("vmlinux", "vmlinuz"),
     initrd: pick("initrd.cpio", "initrd.cpio.gz"),
   };
+}
+
+/**
+ * Builds the QEMU 11.1 chroot if needed (tests/guest/build-qemu11.sh: seconds when up to date)
+ * and returns the wrapper to use as a QEMU binary.
+ */
+export async function ensureQemu11(): Promise<string> {
+  const out = await new Deno.Command("bash", {
+    args: [`${GUEST_DIR}build-qemu11.sh`],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!out.success) {
+    throw new Error(`build-qemu11.sh failed:\n${new TextDecoder().decode(out.stderr)}`);
+  }
+  return `${REPO_ROOT}/.cache/qemu11/qemu-system-x86_64`;
 }
 
 /** One member of a newc cpio archive. */
@@ -364,14 +390,20 @@ export function qemuCommand(
       " ",
     ),
     "-chardev",
-    `file,id=con0,path=${optValue(consoleLog)}`,
+    opts.serialSocket
+      ? `socket,id=con0,path=${optValue(opts.serialSocket)},server=on,wait=off,logfile=${
+        optValue(consoleLog)
+      }`
+      : `file,id=con0,path=${optValue(consoleLog)}`,
     "-serial",
     "chardev:con0",
   ];
   (opts.vhostUserBlk ?? []).forEach((d, i) => {
     let chardev = `socket,id=vub${i},path=${optValue(d.socket)}`;
     if (opts.chardevReconnect !== undefined) {
-      chardev += `,reconnect=${opts.chardevReconnect}`;
+      chardev += (opts.qemuMajor ?? 7) >= 10
+        ? `,reconnect-ms=${opts.chardevReconnect * 1000}`
+        : `,reconnect=${opts.chardevReconnect}`;
     }
     let device = `vhost-user-blk-pci,chardev=vub${i}`;
     if (d.numQueues !== undefined) device += `,num-queues=${d.numQueues}`;

@@ -135,6 +135,7 @@ export class Vm {
   readonly exited: Promise<{ code: number; stderr: string }>;
   #child: Deno.ChildProcess;
   #running = true;
+  #serial: Deno.UnixConn | null = null;
 
   private constructor(
     options: VmOptions,
@@ -162,6 +163,7 @@ export class Vm {
     const kit = await ensureKit();
     const consolePath = `${options.dir}/${options.name}.console`;
     const qmpSocket = `${options.dir}/${options.name}.qmp`;
+    const serialSocket = `${options.dir}/${options.name}.serial`;
     let initrd = options.initrdPath;
     if (initrd === undefined) {
       initrd = `${options.dir}/${options.name}.initrd`;
@@ -170,7 +172,7 @@ export class Vm {
     await Deno.writeFile(consolePath, new Uint8Array());
     const command = [
       ...(options.commandPrefix ?? []),
-      ...qemuCommand({ ...options, qmpSocket }, kit, initrd, consolePath),
+      ...qemuCommand({ ...options, qmpSocket, serialSocket }, kit, initrd, consolePath),
     ];
     const child = new Deno.Command(command[0], {
       args: command.slice(1),
@@ -203,6 +205,15 @@ export class Vm {
     return new Vm(options, child, consolePath, initrd, command, qmp, exited);
   }
 
+  /** Types `text` into the guest's serial console (its /dev/console). */
+  async type(text: string): Promise<void> {
+    this.#serial ??= await Deno.connect({
+      transport: "unix",
+      path: `${this.options.dir}/${this.options.name}.serial`,
+    });
+    await this.#serial.write(new TextEncoder().encode(text));
+  }
+
   /** Whether QEMU still runs. */
   get running(): boolean {
     return this.#running;
@@ -226,7 +237,10 @@ export class Vm {
     const ok = typeof re === "function" ? re : (c: string) => re.test(c);
     for (;;) {
       if (ok(this.console())) return;
-      if (!this.#running) throw new Error(`QEMU exited before the console showed ${re}`);
+      if (!this.#running) {
+        const e = await this.exited;
+        throw new Error(`QEMU exited (${e.code}) before the console showed ${re}:\n${e.stderr}`);
+      }
       if (Date.now() > deadline) {
         throw new Error(`the console did not show ${re} in ${timeoutMs} ms`);
       }
@@ -288,14 +302,25 @@ export class Vm {
 
   /** Asks QEMU to quit (QMP `quit`) and waits for it. */
   async quit(): Promise<void> {
+    this.#closeSerial();
     if (!this.#running) return;
     await this.qmp.execute("quit").catch(() => undefined);
     this.qmp.close();
     await this.exited;
   }
 
+  #closeSerial(): void {
+    try {
+      this.#serial?.close();
+    } catch {
+      // already closed
+    }
+    this.#serial = null;
+  }
+
   /** Kills QEMU (always safe to call) and waits for it. */
   async kill(): Promise<void> {
+    this.#closeSerial();
     this.qmp.close();
     if (this.#running) {
       try {

@@ -10,9 +10,9 @@
  * at boot. A page the device filled after QEMU copied it, and that the back-end did not log, is
  * never copied again: on the destination the check reads what the page held before.
  *
- * The host steers the guest with a marker on the disk (read with O_DIRECT every round): `READ<n>`
- * asks for read number n, `STOP` ends the workload. No console input is needed, and it works
- * whichever QEMU the guest runs on by then.
+ * The host steers the guest by typing commands into its serial console, one a line (the guest
+ * waits for one for a second each round): `READ<n>` asks for read number n, `STOP` ends the
+ * workload. After a migration the host types into the destination QEMU's console.
  *
  * @module
  */
@@ -22,8 +22,6 @@ const REGION_MIB = 32;
 /** Where fio works (after the region), and how much. */
 const FIO_OFFSET_MIB = 40;
 const FIO_SIZE_MIB = 8;
-/** Byte offset of the marker on the disk. */
-export const MARKER_OFFSET = 60 * 1024 * 1024;
 /** The smallest disk the workload fits on. */
 export const WORKLOAD_DISK_BYTES = 64 * 1024 * 1024;
 
@@ -42,11 +40,6 @@ errors=0; checked=0; round=0; reads=0
 # Held open for the whole run: Linux drops a block device's page cache when its last opener
 # closes it, and the check needs that cache to last.
 exec 3<$dev
-# O_DIRECT (busybox dd silently falls back to the page cache when its buffer is misaligned for
-# the block size, as it is with bs=512; with bs=4096 it is not).
-marker() { dd if=$dev bs=4096 skip=${
-    MARKER_OFFSET / 4096
-  } count=1 iflag=direct 2>/dev/null | head -c 8; }
 # Checksums of the region, read past the page cache.
 i=0; : > /tmp/sums
 while [ $i -lt $N ]; do
@@ -58,18 +51,19 @@ done
     # invalidate=0: by default fio drops the whole disk's page cache (BLKFLSBUF) as it starts.
     fio --name=rw --filename=$dev --offset=${FIO_OFFSET_MIB}M --size=${FIO_SIZE_MIB}M \
       --rw=randwrite --bs=4k --direct=1 --ioengine=psync --verify=crc32c --verify_backlog=64 \
-      --invalidate=0 --output=/tmp/fio.out >/dev/null 2>&1 || { echo FIO-FAILED; grep -i -m3 'verify\|err' /tmp/fio.out; }
+      --invalidate=0 --output=/tmp/fio.out </dev/null >/tmp/fio.err 2>&1 ||
+      { echo "FIO-FAILED $?"; tail -n 3 /tmp/fio.err; grep -i -m3 'verify\|err' /tmp/fio.out; }
   done
   touch /tmp/fio.done
 ) &
 echo WORKLOAD-STARTED
 while :; do
-  m=$(marker)
+  m=""
+  read -t 1 -r m
   case "$m" in
     STOP*) break ;;
     READ*)
       n=\${m#READ}
-      n=\${n%% *}
       if [ "$n" != "$reads" ]; then
         echo 3 > /proc/sys/vm/drop_caches
         dd if=$dev of=/dev/null bs=1M count=$N 2>/dev/null
@@ -89,7 +83,6 @@ while :; do
     done
   fi
   echo "ROUND $round checked=$checked errors=$errors"
-  sleep 1
 done
 touch /tmp/stop
 while [ ! -f /tmp/fio.done ]; do sleep 1; done
@@ -98,17 +91,6 @@ echo "RESULT checked=$checked"
 echo "RESULT verify_errors=$errors"
 [ $errors -eq 0 ]
 `;
-}
-
-/** Writes `text` (at most 8 bytes, padded with spaces) as the workload's marker in the image. */
-export function writeMarker(image: string, text: string): void {
-  const f = Deno.openSync(image, { write: true });
-  try {
-    f.seekSync(MARKER_OFFSET, Deno.SeekMode.Start);
-    f.writeSync(new TextEncoder().encode(text.padEnd(8, " ").slice(0, 8)));
-  } finally {
-    f.close();
-  }
 }
 
 /** The round numbers the console reports (`ROUND <n> ...`), in order. */
