@@ -13,12 +13,20 @@ import assert from "node:assert/strict";
 import { DaemonProcess, openFdCount, sparseFile, withDir } from "./helpers/daemon.ts";
 import { WRONG_KINDS, wrongFd, type WrongKind } from "./helpers/fds.ts";
 import { mac, readUntil, tagged } from "./helpers/switch.ts";
+import { straceDuring } from "./helpers/strace.ts";
 import { type TrickleJob, TrickleState } from "./helpers/trickle_worker.ts";
 import { BlkFrontend, FrontendConnection, GuestRam } from "../vhost-user/frontend/mod.ts";
 import { NetDriver } from "../vhost-user/frontend/net_driver.ts";
 import { BlkStatus } from "../devices/blk/device.ts";
 import { inflightQueueSize } from "../ring/inflight.ts";
-import { encodeMessage, Flags, Request, requestName, u64Payload } from "../vhost-user/message.ts";
+import {
+  encodeMessage,
+  Flags,
+  type InflightInfo,
+  Request,
+  requestName,
+  u64Payload,
+} from "../vhost-user/message.ts";
 import { createMemfd } from "../sys/mman.ts";
 import { closeQuietly } from "../sys/libc.ts";
 
@@ -33,8 +41,6 @@ interface Disks {
   d: DaemonProcess;
   /** The hostile front-end's socket (device `victim`, 2 queues). */
   victim: string;
-  /** A front-end of the other device, connected throughout. */
-  bystander: BlkFrontend;
   /** A verified write and read-back on the bystander device. */
   checkBystander(what: string): void;
   /** Waits until the victim device has logged its `n`-th drop line and checks it is `reason`. */
@@ -94,7 +100,6 @@ async function withDisks(fn: (t: Disks) => Promise<void>): Promise<void> {
       await fn({
         d,
         victim: `${dir}/victim.sock`,
-        bystander: by,
         checkBystander,
         dropped: (n, reason) => expectDrop(d, "victim", n, reason),
       });
@@ -150,6 +155,16 @@ async function withSwitch(ports: number, fn: (s: Switch) => Promise<void>): Prom
   });
 }
 
+/** The description of an inflight buffer for `numQueues` queues of `queueSize`, at offset 0. */
+function inflightInfo(numQueues: number, queueSize: number): InflightInfo {
+  return {
+    numQueues,
+    queueSize,
+    mmapSize: numQueues * inflightQueueSize(queueSize),
+    mmapOffset: 0,
+  };
+}
+
 /** A frame from port `from`'s guest reaches port `to`'s guest, tagged `tag`. */
 function frameGoesThrough(from: NetDriver, to: NetDriver, fromMac: number, tag: string): void {
   from.send(tagged(mac(99), mac(fromMac), tag));
@@ -159,12 +174,7 @@ function frameGoesThrough(from: NetDriver, to: NetDriver, fromMac: number, tag: 
 Deno.test("hostile front-end: an inflight fd shorter than the buffer it describes is refused (it was SIGBUS for every device)", async () => {
   await withDisks(async (t) => {
     // Two queues of 256: 8320 bytes, the second queue's slots all past the first page.
-    const info = {
-      numQueues: 2,
-      queueSize: 256,
-      mmapSize: 2 * inflightQueueSize(256),
-      mmapOffset: 0,
-    };
+    const info = inflightInfo(2, 256);
     const cases: [string, number, typeof info][] = [
       ["a memfd of one page", 4096, info],
       ["a memfd of the right size, at an offset past its end", info.mmapSize, {
@@ -286,24 +296,8 @@ Deno.test("hostile front-end: a message trickled a byte a second holds only its 
 
 /** Runs `fn` while strace records the daemon's close() calls that fail; returns those lines. */
 async function failedCloses(pid: number, fn: () => Promise<void>): Promise<string[]> {
-  const out = await Deno.makeTempFile({ prefix: "vhostd-strace-" });
-  const strace = new Deno.Command("strace", {
-    args: ["-f", "-qq", "-Z", "-e", "trace=close", "-o", out, "-p", String(pid)],
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  try {
-    // strace attaches asynchronously, thread by thread: give it time before the first message.
-    await new Promise((r) => setTimeout(r, 1000));
-    await fn();
-    await new Promise((r) => setTimeout(r, 500));
-  } finally {
-    strace.kill("SIGINT");
-    await strace.output();
-  }
-  const text = Deno.readTextFileSync(out);
-  Deno.removeSync(out);
-  return text.split("\n").filter((l) => l.includes("close("));
+  const lines = await straceDuring(pid, ["-Z", "-e", "trace=close"], fn, 1000);
+  return lines.filter((l) => l.includes("close("));
 }
 
 Deno.test("hostile front-end: SET_MEM_TABLE closes each region fd once, accepted or refused (a second close can hit another thread's fd)", async () => {
@@ -397,12 +391,7 @@ Deno.test("hostile front-end: guest RAM 64 TiB into its memfd is served without 
 
 Deno.test("hostile front-end: an inflight buffer for smaller queues than the rings is refused (heads wrote into the next queue's slots)", async () => {
   await withDisks(async (t) => {
-    const info = {
-      numQueues: 2,
-      queueSize: 64,
-      mmapSize: 2 * inflightQueueSize(64),
-      mmapOffset: 0,
-    };
+    const info = inflightInfo(2, 64);
     // QEMU's order: the buffer first, then rings of 128.
     const fd = createMemfd("vhostd-test-inflight", info.mmapSize);
     await assert.rejects(

@@ -31,7 +31,7 @@ import {
   KINDS,
   unlessDropped,
 } from "./case.ts";
-import { RawGuest } from "./raw_guest.ts";
+import { type DeviceKind, RawGuest, type RawGuestOptions } from "./raw_guest.ts";
 import { NackError } from "../../vhost-user/frontend/connection.ts";
 import type { Rng } from "./rng.ts";
 
@@ -79,158 +79,154 @@ function run(g: RawGuest, strict: boolean, what: string): void {
   }
 }
 
-/** Vring eventfd slots, SET_LOG_FD and SET_BACKEND_REQ_FD given fds of any kind. */
-async function eventFds(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
-  const kind = rng.pick(KINDS);
-  const g = await RawGuest.open(ctx.sockets[kind], kind, rng, { noStart: true });
-  const request = rng.pick([
-    Request.SET_VRING_KICK,
-    Request.SET_VRING_CALL,
-    Request.SET_VRING_ERR,
-    Request.SET_LOG_FD,
-    Request.SET_BACKEND_REQ_FD,
-  ]);
-  const fdKind = rng.pick(["pipe", "socket", "memfd", "eventfd"] as const);
-  const { fd, all } = wrongFd(fdKind, rng.pick([0, 4096]));
-  const what = `${requestName(request)} with a ${fdKind}`;
+/** What a case does with its session; `keep` takes fds to close afterwards, and gives the one to send. */
+type Attack = (g: RawGuest, keep: (made: { fd: number; all: number[] }) => number) => CaseOutcome;
+
+/**
+ * Opens a session (rings not started) on a device of `kind` (default: any), runs `attack` in it,
+ * and cleans up: the session, and every fd the attack made.
+ */
+async function attack(
+  rng: Rng,
+  ctx: FuzzContext,
+  options: RawGuestOptions & { kind?: DeviceKind },
+  fn: Attack,
+): Promise<CaseOutcome> {
+  const kind = options.kind ?? rng.pick(KINDS);
+  const g = await RawGuest.open(ctx.sockets[kind], kind, rng, { ...options, noStart: true });
+  const fds: number[] = [];
   try {
-    return await unlessDropped(() => {
-      const index = rng.pick(g.queues).index;
-      const took = accepted(() => g.conn.request(request, u64Payload(BigInt(index)), [fd]));
-      // The back-end offers no back-end channel: that request is refused either way.
-      if (request !== Request.SET_BACKEND_REQ_FD && took !== (fdKind === "eventfd")) {
-        throw new FuzzFinding(`${what}: ${took ? "accepted" : "refused"}`);
-      }
-      run(g, true, what);
-      return "survived";
-    });
+    return await unlessDropped(() =>
+      fn(g, (made) => {
+        fds.push(...made.all);
+        return made.fd;
+      })
+    );
   } finally {
-    for (const f of all) closeQuietly(f);
+    for (const fd of fds) closeQuietly(fd);
     g.close();
   }
+}
+
+/**
+ * Checks the daemon's answer where it is certain (`expected`: true, must take it; false, must
+ * refuse it; null, either), then, if it took it, starts the rings and runs requests.
+ */
+function verdict(g: RawGuest, took: boolean, expected: boolean | null, what: string): CaseOutcome {
+  if (expected !== null && took !== expected) {
+    throw new FuzzFinding(`${what}: ${took ? "accepted" : "refused"}`);
+  }
+  if (!took) return "dropped";
+  run(g, expected === true, what);
+  return "survived";
+}
+
+/** Vring eventfd slots, SET_LOG_FD and SET_BACKEND_REQ_FD given fds of any kind. */
+function eventFds(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
+  return attack(rng, ctx, {}, (g, keep) => {
+    const request = rng.pick([
+      Request.SET_VRING_KICK,
+      Request.SET_VRING_CALL,
+      Request.SET_VRING_ERR,
+      Request.SET_LOG_FD,
+      Request.SET_BACKEND_REQ_FD,
+    ]);
+    const fdKind = rng.pick(["pipe", "socket", "memfd", "eventfd"] as const);
+    const fd = keep(wrongFd(fdKind, rng.pick([0, 4096])));
+    const index = rng.pick(g.queues).index;
+    const took = accepted(() => g.conn.request(request, u64Payload(BigInt(index)), [fd]));
+    // The back-end offers no back-end channel: that request is refused whatever its fd.
+    const backend = request === Request.SET_BACKEND_REQ_FD;
+    const what = `${requestName(request)} with a ${fdKind}`;
+    return verdict(g, took || backend, backend ? null : fdKind === "eventfd", what);
+  });
 }
 
 /** A memory region whose fd is of the wrong kind, too small, or far into a memfd. */
-async function memory(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
-  const kind = rng.pick(KINDS);
-  const g = await RawGuest.open(ctx.sockets[kind], kind, rng, { noStart: true });
-  const size = rng.pick([4096, 16 * MiB]);
-  const offset = rng.pick(OFFSETS);
-  const fdKind = rng.pick(KINDS_OF_FD);
-  const fileSize = Math.max(0, offset + size + rng.pick([0, 0, 4096, -4096, -size]));
-  const { fd, all } = fdOf(fdKind, fileSize, rng);
-  const region = {
-    guestPhysAddr: 2 ** 33,
-    memorySize: size,
-    userspaceAddr: 2 ** 45,
-    mmapOffset: offset,
-  };
-  const valid = fdKind === "memfd" && fileSize >= offset + size;
-  const replace = rng.chance(0.4);
-  const what = `${replace ? "SET_MEM_TABLE" : "ADD_MEM_REG"} of ${size} bytes at offset ` +
-    `${offset} of a ${fdKind} of ${fileSize} bytes`;
-  try {
-    return await unlessDropped(() => {
-      const took = accepted(() => {
-        if (!replace) return g.conn.addMemReg(region, fd);
-        const regions = [...g.ram.regions, region];
-        g.conn.setMemTable(regions, [...g.ram.fds, fd]);
-      });
-      if (took !== valid) throw new FuzzFinding(`${what}: ${took ? "accepted" : "refused"}`);
-      if (!took) return "dropped";
-      run(g, true, what);
-      return "survived";
+function memory(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
+  return attack(rng, ctx, {}, (g, keep) => {
+    const size = rng.pick([4096, 16 * MiB]);
+    const offset = rng.pick(OFFSETS);
+    const fdKind = rng.pick(KINDS_OF_FD);
+    const fileSize = Math.max(0, offset + size + rng.pick([0, 0, 4096, -4096, -size]));
+    const fd = keep(fdOf(fdKind, fileSize, rng));
+    // Beside guest RAM (8 GiB up), wherever its memfd puts it.
+    const region = {
+      guestPhysAddr: 2 ** 33,
+      memorySize: size,
+      userspaceAddr: 2 ** 45,
+      mmapOffset: offset,
+    };
+    const replace = rng.chance(0.4);
+    const took = accepted(() => {
+      if (!replace) return g.conn.addMemReg(region, fd);
+      g.conn.setMemTable([...g.ram.regions, region], [...g.ram.fds, fd]);
     });
-  } finally {
-    for (const f of all) closeQuietly(f);
-    g.close();
-  }
+    const what = `${replace ? "SET_MEM_TABLE" : "ADD_MEM_REG"} of ${size} bytes at offset ` +
+      `${offset} of a ${fdKind} of ${fileSize} bytes`;
+    return verdict(g, took, fdKind === "memfd" && fileSize >= offset + size, what);
+  });
 }
 
 /** Guest RAM that lies far into its memfd: it must serve like any other. */
-async function farRam(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
-  const kind = rng.pick(KINDS);
+function farRam(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
   const ramFileOffset = rng.pick([2 ** 40, 2 ** 46, 2 ** 47 - 128 * MiB]);
-  const g = await RawGuest.open(ctx.sockets[kind], kind, rng, { ramFileOffset, noStart: true });
-  try {
-    return await unlessDropped(() => {
-      run(g, true, `guest RAM at offset ${ramFileOffset} of its memfd`);
-      return "survived";
-    });
-  } finally {
-    g.close();
-  }
+  return attack(
+    rng,
+    ctx,
+    { ramFileOffset },
+    (g) => verdict(g, true, true, `guest RAM at offset ${ramFileOffset} of its memfd`),
+  );
 }
 
 /** SET_INFLIGHT_FD with any description and fd; the rings start on what was accepted. */
-async function inflight(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
-  const kind = rng.chance(0.8) ? "blk" : rng.pick(KINDS);
-  const g = await RawGuest.open(ctx.sockets[kind], kind, rng, {
-    noStart: true,
+function inflight(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
+  const options = {
+    kind: rng.chance(0.8) ? "blk" as const : undefined,
     protocolFeatures: [ProtocolFeature.INFLIGHT_SHMFD],
+  };
+  return attack(rng, ctx, options, (g, keep) => {
+    const n = g.queues.length;
+    const numQueues = rng.pick([1, n, n, n + 1, 0]);
+    const queueSize = rng.pick([1, 16, 64, 128, 256, 1024, 32768, 32769]);
+    const need = numQueues * inflightQueueSize(queueSize);
+    const mmapOffset = rng.pick([0, 64, 4096, 2 ** 40]);
+    const mmapSize = rng.pick([need, need, need - 64, 0, 2 ** 40]);
+    const fdKind = rng.pick(KINDS_OF_FD);
+    const fileSize = Math.max(0, mmapOffset + need + rng.pick([0, 0, 4096, -64, -need]));
+    const fd = keep(fdOf(fdKind, fileSize, rng));
+    const info = { mmapSize, mmapOffset, numQueues, queueSize };
+    const took = accepted(() => g.conn.setInflightFd(info, fd));
+    const short = fdKind !== "memfd" || fileSize < mmapOffset + need || mmapSize < need;
+    const what = `SET_INFLIGHT_FD for ${numQueues} queues of ${queueSize} (${mmapSize} bytes ` +
+      `at ${mmapOffset}) with a ${fdKind} of ${fileSize} bytes`;
+    // A buffer of random bytes makes the rings resubmit whatever it names: no promise then.
+    return verdict(g, took, short ? false : null, what);
   });
-  const numQueues = rng.pick([1, g.queues.length, g.queues.length, g.queues.length + 1, 0]);
-  const queueSize = rng.pick([1, 16, 64, 128, 256, 1024, 32768, 32769]);
-  const need = numQueues * inflightQueueSize(queueSize);
-  const mmapOffset = rng.pick([0, 64, 4096, 2 ** 40]);
-  const mmapSize = rng.pick([need, need, need - 64, 0, 2 ** 40]);
-  const fdKind = rng.pick(KINDS_OF_FD);
-  const fileSize = Math.max(0, mmapOffset + need + rng.pick([0, 0, 4096, -64, -need]));
-  const { fd, all } = fdOf(fdKind, fileSize, rng);
-  const what = `SET_INFLIGHT_FD for ${numQueues} queues of ${queueSize} (${mmapSize} bytes at ` +
-    `${mmapOffset}) with a ${fdKind} of ${fileSize} bytes`;
-  try {
-    return await unlessDropped(() => {
-      const info = { mmapSize, mmapOffset, numQueues, queueSize };
-      const took = accepted(() => g.conn.setInflightFd(info, fd));
-      const short = fdKind !== "memfd" || fileSize < mmapOffset + need || mmapSize < need;
-      if (took && short) throw new FuzzFinding(`${what}: accepted`);
-      if (!took) return "dropped";
-      // A buffer of random bytes makes the rings resubmit whatever it names: no promise then.
-      run(g, false, what);
-      return "survived";
-    });
-  } finally {
-    for (const f of all) closeQuietly(f);
-    g.close();
-  }
 }
 
 /** SET_LOG_BASE with any size, offset and fd, then dirty logging on and the rings running. */
-async function dirtyLog(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
-  const kind = rng.pick(KINDS);
-  const shmfd = rng.chance(0.9) ? [ProtocolFeature.LOG_SHMFD] : [];
-  const g = await RawGuest.open(ctx.sockets[kind], kind, rng, {
-    noStart: true,
-    protocolFeatures: shmfd,
+function dirtyLog(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
+  const protocolFeatures = rng.chance(0.9) ? [ProtocolFeature.LOG_SHMFD] : [];
+  return attack(rng, ctx, { protocolFeatures }, (g, keep) => {
+    // 136 KiB of bits cover the default guest RAM (up to 4 GiB + 48 MiB).
+    const size = rng.pick([0, 1, 4096, 136 * 1024, 256 * MiB, 256 * MiB + 1, 2 ** 40]);
+    const offset = rng.pick([0, 8, 4096, 2 ** 40]);
+    const fdKind = rng.pick(KINDS_OF_FD);
+    const fileSize = Math.max(0, offset + rng.pick([size, size, size - 1, 0]));
+    const fd = keep(fdOf(fdKind, fileSize, rng));
+    const logAll = g.features | bit(VirtioFeature.LOG_ALL);
+    // QEMU turns LOG_ALL on before the log arrives when it reconnects during a migration.
+    const early = rng.chance(0.3);
+    if (early) g.conn.setFeatures(logAll);
+    const took = accepted(() => g.conn.setLogBase(fd, size, offset));
+    if (took && !early) g.conn.setFeatures(logAll);
+    const negotiated = (g.conn.protocolFeatures & bit(ProtocolFeature.LOG_SHMFD)) !== 0n;
+    const short = fdKind !== "memfd" || fileSize < offset + size || size < 1 ||
+      size > 256 * MiB || !negotiated;
+    const what = `SET_LOG_BASE of ${size} bytes at ${offset} of a ${fdKind} of ${fileSize} bytes`;
+    return verdict(g, took, short ? false : true, what);
   });
-  // 136 KiB of bits cover the default guest RAM (up to 4 GiB + 48 MiB).
-  const size = rng.pick([0, 1, 4096, 136 * 1024, 256 * MiB, 256 * MiB + 1, 2 ** 40]);
-  const offset = rng.pick([0, 8, 4096, 2 ** 40]);
-  const fdKind = rng.pick(KINDS_OF_FD);
-  const fileSize = Math.max(0, offset + rng.pick([size, size, size - 1, 0]));
-  const { fd, all } = fdOf(fdKind, fileSize, rng);
-  const logAll = g.features | bit(VirtioFeature.LOG_ALL);
-  const early = rng.chance(0.3);
-  const what = `SET_LOG_BASE of ${size} bytes at ${offset} of a ${fdKind} of ${fileSize} bytes`;
-  try {
-    return await unlessDropped(() => {
-      // QEMU turns LOG_ALL on before the log arrives when it reconnects during a migration.
-      if (early) g.conn.setFeatures(logAll);
-      const took = accepted(() => g.conn.setLogBase(fd, size, offset));
-      const negotiated = (g.conn.protocolFeatures & bit(ProtocolFeature.LOG_SHMFD)) !== 0n;
-      const short = fdKind !== "memfd" || fileSize < offset + size || size < 1 ||
-        size > 256 * MiB || !negotiated;
-      if (took && short) throw new FuzzFinding(`${what}: accepted`);
-      if (!took) return "dropped";
-      if (!early) g.conn.setFeatures(logAll);
-      run(g, true, what);
-      return "survived";
-    });
-  } finally {
-    for (const f of all) closeQuietly(f);
-    g.close();
-  }
 }
 
 /** One case of fds of the wrong kind or size. */

@@ -17,7 +17,6 @@ import type { NetSwitchOptions } from "../../devices/net/switch.ts";
 import type { ConsoleOptions } from "../../devices/console/device.ts";
 
 const log = { level: "info", format: "text" } as const;
-const [dir] = Deno.args;
 
 /** The sockets the target serves, by role, in `dir`. */
 export function targetSockets(dir: string) {
@@ -29,8 +28,8 @@ export function targetSockets(dir: string) {
   };
 }
 
-function blk(name: string): ServiceOptions {
-  const path = `${dir}/${name}.img`;
+/** A block device service (2 queues) for the image at `path`, on `socket`. */
+export function blkService(socket: string, path: string, name: string): ServiceOptions {
   const { fd, sizeBytes } = openImage(path, false, false);
   const options: BlkOptions = {
     fd,
@@ -42,7 +41,7 @@ function blk(name: string): ServiceOptions {
     name,
   };
   return {
-    socket: `${dir}/${name}.sock`,
+    socket,
     module: new URL("../../devices/blk/mod.ts", import.meta.url),
     options,
     name,
@@ -51,6 +50,7 @@ function blk(name: string): ServiceOptions {
 }
 
 if (import.meta.main) {
+  const [dir] = Deno.args;
   const sockets = targetSockets(dir);
   const net: NetSwitchOptions = {
     kind: "switch",
@@ -75,8 +75,8 @@ if (import.meta.main) {
     rows: 25,
   };
   const plans: ServiceOptions[] = [
-    blk("blk"),
-    blk("bystander"),
+    blkService(sockets.blk, `${dir}/blk.img`, "blk"),
+    blkService(sockets.bystander, `${dir}/bystander.img`, "bystander"),
     {
       socket: sockets.net,
       module: new URL("../../devices/net/mod.ts", import.meta.url),
