@@ -9,30 +9,14 @@ import assert from "node:assert/strict";
 import { DaemonProcess, sparseFile } from "./helpers/daemon.ts";
 import { BlkFrontend } from "../vhost-user/frontend/mod.ts";
 import { BlkStatus } from "../devices/blk/device.ts";
+import { straceDuring } from "./helpers/strace.ts";
 
 const WRITES = 20;
 
 /** Runs `fn` while strace counts the daemon's fdatasync calls; returns the count. */
 async function countSyncs(pid: number, fn: () => void): Promise<number> {
-  const out = await Deno.makeTempFile({ prefix: "vhostd-strace-" });
-  const strace = new Deno.Command("strace", {
-    args: ["-f", "-qq", "-e", "trace=fdatasync", "-o", out, "-p", String(pid)],
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  try {
-    // strace attaches asynchronously: wait until it has written its first line or had time.
-    await new Promise((r) => setTimeout(r, 800));
-    fn();
-    await new Promise((r) => setTimeout(r, 300));
-  } finally {
-    strace.kill("SIGINT");
-    await strace.output();
-  }
-  const text = Deno.readTextFileSync(out);
-  Deno.removeSync(out);
-  return text.split("\n").filter((l) => l.includes("fdatasync(") && !l.includes("<unfinished"))
-    .length;
+  const lines = await straceDuring(pid, ["-e", "trace=fdatasync"], fn);
+  return lines.filter((l) => l.includes("fdatasync(") && !l.includes("<unfinished")).length;
 }
 
 Deno.test("CONFIG_WCE: write-back syncs on FLUSH only; write-through syncs every write", async () => {

@@ -152,9 +152,11 @@ export class EventLoop {
       let deadline = performance.now() + this.#windowMs;
       for (;;) {
         const n = ep.wait(0);
-        if (n > 0) return n;
+        // Polled even when fds are ready: the polled queues' kicks are off, and an fd ready at
+        // every turn (a long zeroing job, a busy peer) would otherwise starve them.
         let worked = false;
         for (const p of this.#pollers) worked = p.poll() || worked;
+        if (n > 0) return n;
         const now = performance.now();
         if (worked) deadline = now + this.#windowMs;
         else if (now >= deadline) break;

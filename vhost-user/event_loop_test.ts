@@ -67,6 +67,20 @@ Deno.test("EventLoop: busy-polls after an event, arms before sleeping, re-polls 
     assert.ok(arms >= 2);
   }));
 
+Deno.test("EventLoop: an fd ready at every turn does not starve the pollers", () =>
+  withLoop(1000, (loop, stop, work) => {
+    // The work fd is never drained (a job that goes on for many turns): polled queues, whose
+    // kicks are off, must still be polled meanwhile.
+    let turns = 0, polls = 0;
+    loop.addPoller({ poll: () => (polls++, false), arm: () => false });
+    loop.watch(work, () => {
+      if (++turns === 200) signalEventFd(stop);
+    });
+    signalEventFd(work);
+    loop.run(stop);
+    assert.ok(polls >= 150, `${polls} polls in ${turns} turns of a ready fd`);
+  }));
+
 Deno.test("EventLoop: a bad poll window is refused", () => {
   assert.throws(() => new EventLoop({ pollUs: -1 }), RangeError);
   assert.throws(() => new EventLoop({ pollUs: 1.5 }), RangeError);

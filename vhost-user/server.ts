@@ -237,11 +237,13 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
       if (e instanceof PeerClosedError) {
         this.#disconnect("front-end closed the connection");
       } else {
-        const what = request ? `${requestName(request)}: ` : "";
         let why = errorText(e);
         if (e instanceof SysError && e.errno === Errno.EAGAIN) {
           why = "its socket is full: the front-end does not read the replies";
         }
+        // Most refusals already start with the request's name: name it once.
+        const name = request ? requestName(request) : "";
+        const what = name && !why.startsWith(name) ? `${name}: ` : "";
         this.#disconnect(`dropping the front-end: ${what}${why}`, true);
       }
     }

@@ -27,20 +27,48 @@ export interface BlockBackend {
   flush(): number;
   /** Drops a range (a hint: reading it back may give zeros or the old data); 0 or -errno. */
   discard(offset: number, length: number): number;
-  /** Makes a range read as zeros, deallocating it if `unmap`; 0 or -errno. */
-  writeZeroes(offset: number, length: number, unmap: boolean): number;
+  /**
+   * Makes the start of a range read as zeros, deallocating it if `unmap` allows; returns how many
+   * bytes from `offset` on it zeroed (at least one sector, at most `length`), or -errno. It does a
+   * bounded amount of work per call, so that a caller can serve other requests between calls.
+   */
+  zeroRange(offset: number, length: number, unmap: boolean): number;
   /** Flushes and releases the storage. */
   close(): void;
 }
 
 const ZERO_CHUNK = 1 << 20;
+/** Memory alignment O_DIRECT asks of buffers (the logical block size; a page covers any). */
+const PAGE = 4096;
+/** Most bytes one {@link FileBackend.zeroRange} call writes zeros to. */
+const ZERO_WRITE_STEP = 4 * ZERO_CHUNK;
+/**
+ * Most bytes one {@link FileBackend.zeroRange} call hands to fallocate: a file system zeroes a
+ * range in metadata, but a block device without a zeroing command has the kernel write the zeros.
+ */
+const ZERO_FALLOCATE_STEP = 256 << 20;
+/** fallocate modes that zero a range, in the order tried, when the driver allows unmapping. */
+const UNMAP_MODES = [FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE];
+/** The one that keeps the range allocated, when it does not. */
+const ZERO_MODES = [FALLOC_FL_ZERO_RANGE];
+
+function alignUp(value: number, alignment: number): number {
+  return Math.ceil(value / alignment) * alignment;
+}
 
 /** A raw image file or block device, through preadv/pwritev/fallocate. */
 export class FileBackend implements BlockBackend {
   readonly #fd: number;
-  readonly #zeros = new Uint8Array(ZERO_CHUNK);
-  readonly #zerosAddress = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#zeros)));
+  /** Zeros to write from: one page more than a chunk, so that a chunk can start page-aligned. */
+  readonly #zeros = new Uint8Array(ZERO_CHUNK + PAGE);
+  /** The first page-aligned address in {@link #zeros}: O_DIRECT refuses unaligned buffers. */
+  readonly #zerosAddress = alignUp(
+    Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#zeros))),
+    PAGE,
+  );
   readonly #iov = new IoVec(1);
+  /** fallocate modes the file system refused (EOPNOTSUPP): not tried again. */
+  readonly #unsupported = new Set<number>();
 
   /** Wraps an open fd; the backend owns it from now on. */
   constructor(fd: number) {
@@ -68,20 +96,30 @@ export class FileBackend implements BlockBackend {
     return rc === -Errno.EOPNOTSUPP ? 0 : rc;
   }
 
-  /** Punches a hole or zeroes the range; falls back to writing zeros. */
-  writeZeroes(offset: number, length: number, unmap: boolean): number {
-    const mode = (unmap ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE;
-    const rc = fallocate(this.#fd, mode, offset, length);
-    if (rc !== -Errno.EOPNOTSUPP && rc !== -Errno.EINVAL) return rc;
-    for (let done = 0; done < length;) {
-      const n = Math.min(ZERO_CHUNK, length - done);
-      this.#iov.clear();
-      this.#iov.push(this.#zerosAddress, n);
-      const w = pwritevFull(this.#fd, this.#iov, offset + done);
-      if (w !== n) return w < 0 ? w : -Errno.EIO;
-      done += n;
+  /**
+   * Punches a hole (with `unmap`) or zeroes the range through fallocate, in steps of at most
+   * 256 MiB; where the file system supports neither (ext2, vfat, tmpfs for ZERO_RANGE), writes
+   * zeros, at most 4 MiB per call. A mode refused once is not tried again.
+   */
+  zeroRange(offset: number, length: number, unmap: boolean): number {
+    for (const mode of unmap ? UNMAP_MODES : ZERO_MODES) {
+      if (this.#unsupported.has(mode)) continue;
+      const n = Math.min(length, ZERO_FALLOCATE_STEP);
+      const rc = fallocate(this.#fd, mode | FALLOC_FL_KEEP_SIZE, offset, n);
+      if (rc === 0) return n;
+      if (rc === -Errno.EOPNOTSUPP) this.#unsupported.add(mode);
+      else if (rc !== -Errno.EINVAL) return rc;
     }
-    return 0;
+    const n = Math.min(length, ZERO_WRITE_STEP);
+    for (let done = 0; done < n;) {
+      const chunk = Math.min(ZERO_CHUNK, n - done);
+      this.#iov.clear();
+      this.#iov.push(this.#zerosAddress, chunk);
+      const w = pwritevFull(this.#fd, this.#iov, offset + done);
+      if (w !== chunk) return w < 0 ? w : -Errno.EIO;
+      done += chunk;
+    }
+    return n;
   }
 
   /** fdatasync, then close. */
@@ -113,9 +151,9 @@ export class NullBackend implements BlockBackend {
   discard(): number {
     return 0;
   }
-  /** Nothing to zero. */
-  writeZeroes(): number {
-    return 0;
+  /** Nothing to zero: reports the whole range done. */
+  zeroRange(_offset: number, length: number): number {
+    return length;
   }
   /** Nothing to release. */
   close(): void {}

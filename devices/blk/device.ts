@@ -17,6 +17,8 @@ import { type RequestSlot, UringEngine, type UringOwner } from "./uring.ts";
 import { ioUringAvailable, IoUringOp } from "../../sys/io_uring.ts";
 import { monotonicMs } from "../../sys/clock.ts";
 import { diskPermissions, ImageLock } from "./image_lock.ts";
+import { type ZeroJob, ZeroJobs, type ZeroRange } from "./zero_jobs.ts";
+import type { ByteRef } from "../../ring/descriptor_chain.ts";
 
 /** virtio device id of a block device. */
 export const VIRTIO_ID_BLOCK = 2;
@@ -73,6 +75,8 @@ const MAX_SEGMENT_BYTES = 1 << 20;
 const SEG_MAX = 126;
 const MAX_DISCARD_SEGMENTS = 32;
 const MAX_DISCARD_SECTORS = 1 << 22;
+/** What {@link BlkDevice.#handle} returns for a request a zeroing job now owns. */
+const DEFERRED = -1;
 
 /** Options of a block device; they cross to the worker by structured cloning. */
 export interface BlkOptions {
@@ -144,6 +148,8 @@ export class BlkDevice implements VirtioDevice {
   writeCache = true;
   readonly #storage: BlockBackend;
   readonly #uring: UringEngine | null = null;
+  readonly #zeroes: ZeroJobs;
+  #loop: DeviceEventLoop | null = null;
   readonly #readOnly: boolean;
   readonly #blockSize: number;
   readonly #serial: Uint8Array;
@@ -152,6 +158,7 @@ export class BlkDevice implements VirtioDevice {
   readonly #headerView = new DataView(this.#header.buffer);
   readonly #segments = new Uint8Array(16 * MAX_DISCARD_SEGMENTS);
   readonly #segmentView = new DataView(this.#segments.buffer);
+  readonly #statusRef: ByteRef = { u8: new Uint8Array(0), offset: 0 };
   readonly #log: Logger;
   #errors = 0;
   /** Status of the request {@link #handle} just served, for the error counter. */
@@ -167,6 +174,9 @@ export class BlkDevice implements VirtioDevice {
   constructor(options: BlkOptions) {
     this.name = options.name ?? "blk";
     this.#storage = options.null ? new NullBackend() : new FileBackend(options.fd);
+    this.#zeroes = new ZeroJobs(this.#storage, {
+      finish: (job, rc, resume) => this.#finishZeroes(job, rc, resume),
+    });
     if (!options.null && (options.ioEngine ?? defaultEngine(options.fd)) === "uring") {
       const owner: UringOwner = {
         finish: (slot, result) => this.#finish(slot, result),
@@ -229,8 +239,10 @@ export class BlkDevice implements VirtioDevice {
     return true;
   }
 
-  /** Starts the io_uring engine's completion handling, if there is one. */
+  /** Starts the io_uring engine's completion handling, if there is one, and the zeroing jobs'. */
   start(loop: DeviceEventLoop): void {
+    this.#loop = loop;
+    this.#zeroes.start(loop);
     this.#uring?.start(loop);
   }
 
@@ -264,6 +276,8 @@ export class BlkDevice implements VirtioDevice {
 
   /** Serves every available request on the queue (or as many as there are io_uring slots). */
   processQueue(queue: Virtqueue): void {
+    // A WRITE_ZEROES still zeroing holds its queue (see zero_jobs.ts).
+    if (this.#zeroes.busy(queue.index)) return;
     if (this.#fenced !== null && !this.#unfence()) {
       this.#failAll(queue);
       return;
@@ -282,7 +296,8 @@ export class BlkDevice implements VirtioDevice {
         if (this.#submit(chain, slot)) continue;
         uring!.release(slot);
       }
-      const written = this.#handle(chain);
+      const written = this.#handle(chain, queue);
+      if (written === DEFERRED) break;
       if (this.#lastStatus !== BlkStatus.OK) queue.countError?.();
       queue.push(chain, written);
     }
@@ -291,11 +306,13 @@ export class BlkDevice implements VirtioDevice {
 
   /** Waits for every request in flight (before a ring stops or guest memory changes). */
   quiesce(): void {
+    this.#zeroes.drain();
     this.#uring?.drain();
   }
 
   /** Waits for requests in flight, flushes and closes the image (which drops its lock). */
   close(): void {
+    this.#zeroes.close();
     this.#uring?.close();
     this.#storage.close();
   }
@@ -392,8 +409,11 @@ export class BlkDevice implements VirtioDevice {
     queue.pushHead(slot.head, status === BlkStatus.OK ? slot.writtenOnSuccess : 1);
   }
 
-  /** Handles one request; returns the number of bytes written into the chain. */
-  #handle(chain: DescriptorChain): number {
+  /**
+   * Handles one request; returns the number of bytes written into the chain, or DEFERRED when a
+   * zeroing job completes it later.
+   */
+  #handle(chain: DescriptorChain, queue: Virtqueue): number {
     this.#lastStatus = BlkStatus.IOERR;
     if (chain.writableBytes < 1) {
       this.#ioError("request without room for a status byte", -Errno.EINVAL);
@@ -427,9 +447,14 @@ export class BlkDevice implements VirtioDevice {
         break;
       }
       case BlkRequestType.DISCARD:
-      case BlkRequestType.WRITE_ZEROES:
-        status = this.#discard(chain, type === BlkRequestType.WRITE_ZEROES);
+        status = this.#discard(chain);
         break;
+      case BlkRequestType.WRITE_ZEROES: {
+        const st = this.#writeZeroes(chain, queue, statusAt);
+        if (st === DEFERRED) return DEFERRED;
+        status = st;
+        break;
+      }
       default:
         status = BlkStatus.UNSUPP;
     }
@@ -463,13 +488,18 @@ export class BlkDevice implements VirtioDevice {
       : this.#status(this.#storage.flush(), "write-through sync");
   }
 
-  #discard(chain: DescriptorChain, zeroes: boolean): number {
+  /**
+   * Reads and checks the segments of a DISCARD or WRITE_ZEROES request (all of them, before any is
+   * acted on); returns them, or the status that refuses the request.
+   */
+  #ranges(chain: DescriptorChain, zeroes: boolean): ZeroRange[] | number {
     if (this.#readOnly) return BlkStatus.IOERR;
     const bytes = chain.readableBytes - 16;
     const count = bytes / 16;
     if (bytes <= 0 || bytes % 16 !== 0 || count > MAX_DISCARD_SEGMENTS) return BlkStatus.UNSUPP;
     chain.read(this.#segments.subarray(0, bytes), 16);
     const sv = this.#segmentView;
+    const ranges: ZeroRange[] = [];
     for (let i = 0; i < count; i++) {
       const o = i * 16;
       const sector = sv.getUint32(o, true) + sv.getUint32(o + 4, true) * 4294967296;
@@ -479,13 +509,43 @@ export class BlkDevice implements VirtioDevice {
       if (sectors > MAX_DISCARD_SECTORS || !this.#inRange(sector, sectors * SECTOR)) {
         return BlkStatus.IOERR;
       }
-      const rc = zeroes
-        ? this.#storage.writeZeroes(sector * SECTOR, sectors * SECTOR, unmap)
-        : this.#storage.discard(sector * SECTOR, sectors * SECTOR);
-      const st = this.#status(rc, zeroes ? "write zeroes" : "discard");
+      ranges.push({ offset: sector * SECTOR, length: sectors * SECTOR, unmap });
+    }
+    return ranges;
+  }
+
+  #discard(chain: DescriptorChain): number {
+    const ranges = this.#ranges(chain, false);
+    if (typeof ranges === "number") return ranges;
+    for (const r of ranges) {
+      const st = this.#status(this.#storage.discard(r.offset, r.length), "discard");
       if (st !== BlkStatus.OK) return st;
     }
     return BlkStatus.OK;
+  }
+
+  /** Zeroes the ranges in bounded steps (see zero_jobs.ts); a status, or DEFERRED. */
+  #writeZeroes(chain: DescriptorChain, queue: Virtqueue, statusAt: number): number {
+    const ranges = this.#ranges(chain, true);
+    if (typeof ranges === "number") return ranges;
+    const nonEmpty = ranges.filter((r) => r.length > 0);
+    if (nonEmpty.length === 0) return BlkStatus.OK;
+    if (!chain.writableByte(statusAt, this.#statusRef)) return BlkStatus.IOERR;
+    const rc = this.#zeroes.run(queue, chain.head, this.#statusRef, nonEmpty);
+    return rc === null ? DEFERRED : this.#status(rc, "write zeroes");
+  }
+
+  /** A zeroing job is done: its status byte, the used ring, and its queue served again. */
+  #finishZeroes(job: ZeroJob, rc: number, resume: boolean): void {
+    const status = this.#status(rc, "write zeroes");
+    job.status.u8[job.status.offset] = status;
+    if (status !== BlkStatus.OK) job.queue.countError?.();
+    job.queue.pushHead(job.head, 1);
+    const loop = this.#loop;
+    if (loop === null) return;
+    const queue = resume ? loop.queue(job.queue.index) : null;
+    if (queue !== null) this.processQueue(queue);
+    loop.notify(job.queue.index);
   }
 
   #status(rc: number, what: string): number {

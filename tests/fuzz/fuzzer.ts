@@ -1,12 +1,19 @@
 /**
- * A hostile vhost-user front-end: seeded cases of mutated, truncated and out-of-order messages,
- * wrong payload sizes, too many or too few fds, and absurd sizes and counts, each on a fresh
- * connection. Built on the project's own front-end (vhost-user/frontend).
+ * A hostile vhost-user front-end and guest: seeded cases, each on a fresh connection to one of
+ * the target's devices (a block device, a switch port, a console), of four classes:
+ *
+ * - `protocol`: mutated, truncated and out-of-order messages, wrong payload sizes, too many or
+ *   too few fds, absurd sizes and counts, the migration and announce messages (this file);
+ * - `fds`: fds of the wrong kind or size (fd_cases.ts);
+ * - `split`: messages in pieces, with pauses, fds on later pieces, headers without payloads
+ *   (split_cases.ts);
+ * - `ring`: a guest corrupting its rings (ring_cases.ts).
+ *
+ * Built on the project's own front-end (vhost-user/frontend).
  *
  * @module
  */
 
-import { FrontendConnection } from "../../vhost-user/frontend/connection.ts";
 import {
   configPayload,
   encodeMessage,
@@ -21,43 +28,23 @@ import {
   vringStatePayload,
 } from "../../vhost-user/message.ts";
 import { createEventFd } from "../../sys/event.ts";
-import { closeQuietly, Errno, SysError } from "../../sys/libc.ts";
+import { closeQuietly } from "../../sys/libc.ts";
 import { createMemfd, Mapping } from "../../sys/mman.ts";
-import { PeerClosedError, setSocketTimeouts } from "../../sys/socket.ts";
+import {
+  type CaseOutcome,
+  drain,
+  type FuzzCase,
+  type FuzzContext,
+  isConnectionGone,
+} from "./case.ts";
+import { fdCase } from "./fd_cases.ts";
+import { fuzzConnect } from "./raw_guest.ts";
+import { ringCase } from "./ring_cases.ts";
+import { Rng } from "./rng.ts";
+import { splitCase } from "./split_cases.ts";
 
-/** A small, fast, seeded PRNG (mulberry32), so any failing case can be replayed from its seed. */
-export class Rng {
-  #s: number;
-  /** Seeds the generator. */
-  constructor(seed: number) {
-    this.#s = seed >>> 0;
-  }
-  /** A uniform 32-bit value. */
-  u32(): number {
-    let t = (this.#s = (this.#s + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  }
-  /** An integer in [0, n). */
-  below(n: number): number {
-    return this.u32() % n;
-  }
-  /** One of `items`. */
-  pick<T>(items: readonly T[]): T {
-    return items[this.below(items.length)];
-  }
-  /** True with probability `p`. */
-  chance(p: number): boolean {
-    return this.u32() / 4294967296 < p;
-  }
-  /** `n` random bytes. */
-  bytes(n: number): Uint8Array<ArrayBuffer> {
-    const out = new Uint8Array(n);
-    for (let i = 0; i < n; i++) out[i] = this.u32() & 0xff;
-    return out;
-  }
-}
+export { Rng } from "./rng.ts";
+export type { CaseOutcome, FuzzContext } from "./case.ts";
 
 const RAM_SIZE = 16 << 20;
 
@@ -108,7 +95,7 @@ function addr(rng: Rng, ram: FuzzRam): number {
 function mutated(rng: Rng, ram: FuzzRam): FuzzMessage {
   const v = Flags.VERSION | (rng.chance(0.3) ? Flags.NEED_REPLY : 0);
   const q = () => rng.chance(0.8) ? rng.below(4) : rng.pick(U32S);
-  switch (rng.below(14)) {
+  switch (rng.below(17)) {
     case 0:
       return { request: Request.SET_FEATURES, flags: v, payload: u64Payload(u64(rng)), fds: 0 };
     case 1:
@@ -236,6 +223,33 @@ function mutated(rng: Rng, ram: FuzzRam): FuzzMessage {
     case 12:
       // Too many fds: more than the control buffer takes.
       return { request: Request.SET_VRING_CALL, flags: v, payload: u64Payload(0n), fds: 20 };
+    case 13: {
+      // The dirty log: sizes and offsets from none to absurd, any fds.
+      const payload = new Uint8Array(16);
+      const dv = new DataView(payload.buffer);
+      dv.setBigUint64(
+        0,
+        rng.chance(0.5) ? BigInt(rng.pick([1, 4096, 136 * 1024])) : u64(rng),
+        true,
+      );
+      dv.setBigUint64(8, rng.chance(0.5) ? BigInt(rng.pick([0, 8, 4096])) : u64(rng), true);
+      return { request: Request.SET_LOG_BASE, flags: v, payload, fds: rng.below(3), memfd: true };
+    }
+    case 14:
+      return {
+        request: Request.SET_LOG_FD,
+        flags: v,
+        payload: rng.bytes(rng.pick([0, 8, 8, 16])),
+        fds: rng.below(3),
+      };
+    case 15:
+      // Announce a MAC (switch ports offer RARP; the others must refuse it).
+      return {
+        request: Request.SEND_RARP,
+        flags: v,
+        payload: rng.bytes(rng.pick([8, 8, 8, 6, 0])),
+        fds: rng.below(2),
+      };
     default:
       return {
         request: rng.chance(0.8) ? rng.below(46) : rng.pick(U32S),
@@ -247,14 +261,13 @@ function mutated(rng: Rng, ram: FuzzRam): FuzzMessage {
   }
 }
 
-/** What happened to a case. */
-export type CaseOutcome = "dropped" | "survived";
-
-/** Runs one case on a fresh connection; returns whether the daemon dropped it. */
-export async function runCase(socket: string, seed: number): Promise<CaseOutcome> {
-  const rng = new Rng(seed);
+/** The protocol class: a valid prefix of random length, then mutated or broken messages. */
+export async function protocolCase(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
   const ram = new FuzzRam();
-  const conn = await connect(socket);
+  const socket = rng.chance(0.7)
+    ? ctx.sockets.blk
+    : rng.pick([ctx.sockets.net, ctx.sockets.console]);
+  const conn = await fuzzConnect(socket);
   const fds: number[] = [];
   try {
     // A valid prefix of random length, so hostile messages meet every protocol state.
@@ -282,7 +295,7 @@ export async function runCase(socket: string, seed: number): Promise<CaseOutcome
       const attach: number[] = [];
       for (let k = 0; k < m.fds; k++) {
         const fd = m.memfd && rng.chance(0.7)
-          ? createMemfd("fuzz", rng.pick([4096, RAM_SIZE]))
+          ? createMemfd("fuzz", rng.pick([0, 4096, RAM_SIZE]))
           : createEventFd();
         fds.push(fd);
         attach.push(fd);
@@ -300,37 +313,22 @@ export async function runCase(socket: string, seed: number): Promise<CaseOutcome
   }
 }
 
-async function connect(socket: string): Promise<FrontendConnection> {
-  for (let attempt = 0;; attempt++) {
-    try {
-      return await FrontendConnection.connect(socket, { timeoutMs: 2000 });
-    } catch (e) {
-      if (attempt > 50) throw e;
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-}
+/** The case classes, with how often each is picked. */
+export const CASE_CLASSES: readonly { name: string; weight: number; run: FuzzCase }[] = [
+  { name: "protocol", weight: 35, run: protocolCase },
+  { name: "fds", weight: 20, run: fdCase },
+  { name: "split", weight: 15, run: splitCase },
+  { name: "ring", weight: 30, run: ringCase },
+];
 
-/** Reads replies until the daemon hangs up or goes quiet; "dropped" if it hung up. */
-function drain(conn: FrontendConnection): CaseOutcome {
-  setSocketTimeouts(conn.fd, 100);
-  try {
-    for (;;) {
-      const r = conn.receiveRaw();
-      for (const fd of r.fds) closeQuietly(fd);
-    }
-  } catch (e) {
-    if (isConnectionGone(e)) return "dropped";
-    if (e instanceof SysError && (e.errno === Errno.EAGAIN || e.errno === Errno.ETIMEDOUT)) {
-      return "survived";
-    }
-    // A reply the codec refuses (the daemon never sends one) would be a bug worth seeing.
-    throw e;
-  }
-}
-
-function isConnectionGone(e: unknown): boolean {
-  return e instanceof PeerClosedError ||
-    (e instanceof SysError &&
-      (e.errno === Errno.EPIPE || e.errno === Errno.ECONNRESET || e.errno === Errno.ENOTCONN));
+/** Runs the case of seed `seed` (its class is the seed's first draw); returns class and outcome. */
+export async function runCase(
+  ctx: FuzzContext,
+  seed: number,
+): Promise<{ name: string; outcome: CaseOutcome }> {
+  const rng = new Rng(seed);
+  const total = CASE_CLASSES.reduce((n, c) => n + c.weight, 0);
+  let draw = rng.below(total);
+  const c = CASE_CLASSES.find((c) => (draw -= c.weight) < 0)!;
+  return { name: c.name, outcome: await c.run(rng, ctx) };
 }

@@ -1,10 +1,23 @@
 /**
  * Runs the real `vhostd` command line as a child process, for tests.
  *
+ * The daemon comes from this checkout, or from the one `VHOSTD_DAEMON_ROOT` names: a regression
+ * test can then be run, unchanged, against the daemon of an older commit to show that it fails
+ * there (`git worktree add /tmp/old <commit>; VHOSTD_DAEMON_ROOT=/tmp/old deno test -A ...`).
+ *
  * @module
  */
 
-const MAIN = new URL("../../daemon/main.ts", import.meta.url).pathname;
+/** The checkout whose daemon tests run (see the module documentation). */
+const DAEMON_ROOT = Deno.env.get("VHOSTD_DAEMON_ROOT") ??
+  new URL("../..", import.meta.url).pathname;
+
+/** The path of `file` (relative to the repository's root) in the checkout whose daemon runs. */
+export function daemonFile(file: string): string {
+  return `${DAEMON_ROOT.replace(/\/$/, "")}/${file}`;
+}
+
+const MAIN = daemonFile("daemon/main.ts");
 
 /** A running `vhostd` process. */
 export class DaemonProcess {
@@ -51,7 +64,7 @@ export class DaemonProcess {
     const [cmd, ...args] = [...wrapper, Deno.execPath(), ...denoArgs];
     const child = new Deno.Command(cmd, {
       args,
-      cwd: new URL("../..", import.meta.url).pathname,
+      cwd: DAEMON_ROOT,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -108,6 +121,34 @@ export class DaemonProcess {
       }
     }
     return await this.exit();
+  }
+
+  /**
+   * Sends SIGTERM and waits up to `timeoutMs` for the exit code. A daemon still running by then
+   * (a data-plane worker stuck in a system call ignores the shutdown) is killed with SIGKILL and
+   * an error says so, instead of the test hanging with it.
+   */
+  async stopWithin(timeoutMs: number): Promise<number> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<"late">((r) => timer = setTimeout(() => r("late"), timeoutMs));
+    try {
+      const code = await Promise.race([this.stop(), late]);
+      if (code !== "late") return code;
+    } finally {
+      clearTimeout(timer);
+    }
+    await this.stop("SIGKILL");
+    throw new Error(`the daemon did not exit within ${timeoutMs} ms of SIGTERM\n${this.stderr}`);
+  }
+
+  /** Whether the process is still running (it has not exited, or not been reaped yet). */
+  get alive(): boolean {
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${this.child.pid}/stat`);
+      return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+    } catch {
+      return false;
+    }
   }
 
   /** Waits for the process to exit and its output to be read; returns the exit code. */

@@ -69,6 +69,14 @@ export interface BlkFrontendOptions {
   ackMode?: "qemu" | "all";
   /** Guest RAM layout; default {@link DEFAULT_LAYOUT}. */
   layout?: readonly RegionLayout[];
+  /** Where guest RAM starts in its memfd (see {@link GuestRam.create}); default 0. */
+  ramFileOffset?: number;
+  /**
+   * The inflight buffer to hand over with SET_INFLIGHT_FD instead of asking the back-end for one
+   * (GET_INFLIGHT_FD): a test's own, possibly hostile, description and fd. The session closes
+   * the fd.
+   */
+  inflightBuffer?: { info: InflightInfo; fd: number };
   /** Keep retrying the connection this long; default 5000 ms. */
   connectRetryMs?: number;
   /** Request slots and sizes of the driver. */
@@ -119,7 +127,8 @@ export class BlkFrontend {
     this.#prepare(conn);
     const n = options.queues ?? 1;
     this.#started = options.startedQueues ?? Array.from({ length: n }, (_, i) => i);
-    this.ram = GuestRam.create(options.layout ?? DEFAULT_LAYOUT);
+    this.ram = GuestRam.create(options.layout ?? DEFAULT_LAYOUT, options.ramFileOffset);
+    this.#inflight = options.inflightBuffer ?? null;
     const size = options.queueSize ?? 128;
     const indirect = options.indirect ?? true;
     this.queues = Array.from(

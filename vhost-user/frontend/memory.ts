@@ -27,7 +27,7 @@ export interface GuestBuffer {
   gpa: number;
   /** Front-end virtual address (what SET_VRING_ADDR carries). */
   uva: number;
-  /** Offset within {@link GuestRam.u8} (the whole memfd mapping). */
+  /** Offset within {@link GuestRam.u8} (the mapping of every region). */
   offset: number;
   /** Length in bytes. */
   length: number;
@@ -47,6 +47,8 @@ export interface SharedRam {
   length: number;
   /** The regions (with their memfd offsets). */
   regions: MemRegion[];
+  /** Offset in the memfd where the mapping starts (see {@link GuestRam.fileOffset}); default 0. */
+  fileOffset?: number;
 }
 
 /** Guest RAM backed by one memfd, mapped once, with a layout of one or more regions. */
@@ -55,22 +57,34 @@ export class GuestRam {
   readonly fd: number;
   /** The regions, as SET_MEM_TABLE describes them. */
   readonly regions: readonly MemRegion[];
-  /** The whole memfd as bytes. */
+  /** The mapping of every region as bytes. */
   readonly u8: Uint8Array;
-  /** The whole memfd as 16-bit words (ring indices). */
+  /** The same as 16-bit words (ring indices). */
   readonly u16: Uint16Array;
-  /** The whole memfd as 32-bit words. */
+  /** The same as 32-bit words. */
   readonly u32: Uint32Array;
-  /** The whole memfd as a DataView. */
+  /** The same as a DataView. */
   readonly view: DataView;
   /** Host address of the mapping's first byte. */
   readonly address: number;
+  /**
+   * Offset in the memfd of the first region (0 unless {@link create} was given one): the regions'
+   * `mmapOffset`s start there, and only the part of the memfd from there on is mapped.
+   */
+  readonly fileOffset: number;
   readonly #mapping: Mapping | null;
   readonly #next: number[];
 
-  private constructor(fd: number, regions: MemRegion[], mapping: Mapping | null, buf: ArrayBuffer) {
+  private constructor(
+    fd: number,
+    regions: MemRegion[],
+    mapping: Mapping | null,
+    buf: ArrayBuffer,
+    fileOffset: number,
+  ) {
     this.fd = fd;
     this.regions = regions;
+    this.fileOffset = fileOffset;
     this.#mapping = mapping;
     this.u8 = new Uint8Array(buf);
     this.u16 = new Uint16Array(buf);
@@ -80,17 +94,24 @@ export class GuestRam {
     this.#next = regions.map(() => 0);
   }
 
-  /** Creates the memfd and maps it. */
-  static create(layout: readonly RegionLayout[] = DEFAULT_LAYOUT): GuestRam {
+  /**
+   * Creates the memfd and maps it. With `fileOffset` (a multiple of 4096) the regions start that
+   * far into the memfd, which is sparse up to there: a front-end may place guest RAM at any
+   * offset of its file, and a back-end must map only the regions' own pages.
+   */
+  static create(layout: readonly RegionLayout[] = DEFAULT_LAYOUT, fileOffset = 0): GuestRam {
     let total = 0;
     for (const l of layout) {
       if (l.size <= 0 || l.size % 4096 !== 0) throw new RangeError(`bad region size ${l.size}`);
       total += l.size;
     }
-    const fd = createMemfd("vhostd-frontend-ram", total);
+    if (fileOffset < 0 || fileOffset % 4096 !== 0) {
+      throw new RangeError(`bad file offset ${fileOffset}`);
+    }
+    const fd = createMemfd("vhostd-frontend-ram", fileOffset + total);
     try {
-      const mapping = Mapping.map(fd, total);
-      let offset = 0;
+      const mapping = Mapping.map(fd, total, fileOffset);
+      let offset = fileOffset;
       const regions = layout.map((l) => {
         const r: MemRegion = {
           guestPhysAddr: l.guestPhysAddr,
@@ -101,7 +122,7 @@ export class GuestRam {
         offset += l.size;
         return r;
       });
-      return new GuestRam(fd, regions, mapping, mapping.buffer);
+      return new GuestRam(fd, regions, mapping, mapping.buffer, fileOffset);
     } catch (e) {
       closeQuietly(fd);
       throw e;
@@ -116,7 +137,7 @@ export class GuestRam {
     const p = Deno.UnsafePointer.create(BigInt(s.address));
     if (p === null) throw new RangeError("null guest RAM address");
     const buf = Deno.UnsafePointerView.getArrayBuffer(p, s.length);
-    const ram = new GuestRam(-1, s.regions, null, buf);
+    const ram = new GuestRam(-1, s.regions, null, buf, s.fileOffset ?? 0);
     return ram;
   }
 
@@ -126,6 +147,7 @@ export class GuestRam {
       address: this.address,
       length: this.u8.length,
       regions: this.regions.map((r) => ({ ...r })),
+      fileOffset: this.fileOffset,
     };
   }
 
@@ -149,7 +171,7 @@ export class GuestRam {
     return {
       gpa: r.guestPhysAddr + start,
       uva: r.userspaceAddr + start,
-      offset: r.mmapOffset + start,
+      offset: r.mmapOffset - this.fileOffset + start,
       length,
     };
   }
@@ -158,7 +180,7 @@ export class GuestRam {
   offsetOf(gpa: number, length = 1): number {
     for (const r of this.regions) {
       if (gpa >= r.guestPhysAddr && gpa + length <= r.guestPhysAddr + r.memorySize) {
-        return r.mmapOffset + gpa - r.guestPhysAddr;
+        return r.mmapOffset - this.fileOffset + gpa - r.guestPhysAddr;
       }
     }
     throw new RangeError(`guest address 0x${gpa.toString(16)} (+${length}) is not in guest RAM`);
