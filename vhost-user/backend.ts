@@ -293,6 +293,11 @@ export class VhostUserBackend {
           });
         }
         this.#stop(q);
+        this.#log.debug("queue {queue} stops at avail {avail}, used {used}", {
+          queue: q.index,
+          avail: q.lastAvailIdx,
+          used: q.usedIdx,
+        });
         if (this.#running && !this.queues.some((other) => other.started)) this.#suspend();
         conn.reply(m.request, vringStatePayload({ index: q.index, num: q.lastAvailIdx }));
         return null;
@@ -631,6 +636,11 @@ export class VhostUserBackend {
       q.setKickFd(fd);
       this.#watcher.watchKick(fd, q.index);
       const resubmitted = q.start();
+      this.#log.debug("queue {queue} starts at avail {avail}, used {used}", {
+        queue: q.index,
+        avail: q.lastAvailIdx,
+        used: q.usedIdx,
+      });
       if (!this.#running) {
         this.#running = true;
         this.device.resumed?.();

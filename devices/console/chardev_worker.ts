@@ -44,7 +44,18 @@ const READ_CHUNK = 16 * 1024;
 /** How often input that QEMU could not take yet is retried. */
 const RETRY_MS = 20;
 
-/** One port's link to QEMU's chardev. */
+/**
+ * QEMUs one port may have at once: the VM's, and during a live migration the destination's, which
+ * connects while the source still runs (one daemon serving both sides).
+ */
+const MAX_FRONT_ENDS = 2;
+
+/**
+ * One port's link to QEMU's chardev. Output from any connected QEMU goes to the port's log,
+ * scrollback and clients; input goes to the QEMU that connected last, which during a migration
+ * is the destination: typed input waits in its socket until the guest runs there (the paused
+ * source would never read it). When that QEMU leaves, input goes to the other again.
+ */
 class ChardevLink {
   readonly hub: PortHub;
   readonly #listenFd: number;
@@ -54,7 +65,13 @@ class ChardevLink {
   /** Rate-limited: a front-end that redials in a loop causes these lines. */
   readonly #log: Logger;
   readonly #buf = new Uint8Array(READ_CHUNK);
-  #fd = -1;
+  /** Connected QEMUs, oldest first; the last one gets the input. */
+  readonly #fds: number[] = [];
+
+  /** The connection that takes input, or -1. */
+  get #fd(): number {
+    return this.#fds.length > 0 ? this.#fds[this.#fds.length - 1] : -1;
+  }
 
   constructor(hub: PortHub, listenFd: number, loop: EventLoop, peers: PeerPolicy) {
     this.hub = hub;
@@ -93,33 +110,37 @@ class ChardevLink {
       refuse(fd, verdict.refused);
       return;
     }
-    if (this.#fd >= 0) {
-      // One QEMU per port: a second one would interleave two guests' bytes.
-      this.#log.warn("refusing a second front-end (pid {pid}) on port {port}", {
+    if (this.#fds.length >= MAX_FRONT_ENDS) {
+      // A VM and a migration's destination at most: more would interleave unrelated bytes.
+      this.#log.warn("refusing front-end pid {pid} on port {port}: {count} already connected", {
         pid: verdict.peer.pid,
         port: this.hub.id,
+        count: this.#fds.length,
       });
       closeQuietly(fd);
       return;
     }
     setNonBlocking(fd);
-    this.#fd = fd;
-    this.#loop.watch(fd, () => this.#read());
-    this.#log.info("QEMU connected to port {port} (pid {pid}, uid {uid})", {
+    this.#fds.push(fd);
+    this.#loop.watch(fd, () => this.#read(fd));
+    this.#log.info("QEMU connected to port {port} (pid {pid}, uid {uid}){also}", {
       port: this.hub.id,
       ...verdict.peer,
+      also: this.#fds.length > 1
+        ? "; input goes to it from now on (a migration's destination)"
+        : "",
     });
     this.flush();
   }
 
-  #read(): void {
-    const n = Number(libc.read(this.#fd, this.#buf, BigInt(READ_CHUNK)));
+  #read(fd: number): void {
+    const n = Number(libc.read(fd, this.#buf, BigInt(READ_CHUNK)));
     if (n < 0) {
       const err = errno();
       if (err === Errno.EAGAIN || err === Errno.EINTR) return;
     }
     if (n <= 0) {
-      this.#disconnect();
+      this.#disconnect(fd);
       return;
     }
     this.hub.output(this.#buf.subarray(0, n));
@@ -133,7 +154,7 @@ class ChardevLink {
       if (n < 0) {
         const err = errno();
         if (err === Errno.EINTR) continue;
-        if (err !== Errno.EAGAIN) this.#disconnect();
+        if (err !== Errno.EAGAIN) this.#disconnect(this.#fd);
         else this.#loop.wakeTicks(); // QEMU's socket is full: retry on the loop's tick
         return;
       }
@@ -141,16 +162,21 @@ class ChardevLink {
     }
   }
 
-  #disconnect(): void {
-    if (this.#fd < 0) return;
-    this.#loop.unwatch(this.#fd);
-    closeQuietly(this.#fd);
-    this.#fd = -1;
-    this.#log.info("QEMU left port {port}", { port: this.hub.id });
+  #disconnect(fd: number): void {
+    const i = this.#fds.indexOf(fd);
+    if (i < 0) return;
+    this.#fds.splice(i, 1);
+    this.#loop.unwatch(fd);
+    closeQuietly(fd);
+    this.#log.info("QEMU left port {port}{left}", {
+      port: this.hub.id,
+      left: this.#fds.length > 0 ? "; the other connected QEMU takes the input" : "",
+    });
+    this.flush();
   }
 
   close(): void {
-    this.#disconnect();
+    for (const fd of [...this.#fds]) this.#disconnect(fd);
     this.#acceptor.close();
     closeQuietly(this.#listenFd);
   }

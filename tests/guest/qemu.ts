@@ -70,6 +70,8 @@ export interface GuestOptions {
   timeoutMs?: number;
   /** QEMU binary (default `qemu-system-x86_64`). */
   qemuBinary?: string;
+  /** Machine type (default `q35`, the QEMU's own newest q35). */
+  machine?: string;
   /**
    * Major version of {@link qemuBinary} (default 7), where options are spelled differently:
    * QEMU 10 and later take `reconnect-ms` instead of `reconnect`.
@@ -374,7 +376,7 @@ export function qemuCommand(
     "-cpu",
     accel === "kvm" ? "host" : "max",
     "-machine",
-    "q35,memory-backend=mem",
+    `${opts.machine ?? "q35"},memory-backend=mem`,
     "-m",
     `${mem}M`,
     "-object",

@@ -202,15 +202,34 @@ export class Vm {
       await exited.catch(() => undefined);
       throw e;
     }
-    return new Vm(options, child, consolePath, initrd, command, qmp, exited);
+    const vm = new Vm(options, child, consolePath, initrd, command, qmp, exited);
+    await vm.#connectSerial(serialSocket);
+    return vm;
+  }
+
+  /**
+   * Connects to the serial socket for the VM's whole life and reads (and drops) what comes: the
+   * log file keeps it. QEMU's socket chardev drops output while no client is connected, and
+   * its UART then retries, which a migration can carry over into a stalled console.
+   */
+  async #connectSerial(path: string): Promise<void> {
+    const conn = await Deno.connect({ transport: "unix", path });
+    this.#serial = conn;
+    (async () => {
+      const buf = new Uint8Array(16384);
+      try {
+        while ((await conn.read(buf)) !== null) {
+          // the log file has it
+        }
+      } catch {
+        // closed
+      }
+    })();
   }
 
   /** Types `text` into the guest's serial console (its /dev/console). */
   async type(text: string): Promise<void> {
-    this.#serial ??= await Deno.connect({
-      transport: "unix",
-      path: `${this.options.dir}/${this.options.name}.serial`,
-    });
+    if (this.#serial === null) throw new Error("the serial console is closed");
     await this.#serial.write(new TextEncoder().encode(text));
   }
 

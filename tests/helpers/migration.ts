@@ -17,6 +17,11 @@
  * @module
  */
 
+import assert from "node:assert/strict";
+import { DaemonProcess, sparseFile, withDir } from "./daemon.ts";
+import { parseResults } from "../guest/qemu.ts";
+import { type MigrationInfo, Vm } from "../guest/vm.ts";
+
 /** MiB of the region read through the page cache. */
 const REGION_MIB = 32;
 /** Where fio works (after the region), and how much. */
@@ -96,4 +101,283 @@ echo "RESULT verify_errors=$errors"
 /** The round numbers the console reports (`ROUND <n> ...`), in order. */
 export function rounds(console: string): number[] {
   return [...console.matchAll(/^ROUND (\d+) /gm)].map((m) => Number(m[1]));
+}
+
+// ---- running migrations ---------------------------------------------------------------------
+
+/** Bandwidth while QEMU makes its first passes (bytes/s), then the cap it finishes with. */
+const SLOW = 16 * 1024 * 1024;
+const FAST = 1024 * 1024 * 1024;
+
+/** A `vhostd blk` daemon of a migration test: its name (and socket), environment, namespace. */
+export interface BlkDaemonSpec {
+  /** Names the socket, `<dir>/<name>.sock`. */
+  name: string;
+  /** Environment (fault injection). */
+  env?: Record<string, string>;
+  /** Runs it under this command, e.g. `ip netns exec HOST` (another "host"). */
+  wrap?: string[];
+}
+
+/** A running daemon of a migration test. */
+export interface BlkHost {
+  /** How it was started (a restart starts it the same way). */
+  spec: BlkDaemonSpec;
+  /** The process (replaced by a restart). */
+  daemon: DaemonProcess;
+  /** Its vhost-user socket. */
+  socket: string;
+}
+
+/**
+ * Starts `vhostd blk` on `image`, with the command line every daemon of the test shares (a
+ * destination is started exactly as its source was, bar the socket).
+ */
+export async function startBlkDaemon(
+  dir: string,
+  spec: BlkDaemonSpec,
+  image: string,
+): Promise<BlkHost> {
+  const socket = `${dir}/${spec.name}.sock`;
+  const args = ["blk", "--socket", socket, "--image", image, "--queues", "1"];
+  args.push("--log-level", "debug");
+  const daemon = await DaemonProcess.startUnder(spec.wrap ?? [], args, spec.env);
+  return { spec, daemon, socket };
+}
+
+/** Where and how a VM of a migration test runs, beyond its vhostd disk. */
+export interface VmPlacement {
+  /** QEMU binary (default QEMU 7.2). */
+  qemuBinary?: string;
+  /** Its major version (default 7). */
+  qemuMajor?: number;
+  /** Machine type (default `q35`: the QEMU's own newest). */
+  machine?: string;
+  /** More QEMU arguments, e.g. a NIC. */
+  extraArgs?: string[];
+  /** Runs QEMU under this command, e.g. `ip netns exec HOST`. */
+  commandPrefix?: string[];
+  /** The URI a destination listens on (default `unix:<dir>/<name>.mig`). */
+  incoming?: string;
+}
+
+/** One migration of a {@link migrationRun}. */
+export interface MigrationHop {
+  /** The destination daemon: a new one, or the name of one started earlier (A → B → A). */
+  daemon: BlkDaemonSpec | string;
+  /** The destination VM. */
+  vm?: VmPlacement;
+  /** SIGKILL the source daemon and restart it just before migrating. */
+  restartBefore?: boolean;
+  /** SIGKILL the source daemon and restart it while QEMU migrates (QEMU reconnects). */
+  restartDuring?: boolean;
+}
+
+/** What a {@link migrationRun} saw. */
+export interface MigrationRunResult {
+  /** Every VM's console, then every daemon's log. */
+  console: string;
+  /** The guest's `RESULT key=value` lines. */
+  results: Record<string, string>;
+  /** Each migration's final state. */
+  infos: MigrationInfo[];
+}
+
+/** Options of a {@link migrationRun}. */
+export interface MigrationRunOptions {
+  /** The first daemon. */
+  first: BlkDaemonSpec;
+  /** The first VM. */
+  vm?: VmPlacement;
+  /** The migrations, in turn. */
+  hops: MigrationHop[];
+  /** Called once each destination has run a few rounds (e.g. to ping it). */
+  afterHop?: (vm: Vm, index: number) => Promise<void>;
+  /** Shell commands the guest runs before the workload (e.g. to address a NIC). */
+  guestSetup?: string;
+}
+
+function vmOptions(
+  dir: string,
+  name: string,
+  socket: string,
+  place: VmPlacement = {},
+  setup = "",
+) {
+  return {
+    dir,
+    name,
+    qemuBinary: place.qemuBinary,
+    qemuMajor: place.qemuMajor,
+    machine: place.machine,
+    extraArgs: place.extraArgs,
+    commandPrefix: place.commandPrefix,
+    script: setup + migrationWorkload(),
+    vhostUserBlk: [{ socket, numQueues: 1 }],
+    chardevReconnect: 1,
+    memoryMiB: 384,
+    // Debian's kernel zeroes every page it allocates (init_on_alloc), and QEMU sees those CPU
+    // writes: they would hide most pages a back-end fails to log. Off, the device alone fills
+    // the page cache.
+    kernelArgs: ["init_on_alloc=0"],
+  };
+}
+
+/** Kills a daemon with SIGKILL and starts it again with the same command line. */
+async function restart(host: BlkHost, dir: string, image: string): Promise<void> {
+  await host.daemon.stop("SIGKILL");
+  host.daemon = (await startBlkDaemon(dir, host.spec, image)).daemon;
+}
+
+/**
+ * Migrates `src` to a new QEMU (`name`) on `dst`'s socket, added to `vms`. QEMU first passes over
+ * guest RAM slowly, aiming at a downtime it cannot reach; after its first pass the guest reads
+ * its region through the page cache (read number `read`), and after one more pass the limits are
+ * lifted so that the migration converges.
+ */
+async function migrate(
+  ctx: { dir: string; image: string; vms: Vm[] },
+  src: { vm: Vm; host: BlkHost },
+  dst: { name: string; host: BlkHost; place?: VmPlacement },
+  read: number,
+  restartDuring: boolean,
+): Promise<{ dst: Vm; info: MigrationInfo }> {
+  const uri = dst.place?.incoming ?? `unix:${ctx.dir}/${dst.name}.mig`;
+  const vm = await Vm.start({
+    ...vmOptions(ctx.dir, dst.name, dst.host.socket, dst.place),
+    incoming: uri,
+    initrdPath: src.vm.initrd,
+  });
+  ctx.vms.push(vm);
+  await src.vm.startMigration(uri, SLOW, 1);
+  await src.vm.waitMigration((i) => (i.dirtySyncCount ?? 0) >= 2);
+  await src.vm.type(`READ${read}\n`);
+  await src.vm.waitConsole(new RegExp(`^READ ${read} DONE`, "m"), 120_000);
+  if (restartDuring) {
+    // QEMU redials and starts the device again mid-migration: logging must come back with it.
+    const seen = rounds(src.vm.console()).length;
+    await restart(src.host, ctx.dir, ctx.image);
+    await src.vm.waitConsole((c) => rounds(c).length >= seen + 2, 120_000);
+  }
+  const after = (await src.vm.migrationInfo()).dirtySyncCount ?? 0;
+  await src.vm.waitMigration((i) => (i.dirtySyncCount ?? 0) > after);
+  await src.vm.setMigrationLimits(FAST, 2000);
+  const info = await src.vm.waitMigration();
+  if (info.status === "completed") {
+    assert.ok((info.dirtySyncCount ?? 0) >= 3, "QEMU passed over guest RAM several times");
+  }
+  return { dst: vm, info };
+}
+
+/** Fills the first MiBs of `image` (the region the guest checks) with random data. */
+function fillRegion(image: string): void {
+  const f = Deno.openSync(image, { write: true });
+  try {
+    const random = new Uint8Array(1 << 20);
+    for (let mib = 0; mib < REGION_MIB; mib++) {
+      for (let o = 0; o < random.length; o += 65536) {
+        crypto.getRandomValues(random.subarray(o, o + 65536));
+      }
+      f.writeSync(random);
+    }
+  } finally {
+    f.close();
+  }
+}
+
+/**
+ * Boots {@link migrationWorkload} on a vhostd disk served by `first` and migrates it along the
+ * hops (each destination daemon starts while its source runs, as it would on another host);
+ * after each migration the destination runs a few rounds, checking what came over. Throws with
+ * every console and log if a migration fails or the guest does not finish.
+ */
+export async function migrationRun(opts: MigrationRunOptions): Promise<MigrationRunResult> {
+  let text = "";
+  const infos: MigrationInfo[] = [];
+  await withDir("vhostd-mig-", async (dir) => {
+    // World-readable: daemons and QEMUs in other namespaces open files here too.
+    await Deno.chmod(dir, 0o755);
+    const image = `${dir}/disk.img`;
+    sparseFile(image, WORKLOAD_DISK_BYTES);
+    fillRegion(image);
+    const hosts = new Map<string, BlkHost>();
+    const vms: Vm[] = [];
+    const ctx = { dir, image, vms };
+    try {
+      let host = await startBlkDaemon(dir, opts.first, image);
+      hosts.set(opts.first.name, host);
+      let vm = await Vm.start(vmOptions(dir, "vm0", host.socket, opts.vm, opts.guestSetup));
+      vms.push(vm);
+      await vm.waitConsole(/^ROUND 1 /m, 240_000);
+      for (const [i, hop] of opts.hops.entries()) {
+        if (hop.restartBefore) {
+          const seen = rounds(vm.console()).length;
+          await restart(host, dir, image);
+          await vm.waitConsole((c) => rounds(c).length >= seen + 2, 120_000);
+        }
+        const spec = typeof hop.daemon === "string" ? { name: hop.daemon } : hop.daemon;
+        let next = hosts.get(spec.name);
+        if (next === undefined) {
+          next = await startBlkDaemon(dir, spec, image);
+          hosts.set(spec.name, next);
+        }
+        const moved = await migrate(
+          ctx,
+          { vm, host },
+          { name: `vm${i + 1}`, host: next, place: hop.vm },
+          i + 1,
+          hop.restartDuring ?? false,
+        );
+        infos.push(moved.info);
+        assert.equal(
+          moved.info.status,
+          "completed",
+          `migration ${i + 1}: ${JSON.stringify(moved.info)}`,
+        );
+        await vm.quit();
+        text += vm.console();
+        vm = moved.dst;
+        host = next;
+        // The destination checks what came over, a few rounds.
+        await vm.waitConsole((c) => rounds(c).length >= 3, 240_000);
+        await opts.afterHop?.(vm, i);
+      }
+      await vm.type("STOP\n");
+      const exit = await Promise.race([
+        vm.exited,
+        new Promise<never>((_, reject) =>
+          setTimeout(() => reject(new Error("the guest did not finish")), 240_000)
+        ),
+      ]);
+      text += vm.console();
+      assert.equal(exit.code, 0, `QEMU: ${exit.stderr}`);
+    } catch (e) {
+      for (const v of vms) text += `\n--- ${v.options.name} ---\n${v.console()}`;
+      for (const h of hosts.values()) text += `\n--- daemon ${h.socket} ---\n${h.daemon.stderr}`;
+      (e as Error).message += `\n${text}`;
+      throw e;
+    } finally {
+      for (const v of vms) await v.kill();
+      for (const h of hosts.values()) {
+        await h.daemon.stop();
+        text += `\n--- daemon ${h.socket} ---\n${h.daemon.stderr}`;
+      }
+    }
+  });
+  return { console: text, results: parseResults(text, "RESULT "), infos };
+}
+
+/** One line per migration: status, total time, downtime, passes. */
+export function describeMigrations(infos: MigrationInfo[]): string {
+  return infos.map((i) =>
+    `${i.status}: ${i.totalTimeMs} ms in all, ${i.downtimeMs} ms down, ${i.dirtySyncCount} passes`
+  ).join("; ");
+}
+
+/** The checks every run that must lose nothing passes. */
+export function assertNothingLost(guest: string, results: Record<string, string>): void {
+  assert.doesNotMatch(guest, /VERIFY-ERROR|FIO-FAILED/);
+  assert.equal(results.verify_errors, "0");
+  assert.ok(Number(results.checked) > 0);
+  assert.match(guest, /VHOSTD-GUEST-EXIT 0/);
 }

@@ -57,3 +57,72 @@ export async function placeTap(tap: string, ns: string, addr: string): Promise<v
   await run("ip", "-n", ns, "addr", "replace", `${addr}/24`, "dev", tap);
   await run("ip", "-n", ns, "link", "set", tap, "up");
 }
+
+/** A ping from the peer namespace, running until stopped. */
+export class Pinger {
+  readonly #child: Deno.ChildProcess;
+  readonly #output: Promise<string>;
+
+  /** Pings `target` from namespace `ns` ten times a second. */
+  constructor(ns: string, target: string) {
+    this.#child = new Deno.Command("ip", {
+      args: ["netns", "exec", ns, "ping", "-n", "-i", "0.1", "-W", "1", target],
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#output = this.#child.output().then((o) =>
+      new TextDecoder().decode(o.stdout) + new TextDecoder().decode(o.stderr)
+    );
+  }
+
+  /** Stops it; returns how many echo requests went out and how many came back. */
+  async stop(): Promise<{ sent: number; received: number; text: string }> {
+    this.#child.kill("SIGINT");
+    const text = await this.#output;
+    const m = text.match(/(\d+) packets transmitted, (\d+) (?:packets )?received/);
+    if (!m) throw new Error(`no ping summary:\n${text}`);
+    return { sent: Number(m[1]), received: Number(m[2]), text };
+  }
+}
+
+/** Waits until `ns` can ping `target` once. */
+export async function awaitReachable(
+  ns: string,
+  target: string,
+  timeoutMs = 120_000,
+): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const out = await new Deno.Command("ip", {
+      args: ["netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "1", target],
+      stdout: "null",
+      stderr: "null",
+    }).output();
+    if (out.success) return;
+    if (Date.now() > end) throw new Error(`${target} not reachable from ${ns}`);
+  }
+}
+
+/** Tells the guest at `addr` to stop (a TCP connection to its port 7000). */
+export async function stopGuest(ns: string, addr: string): Promise<void> {
+  await new Deno.Command("ip", {
+    args: ["netns", "exec", ns, "bash", "-c", `exec 3<>/dev/tcp/${addr}/7000`],
+    stdout: "null",
+    stderr: "null",
+  }).output();
+}
+
+/** Runs `fn` with a fresh network namespace, deleted afterwards. */
+export async function withNamespace(
+  prefix: string,
+  fn: (ns: string) => Promise<void>,
+): Promise<void> {
+  const ns = `${prefix}${Deno.pid % 10000}`;
+  await run("ip", "netns", "add", ns);
+  try {
+    await run("ip", "-n", ns, "link", "set", "lo", "up");
+    await fn(ns);
+  } finally {
+    await run("ip", "netns", "del", ns).catch(() => undefined);
+  }
+}
