@@ -24,7 +24,10 @@ export interface DeviceEventLoop {
   unwatch(fd: number): void;
   /** Queue `index` if the driver has it set up, started and enabled; otherwise null. */
   queue(index: number): Virtqueue | null;
-  /** Interrupts the driver for queue `index` if it has new used buffers and wants to know. */
+  /**
+   * Interrupts the driver for queue `index` if it has new used buffers and wants to know; if the
+   * driver broke the queue (found by a pop outside a kick), stops and reports it instead.
+   */
   notify(index: number): void;
 }
 

@@ -8,6 +8,8 @@
 import assert from "node:assert/strict";
 import { DaemonProcess, sparseFile } from "./helpers/daemon.ts";
 import { BlkFrontend, type Segment } from "../vhost-user/frontend/mod.ts";
+import { NetDriver } from "../vhost-user/frontend/net_driver.ts";
+import { run } from "./helpers/net.ts";
 
 const TARGET = new URL("./fuzz/two_blk.ts", import.meta.url).pathname;
 const MiB = 1 << 20;
@@ -90,4 +92,42 @@ Deno.test("hostile guest: a bad chain stops its queue only; the other queue and 
     await d.stop();
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test({
+  name:
+    "hostile guest: a broken receive ring on net --tap, frames arriving, does not spin the worker",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vhostd-hostile-rx-" });
+    const tap = `vhrx${Deno.pid % 10000}`;
+    const sock = `${dir}/net.sock`;
+    const d = await DaemonProcess.start(["net", "--socket", sock, "--tap", tap]);
+    let driver: NetDriver | null = null;
+    try {
+      await run("ip", "addr", "add", "198.18.75.1/24", "dev", tap);
+      await run("ip", "link", "set", tap, "up");
+      await run("ip", "neigh", "replace", "198.18.75.2", "lladdr", "52:54:00:75:00:02", "dev", tap);
+      driver = await NetDriver.connect(sock);
+      driver.breakReceiveRing();
+      // Frames for the guest arrive while its receive ring claims buffers it does not have.
+      await run(
+        "bash",
+        "-c",
+        "for i in $(seq 50); do echo x > /dev/udp/198.18.75.2/9; done 2>/dev/null || true",
+      );
+      // Before the fix the worker spun for ever here and never answered again.
+      const started = Date.now();
+      driver.conn.getFeatures();
+      assert.ok(Date.now() - started < 5000);
+      await d.waitFor(() => /available index jumped/.test(d.stderr), 10_000, "the queue stop");
+      const stops = d.stderr.match(/available index jumped/g) ?? [];
+      assert.equal(stops.length, 1, `one line for the broken ring\n${d.stderr}`);
+    } finally {
+      driver?.close();
+      assert.equal(await d.stopWithin(15_000), 0, `stopped cleanly on SIGTERM\n${d.stderr}`);
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });

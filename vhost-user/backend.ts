@@ -719,14 +719,24 @@ export class VhostUserBackend {
       if (!q.setNotification(true) || q.lastAvailIdx === before) break;
     }
     q.notify();
-    if (q.broken) {
-      this.#log.error("{error}; the queue is stopped until the device is reset", {
-        error: q.error,
-        queue: q.index,
-      });
-      this.#stop(q);
-      this.#watcher.queueStopped?.(q.index);
-    }
+    this.stopIfBroken(q.index);
+  }
+
+  /**
+   * Stops queue `index` if the driver broke it (logging why, once), also when the device found
+   * out outside a kick (a receive queue it filled from the network). Returns whether it was.
+   */
+  stopIfBroken(index: number): boolean {
+    const q = this.queues[index];
+    if (q === undefined || !q.broken) return false;
+    if (!q.started) return true; // stopped and reported already
+    this.#log.error("{error}; the queue is stopped until the device is reset", {
+      error: q.error,
+      queue: q.index,
+    });
+    this.#stop(q);
+    this.#watcher.queueStopped?.(q.index);
+    return true;
   }
 
   /** Serves the queues the driver added to, kicks or not; returns whether any had work. */

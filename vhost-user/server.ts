@@ -116,7 +116,8 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
   /** Interrupts the driver for a queue the device pushed to outside a kick. */
   notify(index: number): void {
     const q = this.backend.queues[index];
-    if (q !== undefined && q.ready) q.notify();
+    if (q === undefined || this.backend.stopIfBroken(index)) return;
+    if (q.ready) q.notify();
   }
 
   /** Starts listening for front-ends and lets the device register its own fds. */

@@ -560,7 +560,11 @@ export class SwitchPort implements VirtioDevice {
     if (rx.deliver(q, staging, frameLen, this.#hdrLen, this.#mergeable) === Delivery.DELIVERED) {
       this.counters.rxFrames++;
       this.#dirty = true;
-    } else this.counters.rxDropped++;
+    } else {
+      this.counters.rxDropped++;
+      // A ring the guest broke is stopped (and reported) now, not when it next kicks.
+      if (q.broken) this.#loop?.notify(0);
+    }
   }
 
   /** Interrupts the guest if frames were delivered since the last call. */

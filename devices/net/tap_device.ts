@@ -297,11 +297,12 @@ export class NetTapDevice implements VirtioDevice {
       );
       if (r === Delivery.NO_BUFFERS) {
         if (q.broken) {
-          // The guest broke its ring (the queue stopped itself): drop, and let the TAP drain.
+          // The guest broke its ring: drop, let the TAP drain, and have the queue stopped.
           pair.pending = 0;
           pair.rx.clear();
           pair.counters.rxDropped++;
           q = null;
+          loop.notify(rxIndex);
           continue;
         }
         // Ask for a kick when the guest posts more (the used event is then where we stopped);

@@ -188,6 +188,16 @@ export class NetDriver {
     this.#running = false;
   }
 
+  /**
+   * Breaks the receive ring as a hostile guest would: its available index jumps by more than the
+   * queue size. A device must stop that queue, not spin on it.
+   */
+  breakReceiveRing(): void {
+    const rx = this.#rx;
+    const slot = (rx.layout.avail.offset + 2) >> 1;
+    Atomics.store(this.ram.u16, slot, (rx.availIdx + rx.size + 7) & 0xffff);
+  }
+
   /** Sends SEND_RARP for `mac` (6 bytes), as QEMU does after a migration; returns once handled. */
   announce(mac: Uint8Array): void {
     const payload = new Uint8Array(8);
