@@ -18,6 +18,7 @@ import { type BackendLevers, DEFAULT_LEVERS, type Storage } from "./backends.ts"
 import { type FioJob, guestFio, type GuestFioConfig, type GuestVariant } from "./guest_fio.ts";
 import { killAllStarted, progress, REPO_ROOT, StepError, writeRandomImage } from "./lib.ts";
 import { memory, type MemoryConfig } from "./memory.ts";
+import { migrationBench, type MigrationConfig } from "./migration.ts";
 import {
   cleanupNetSync,
   defaultCpus,
@@ -31,7 +32,7 @@ import { systemInfo } from "./system.ts";
 import { guestPlacement } from "./placement.ts";
 
 /** Comparisons that can be selected with `--only`. */
-export type Comparison = "backend" | "guest" | "net" | "memory";
+export type Comparison = "backend" | "guest" | "net" | "memory" | "migration";
 
 /** How to run the harness. */
 export interface BenchOptions {
@@ -81,7 +82,7 @@ bench/results/quick-<DATE>.{json,md} (--quick: a smoke run of the harness, not f
 
 Options:
   --quick               one short run of each case (CI smoke test; a few minutes)
-  --only LIST           comma-separated: backend,guest,net,memory (default all)
+  --only LIST           comma-separated: backend,guest,net,memory,migration (default all)
   --runs N              repetitions per case; medians are reported (default 3; quick 1)
   --seconds S           seconds per load-generator run (default 10; quick 1)
   --guest-seconds S     seconds per guest fio run; two rounds per boot (default 5; quick 3, one round)
@@ -176,7 +177,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
           throw new StepError("prepare", `${tool} not found (apt-get install qemu-system-x86)`);
         }
       }
-      if (opts.only.includes("guest") || opts.only.includes("net")) {
+      if (["guest", "net", "migration"].some((c) => opts.only.includes(c as Comparison))) {
         progress("building the guest kit (tests/guest/build-kit.sh; quick when up to date)");
         try {
           await ensureKit();
@@ -283,6 +284,22 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
         net.iperf = await netIperf(cfg, net.commands);
       });
     }
+    if (prepared && opts.only.includes("migration")) {
+      await step("migration", async () => {
+        const cfg: MigrationConfig = {
+          variants: ["vhostd", "qsd", "in-qemu"],
+          runs,
+          diskImage,
+          socketDir: shmDir,
+          memoryMiB: 512,
+          bandwidthBytes: 64 * MiB,
+          downtimeLimitMs: 300,
+          warmupSeconds: quick ? 1 : 3,
+          levers: opts.levers,
+        };
+        result.migration = await migrationBench(cfg);
+      });
+    }
     if (prepared && opts.only.includes("memory")) {
       await step("memory", async () => {
         const cfg: MemoryConfig = {
@@ -372,7 +389,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
     if (!Number.isInteger(n) || n < 1) throw new Error(`--${name} must be a whole number ≥ 1`);
     return n;
   };
-  const all: Comparison[] = ["backend", "guest", "net", "memory"];
+  const all: Comparison[] = ["backend", "guest", "net", "memory", "migration"];
   const only = (values.only ?? all.join(",")).split(",").map((s) => s.trim()) as Comparison[];
   for (const o of only) if (!all.includes(o)) throw new Error(`--only: unknown comparison "${o}"`);
   const diskAio = values["qsd-disk-aio"] ?? DEFAULT_LEVERS.qsdDiskAio;

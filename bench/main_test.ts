@@ -5,7 +5,7 @@ import { guestNics, iperfGuestScript } from "./net.ts";
 Deno.test("parseBenchArgs: defaults are left to runBench, seconds are whole numbers", () => {
   const d = parseBenchArgs([])!;
   assert.equal(d.quick, false);
-  assert.deepEqual(d.only, ["backend", "guest", "net", "memory"]);
+  assert.deepEqual(d.only, ["backend", "guest", "net", "memory", "migration"]);
   assert.equal(d.iperfSeconds, undefined);
   assert.equal(d.netSeconds, undefined);
   const o = parseBenchArgs(["--iperf-seconds", "7", "--net-seconds", "4", "--only", "net"])!;

@@ -7,6 +7,7 @@
 import type { BackendOnlyResult } from "./backend_only.ts";
 import type { GuestFioResult } from "./guest_fio.ts";
 import type { MemoryResult } from "./memory.ts";
+import type { MigrationResult } from "./migration.ts";
 import type { NetResult } from "./net.ts";
 import type { SystemInfo } from "./system.ts";
 import { sig } from "./lib.ts";
@@ -36,6 +37,8 @@ export interface BenchResult {
   net?: NetResult;
   /** Comparison 4. */
   memory?: MemoryResult;
+  /** Comparison 5. */
+  migration?: MigrationResult;
   /** Steps that failed, one line each. */
   failures: string[];
   /** Comparisons selected for this run (`--only`). */
@@ -234,6 +237,21 @@ export function charts(r: BenchResult, prefix: string): Record<string, string> {
       { label: "qsd, 1 export", bars: [{ series: "qsd", value: m.qsdOneDeviceMiB }] },
       { label: "target, 1 device", bars: [{ series: "target", value: m.targetMiB }] },
     ]);
+  }
+  const mig = r.migration;
+  if (mig) {
+    const variants = mig.summary.map((x) => x.variant);
+    const bars = (pick: (x: MigrationResult["summary"][number]) => number) =>
+      mig.summary.map((x) => ({ series: x.variant, value: pick(x) }));
+    files[`${prefix}migration.svg`] = barChart(
+      "Live migration of a guest with a busy disk",
+      "ms, lower is better",
+      variants,
+      [
+        { label: "total time", bars: bars((x) => x.totalTimeMs) },
+        { label: "downtime", bars: bars((x) => x.downtimeMs) },
+      ],
+    );
   }
   return files;
 }
@@ -648,6 +666,50 @@ export function markdown(
     out.push(notRun(r, "memory"), "");
   }
 
+  const mig = r.migration;
+  out.push("## 5. Live migration", "");
+  if (mig) {
+    const c = mig.config;
+    const by = (v: string) => mig.summary.find((x) => x.variant === v);
+    const vh = by("vhostd"), qsd = by("qsd");
+    out.push(
+      `A guest (${c.memoryMiB} MiB, TCG) keeps its disk busy (fio, 4 KiB random reads and ` +
+        `writes, QD16, O_DIRECT) and migrates between two QEMUs on this host, capped at ` +
+        `${Math.round(c.bandwidthBytes / 2 ** 20)} MiB/s with QEMU's ${c.downtimeLimitMs} ms ` +
+        `downtime limit; total time and downtime from \`query-migrate\`, median of ${c.runs} ` +
+        "migration(s) per variant, variants interleaved. vhostd and qemu-storage-daemon run a " +
+        "daemon per side on the one image (vhostd with its image lock handed over, qsd with " +
+        "`locking=off`); QEMU's own virtio-blk is opened by both QEMUs.",
+      "",
+      img("migration.svg", "migration chart"),
+      "",
+      table(
+        ["disk served by", "total time ms", "downtime ms", "passes", "RAM sent MiB"],
+        mig.summary.map((x) => {
+          const mine = mig.cases.filter((k) => k.variant === x.variant);
+          return [
+            x.variant,
+            fmt(x.totalTimeMs),
+            fmt(x.downtimeMs),
+            mine.map((k) => k.passes).join(", "),
+            mine.map((k) => k.transferredMiB).join(", "),
+          ];
+        }),
+      ),
+      "",
+    );
+    if (vh && qsd) {
+      out.push(
+        `vhostd / qemu-storage-daemon: total time ${
+          ratio(vh.totalTimeMs / qsd.totalTimeMs, false)
+        }, downtime ${ratio(vh.downtimeMs / qsd.downtimeMs, false)} (target: ≤ 1.0×).`,
+        "",
+      );
+    }
+  } else {
+    out.push(notRun(r, "migration"), "");
+  }
+
   out.push(
     "## Commands",
     "",
@@ -677,6 +739,9 @@ export function markdown(
     for (const [what, cmds] of Object.entries(n.commands)) out.push(`# net, ${what}`, ...cmds);
   }
   if (m) out.push("# memory", ...m.commands);
+  if (mig) {
+    for (const [v, cmds] of Object.entries(mig.commands)) out.push(`# migration, ${v}`, ...cmds);
+  }
   out.push("```", "");
   return out.join("\n");
 }

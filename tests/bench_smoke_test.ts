@@ -38,7 +38,7 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
     assert.ok(json, `no quick-DATE.json in ${names.join(", ")}`);
     assert.ok(names.some((n) => /^quick-.*\.md$/.test(n)), "no quick Markdown report");
     assert.ok(!names.includes("never.md"), "quick mode must not write the full report");
-    assert.ok(names.filter((n) => n.endsWith(".svg")).length >= 7, "charts missing");
+    assert.ok(names.filter((n) => n.endsWith(".svg")).length >= 8, "charts missing");
     for (const svg of names.filter((n) => n.endsWith(".svg"))) {
       const s = Deno.readTextFileSync(`${dir}/${svg}`);
       assert.ok(s.startsWith("<svg") && s.trimEnd().endsWith("</svg>"), `${svg} is not an SVG`);
@@ -102,6 +102,14 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
     positive(m.manyDevicesMiB, "RSS of 4 devices");
     positive(m.qsdOneDeviceMiB, "RSS of qsd");
     assert.ok(Number.isFinite(m.perExtraDeviceMiB), "increment per device");
+
+    const mig = r.migration;
+    assert.ok(mig, "migration missing");
+    assert.equal(mig.cases.length, 3, "one migration per variant");
+    for (const c of mig.cases) {
+      positive(c.totalTimeMs, `migration ${c.variant} total time`);
+      positive(c.downtimeMs, `migration ${c.variant} downtime`);
+    }
   } finally {
     try {
       child.kill("SIGKILL");

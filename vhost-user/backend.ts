@@ -696,9 +696,13 @@ export class VhostUserBackend {
 
   /** The last running ring stopped: tell the device (after its in-flight requests completed). */
   #suspend(): void {
+    const started = performance.now();
     this.#running = false;
     this.device.quiesce?.();
     this.device.suspended?.();
+    this.#log.debug("device suspended in {ms} ms", {
+      ms: (performance.now() - started).toFixed(1),
+    });
   }
 
   /**
