@@ -56,7 +56,9 @@ Checksum and segmentation offloads pass through to the host stack.
 Options:
   --socket PATH       vhost-user socket to create (required)
   --tap NAME          TAP interface to open or create (required, at most ${MAX_IFNAME} characters)
-  --queues N          queue pairs, 1-16 (default 1); N > 1 opens a multi-queue TAP
+  --queues N          queue pairs, 1-16 (default 1). A TAP vhostd creates is multi-queue, so a
+                      migration's destination daemon can open it too; one made beforehand
+                      without multi_queue serves one queue pair and cannot be shared
   --socket-mode MODE  octal mode of the socket file (default 0600)
   --socket-group GRP  group of the socket file (name or gid)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
