@@ -319,6 +319,37 @@ export class Vm {
     }
   }
 
+  /**
+   * What QEMU can tell about a guest that stopped making progress, for a failed test's report:
+   * its run state, where its vCPU is (twice, a second apart: a moving RIP is a guest that runs),
+   * and every virtqueue as QEMU and its vhost back-end see it (pending requests, or completions
+   * the guest did not notice). Never throws.
+   */
+  async diagnose(): Promise<string> {
+    if (!this.#running) return "QEMU exited";
+    const hmp = (c: string) => this.qmp.hmp(c).catch((e) => `${c}: ${(e as Error).message}`);
+    const rip = async () => (await hmp("info registers")).match(/RIP=\S+/)?.[0] ?? "RIP ?";
+    const out = [(await hmp("info status")).trim(), await rip()];
+    await new Promise((r) => setTimeout(r, 1000));
+    out.push(await rip());
+    const list = await hmp("info virtio");
+    for (const path of list.matchAll(/^(\/\S+) \[/gm)) {
+      for (const q of [0, 1]) {
+        for (const what of ["virtio-queue-status", "virtio-vhost-queue-status"]) {
+          const text = await hmp(`info ${what} ${path[1]} ${q}`);
+          if (/error|not|invalid/i.test(text) && text.length < 200) continue;
+          out.push(`${what} ${path[1]} ${q}:`, text.trim());
+          // A vhost ring's indexes live in guest memory only: flags and idx of avail and used.
+          for (const ring of ["avail", "used"]) {
+            const at = text.match(new RegExp(`${ring}_phys:\\s+(0x[0-9a-f]+)`))?.[1];
+            if (at) out.push(`${ring} ring flags, idx: ${(await hmp(`xp /2hx ${at}`)).trim()}`);
+          }
+        }
+      }
+    }
+    return out.join("\n");
+  }
+
   /** Asks QEMU to quit (QMP `quit`) and waits for it. */
   async quit(): Promise<void> {
     this.#closeSerial();

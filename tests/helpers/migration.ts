@@ -239,9 +239,33 @@ async function migrate(
   ctx: { dir: string; image: string; vms: Vm[] },
   src: { vm: Vm; host: BlkHost },
   dst: { name: string; host: BlkHost; place?: VmPlacement },
-  read: number,
+  hop: number,
   restartDuring: boolean,
 ): Promise<{ dst: Vm; info: MigrationInfo }> {
+  // QEMU switches over as soon as what is left fits its downtime limit, which a guest that is
+  // quiet for a moment (its disk gone during a restart, say) can reach even at a 1 ms limit. The
+  // test needs the switch-over after its steps: QEMU pauses before it (pause-before-switchover),
+  // and an attempt that got there early is cancelled (the source runs on) and made again.
+  await src.vm.qmp.execute("migrate-set-capabilities", {
+    capabilities: [{ capability: "pause-before-switchover", state: true }],
+  });
+  for (let attempt = 1;; attempt++) {
+    const moved = await migrateOnce(ctx, src, dst, hop * 10 + attempt, restartDuring);
+    if (moved !== null) return moved;
+    if (attempt === 3) throw new Error("QEMU switched over early three times running");
+  }
+}
+
+/** Thrown inside {@link migrateOnce} when QEMU reached the switch-over before the test's steps. */
+class EarlySwitchover extends Error {}
+
+async function migrateOnce(
+  ctx: { dir: string; image: string; vms: Vm[] },
+  src: { vm: Vm; host: BlkHost },
+  dst: { name: string; host: BlkHost; place?: VmPlacement },
+  read: number,
+  restartDuring: boolean,
+): Promise<{ dst: Vm; info: MigrationInfo } | null> {
   const uri = dst.place?.incoming ?? `unix:${ctx.dir}/${dst.name}.mig`;
   const vm = await Vm.start({
     ...vmOptions(ctx.dir, dst.name, dst.host.socket, dst.place),
@@ -249,19 +273,46 @@ async function migrate(
     initrdPath: src.vm.initrd,
   });
   ctx.vms.push(vm);
-  await src.vm.startMigration(uri, SLOW, 1);
-  await src.vm.waitMigration((i) => (i.dirtySyncCount ?? 0) >= 2);
-  await src.vm.type(`READ${read}\n`);
-  await src.vm.waitConsole(new RegExp(`^READ ${read} DONE`, "m"), 120_000);
-  if (restartDuring) {
-    // QEMU redials and starts the device again mid-migration: logging must come back with it.
-    const seen = rounds(src.vm.console()).length;
-    await restart(src.host, ctx.dir, ctx.image);
-    await src.vm.waitConsole((c) => rounds(c).length >= seen + 2, 120_000);
+  const early = (i: MigrationInfo) => i.status === "pre-switchover";
+  /** Waits for the source's console, giving up if QEMU paused for the switch-over meanwhile. */
+  const waitSource = async (ok: (c: string) => boolean, what: string) => {
+    const deadline = Date.now() + 120_000;
+    while (!ok(src.vm.console())) {
+      if (early(await src.vm.migrationInfo())) throw new EarlySwitchover();
+      if (Date.now() > deadline) throw new Error(`the console did not show ${what} in 120 s`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  };
+  try {
+    await src.vm.startMigration(uri, SLOW, 1);
+    if (early(await src.vm.waitMigration((i) => (i.dirtySyncCount ?? 0) >= 2 || early(i)))) {
+      throw new EarlySwitchover();
+    }
+    await src.vm.type(`READ${read}\n`);
+    const done = new RegExp(`^READ ${read} DONE`, "m");
+    await waitSource((c) => done.test(c), done.source);
+    if (restartDuring) {
+      // QEMU redials and starts the device again mid-migration: logging must come back with it.
+      const seen = rounds(src.vm.console()).length;
+      await restart(src.host, ctx.dir, ctx.image);
+      await waitSource((c) => rounds(c).length >= seen + 2, "two more rounds");
+    }
+    const after = (await src.vm.migrationInfo()).dirtySyncCount ?? 0;
+    if (early(await src.vm.waitMigration((i) => (i.dirtySyncCount ?? 0) > after || early(i)))) {
+      throw new EarlySwitchover();
+    }
+  } catch (e) {
+    if (!(e instanceof EarlySwitchover)) throw e;
+    console.log(`migration ${read}: QEMU reached the switch-over early; cancelled, trying again`);
+    await src.vm.qmp.execute("migrate_cancel");
+    await src.vm.waitMigration((i) => i.status === "cancelled");
+    await vm.kill();
+    ctx.vms.splice(ctx.vms.indexOf(vm), 1);
+    return null;
   }
-  const after = (await src.vm.migrationInfo()).dirtySyncCount ?? 0;
-  await src.vm.waitMigration((i) => (i.dirtySyncCount ?? 0) > after);
   await src.vm.setMigrationLimits(FAST, 2000);
+  const paused = await src.vm.waitMigration(early);
+  if (early(paused)) await src.vm.qmp.execute("migrate-continue", { state: "pre-switchover" });
   const info = await src.vm.waitMigration();
   if (info.status === "completed") {
     assert.ok((info.dirtySyncCount ?? 0) >= 3, "QEMU passed over guest RAM several times");
@@ -335,7 +386,7 @@ export async function migrationRun(opts: MigrationRunOptions): Promise<Migration
           `migration ${i + 1}: ${JSON.stringify(moved.info)}`,
         );
         await vm.quit();
-        text += vm.console();
+        text += `\n--- ${vm.options.name} ---\n${vm.console()}`;
         vm = moved.dst;
         host = next;
         // The destination checks what came over, a few rounds.
@@ -349,10 +400,13 @@ export async function migrationRun(opts: MigrationRunOptions): Promise<Migration
           setTimeout(() => reject(new Error("the guest did not finish")), 240_000)
         ),
       ]);
-      text += vm.console();
+      text += `\n--- ${vm.options.name} ---\n${vm.console()}`;
       assert.equal(exit.code, 0, `QEMU: ${exit.stderr}`);
     } catch (e) {
-      for (const v of vms) text += `\n--- ${v.options.name} ---\n${v.console()}`;
+      for (const v of vms) {
+        text += `\n--- ${v.options.name} ---\n${v.console()}`;
+        text += `\n--- ${v.options.name}, as QEMU sees it ---\n${await v.diagnose()}`;
+      }
       for (const h of hosts.values()) text += `\n--- daemon ${h.socket} ---\n${h.daemon.stderr}`;
       (e as Error).message += `\n${text}`;
       throw e;
