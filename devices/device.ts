@@ -87,6 +87,12 @@ export interface VirtioDevice {
   /** The front-end started a ring while none was running: the device is live again. */
   resumed?(): void;
   /**
+   * A live migration started (`true`: QEMU turned dirty logging on) or ended (`false`). The core
+   * logs guest memory writes itself; a device may use the time to shorten its {@link suspended}
+   * at the switch-over, which the guest sits out (a disk flushes ahead, in the background).
+   */
+  migrating?(on: boolean): void;
+  /**
    * QEMU asks the device to announce the guest's MAC address on its network (vhost-user
    * SEND_RARP), after a migration, for a guest that cannot announce itself. A device with this
    * method is offered the RARP protocol feature.

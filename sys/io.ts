@@ -130,6 +130,18 @@ export function fdatasync(fd: number): number {
 }
 
 /** fallocate; returns 0 or a negative errno. */
+/** sync_file_range's SYNC_FILE_RANGE_WRITE: start writing dirty pages back, without waiting. */
+const SYNC_FILE_RANGE_WRITE = 2;
+
+/**
+ * Starts write-back of every dirty page of `fd` and returns without waiting for it (it only
+ * blocks while the disk's request queue is full); 0 or a negative errno. Durability still needs
+ * {@link fdatasync}, which then has less to write.
+ */
+export function startWriteback(fd: number): number {
+  return libc.sync_file_range(fd, 0n, 0n, SYNC_FILE_RANGE_WRITE) < 0 ? -errno() : 0;
+}
+
 export function fallocate(fd: number, mode: number, offset: number, length: number): number {
   return libc.fallocate(fd, mode, BigInt(offset), BigInt(length)) < 0 ? -errno() : 0;
 }

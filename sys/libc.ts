@@ -36,6 +36,7 @@ const symbols = {
   writev: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   fdatasync: { parameters: ["i32"], result: "i32" },
+  sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
   fsync: { parameters: ["i32"], result: "i32" },
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },

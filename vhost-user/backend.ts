@@ -565,6 +565,7 @@ export class VhostUserBackend {
       // of a migration (a reconnect); when a migration starts, the log comes first.
       this.#joinedMigration = logAll && !this.#dirtyLog.mapped;
       this.#logAll = logAll;
+      this.device.migrating?.(logAll);
     }
     for (const q of this.queues) {
       if (!logAll || !this.#dirtyLogging) q.logWrites(null);

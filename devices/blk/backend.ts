@@ -14,6 +14,7 @@ import {
   IoVec,
   preadvFull,
   pwritevFull,
+  startWriteback,
 } from "../../sys/io.ts";
 import { closeQuietly, Errno } from "../../sys/libc.ts";
 
@@ -25,6 +26,8 @@ export interface BlockBackend {
   writev(iov: IoVec, offset: number): number;
   /** Makes completed writes durable; 0 or -errno. */
   flush(): number;
+  /** Starts writing cached data back without waiting (ahead of a {@link flush}); optional. */
+  startWriteback?(): void;
   /** Drops a range (a hint: reading it back may give zeros or the old data); 0 or -errno. */
   discard(offset: number, length: number): number;
   /**
@@ -88,6 +91,11 @@ export class FileBackend implements BlockBackend {
   /** fdatasync. */
   flush(): number {
     return fdatasync(this.#fd);
+  }
+
+  /** Starts write-back of the page cache; errors surface at the next {@link flush}. */
+  startWriteback(): void {
+    startWriteback(this.#fd);
   }
 
   /** Punches a hole; a file system that cannot still reads back what was there, which is fine. */

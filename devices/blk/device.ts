@@ -74,6 +74,11 @@ const SECTOR = 512;
 const MAX_SEGMENT_BYTES = 1 << 20;
 const SEG_MAX = 126;
 const MAX_DISCARD_SEGMENTS = 32;
+/**
+ * While a migration runs, written data is synced in the background at most this often, so the
+ * flush at the switch-over (which the guest sits out) has little left to do.
+ */
+const SYNC_AHEAD_MS = 100;
 const MAX_DISCARD_SECTORS = 1 << 22;
 /** What {@link BlkDevice.#handle} returns for a request a zeroing job now owns. */
 const DEFERRED = -1;
@@ -169,6 +174,11 @@ export class BlkDevice implements VirtioDevice {
   /** Why the image cannot be written now (another holder has its lock), or null. */
   #fenced: string | null = null;
   #fencedCheckedAt = 0;
+  /** A live migration runs (dirty logging on). */
+  #migrating = false;
+  /** Writes submitted since the last background sync started. */
+  #writesSinceSync = 0;
+  #syncedAt = 0;
 
   /** Builds the device around an open image fd. */
   constructor(options: BlkOptions) {
@@ -268,10 +278,16 @@ export class BlkDevice implements VirtioDevice {
    * another host next, and let go of the lock for it.
    */
   suspended(): void {
-    const rc = this.#storage.flush();
+    const rc = this.#flush();
     if (rc !== 0) this.#ioError("flush at device stop", rc);
     this.#lock?.release();
     this.#fenced = null;
+  }
+
+  /** A migration started or ended: while it runs, what is written is synced ahead. */
+  migrating(on: boolean): void {
+    this.#migrating = on;
+    this.#writesSinceSync = on ? 1 : 0;
   }
 
   /** Serves every available request on the queue (or as many as there are io_uring slots). */
@@ -302,6 +318,30 @@ export class BlkDevice implements VirtioDevice {
       queue.push(chain, written);
     }
     uring?.flush();
+    if (this.#migrating && this.#writesSinceSync > 0) this.#syncAhead(uring);
+  }
+
+  /**
+   * Syncs what was written in the background (io_uring), or starts its write-back from the page
+   * cache, unless that was done less than 100 ms ago.
+   */
+  #syncAhead(uring: UringEngine | null): void {
+    const now = monotonicMs();
+    if (now - this.#syncedAt < SYNC_AHEAD_MS) return;
+    if (uring === null) this.#storage.startWriteback?.();
+    else if (!uring.syncInBackground()) return;
+    this.#syncedAt = now;
+    this.#writesSinceSync = 0;
+  }
+
+  /**
+   * fdatasync, failing also if a background sync failed since the last flush: the kernel tells a
+   * write-back error to one fdatasync only, and that may have been the background one.
+   */
+  #flush(): number {
+    const rc = this.#storage.flush();
+    const early = this.#uring?.takeSyncError() ?? 0;
+    return rc !== 0 ? rc : early;
   }
 
   /** Waits for every request in flight (before a ring stops or guest memory changes). */
@@ -361,6 +401,7 @@ export class BlkDevice implements VirtioDevice {
         if (this.#readOnly || !this.#inRange(sector, bytes)) return false;
         if (!chain.readableIoVec(slot.iov, 16, bytes)) return false;
         slot.op = IoUringOp.WRITEV;
+        this.#writesSinceSync++;
         slot.expected = bytes;
         slot.writtenOnSuccess = 1;
         slot.syncAfter = !this.writeCache;
@@ -385,7 +426,8 @@ export class BlkDevice implements VirtioDevice {
   #finish(slot: RequestSlot, result: number): void {
     let status: number;
     if (slot.op === IoUringOp.FSYNC) {
-      status = this.#status(result, "flush");
+      const early = this.#uring!.takeSyncError();
+      status = this.#status(result < 0 ? result : early, "flush");
     } else if (result === slot.expected) {
       status = BlkStatus.OK;
     } else if (result >= 0) {
@@ -438,7 +480,7 @@ export class BlkDevice implements VirtioDevice {
         status = this.#write(chain, sector, chain.readableBytes - 16);
         break;
       case BlkRequestType.FLUSH:
-        status = this.#status(this.#storage.flush(), "flush");
+        status = this.#status(this.#flush(), "flush");
         break;
       case BlkRequestType.GET_ID: {
         const id = new Uint8Array(BLK_ID_BYTES);
@@ -482,6 +524,7 @@ export class BlkDevice implements VirtioDevice {
     iov.clear();
     if (!chain.readableIoVec(iov, 16, bytes)) return BlkStatus.IOERR;
     const n = this.#storage.writev(iov, sector * SECTOR);
+    this.#writesSinceSync++;
     if (n !== bytes) return this.#ioError("write", n < 0 ? n : -Errno.EIO);
     return this.writeCache
       ? BlkStatus.OK

@@ -66,6 +66,10 @@ export class UringEngine {
   readonly #touched = new Set<Virtqueue>();
   readonly #throttled = new Set<Virtqueue>();
   #loop: DeviceEventLoop | null = null;
+  /** A background sync is in flight (see {@link syncInBackground}). */
+  #syncing = false;
+  /** The first error of a background sync not yet taken (-errno), or 0. */
+  #syncError = 0;
 
   /** An engine on image `fd` with `depth` requests in flight at most. */
   constructor(fd: number, depth: number, maxSegments: number, owner: UringOwner) {
@@ -121,6 +125,33 @@ export class UringEngine {
     this.#ring.prepare(slot.op, this.#fd, iov, slot.offset, slot.tag);
   }
 
+  /**
+   * Starts an fdatasync no request waits for, so that written data is on stable storage before a
+   * flush that must be quick (at a migration's switch-over) asks for it. Returns false while one
+   * is in flight or when every slot is busy. Its error is kept for {@link takeSyncError}: the
+   * kernel reports a write-back error once per open file, so nobody else would see it.
+   */
+  syncInBackground(): boolean {
+    if (this.#syncing) return false;
+    const slot = this.#free.pop();
+    if (slot === undefined) return false;
+    slot.queue = null;
+    slot.op = IoUringOp.FSYNC;
+    slot.syncAfter = false;
+    slot.offset = 0;
+    this.#syncing = true;
+    this.queue(slot);
+    this.flush();
+    return true;
+  }
+
+  /** The first error of a background sync since the last call (-errno), or 0. */
+  takeSyncError(): number {
+    const e = this.#syncError;
+    this.#syncError = 0;
+    return e;
+  }
+
   /** Hands everything queued to the kernel. */
   flush(): void {
     this.#ring.submit();
@@ -159,7 +190,14 @@ export class UringEngine {
         this.flush();
         return;
       }
-      const queue = slot.queue!;
+      const queue = slot.queue;
+      if (queue === null) {
+        // A background sync: no request to complete.
+        if (result < 0 && this.#syncError === 0) this.#syncError = result;
+        this.#syncing = false;
+        this.release(slot);
+        return;
+      }
       this.#owner.finish(slot, result);
       this.#touched.add(queue);
       this.release(slot);
