@@ -447,6 +447,13 @@ export function markdown(
   out.push("## 2. Guest fio", "");
   if (g) {
     const c = g.config;
+    if (g.hangs?.length) {
+      out.push(
+        `**${g.hangs.length} boot(s) hung and were made again** (the figures are from the ` +
+          `second try): ${g.hangs.join("; ")}`,
+        "",
+      );
+    }
     out.push(
       `fio in one ${accel} guest (${c.smp} vCPU, ${c.memoryMiB} MiB, Debian 6.1 kernel, libaio, ` +
         `direct, ${c.seconds} s per run) with a disk per back-end, all three served from the ` +

@@ -63,6 +63,7 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
 
     const g = r.guestFio;
     assert.ok(g, "guestFio missing");
+    if (g.hangs.length) console.log(`guest boots made again after a hang: ${g.hangs.join("; ")}`);
     assert.equal(g.cases.length, 3 * 4, "jobs × variants");
     for (const c of g.cases) {
       positive(c.iops, `guest ${c.job} ${c.variant} IOPS`);
