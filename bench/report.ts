@@ -450,7 +450,7 @@ export function markdown(
     if (g.hangs?.length) {
       out.push(
         `**${g.hangs.length} boot(s) hung and were made again** (the figures are from the ` +
-          `second try): ${g.hangs.join("; ")}`,
+          `boot that finished): ${g.hangs.join("; ")}`,
         "",
       );
     }
