@@ -33,7 +33,7 @@ import { closeQuietly } from "../sys/libc.ts";
 export const DEFAULT_POLL_US = 100;
 
 /** `vhostd blk --help`. */
-export const BLK_HELP = `Usage: deno task vhostd blk --socket PATH --image FILE [options]
+export const BLK_HELP = `Usage: vhostd blk --socket PATH --image FILE [options]
 
 Serves FILE (a raw image or a block device) as a virtio-blk device on the vhost-user
 socket PATH, until SIGINT or SIGTERM.
@@ -55,7 +55,7 @@ Options:
 ${SERVE_OPTIONS_HELP}
 
 Example:
-  deno task vhostd blk --socket /run/vhostd/vm1-disk.sock --image /var/lib/vm1.img --queues 4 \\
+  vhostd blk --socket /run/vhostd/vm1-disk.sock --image /var/lib/vm1.img --queues 4 \\
     --metrics 127.0.0.1:9101
 `;
 

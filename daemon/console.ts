@@ -80,7 +80,7 @@ export const MAX_LOG_MAX_BYTES = 2 ** 40;
 export const MAX_ATTACH_CLIENTS = 1024;
 
 /** `vhostd console --help`. */
-export const CONSOLE_HELP = `Usage: deno task vhostd console --socket PATH [options]
+export const CONSOLE_HELP = `Usage: vhostd console --socket PATH [options]
 
 Serves a console with per-port logs, scrollback and attach sockets, until SIGINT or SIGTERM.
 
@@ -160,7 +160,7 @@ ${SERVE_OPTIONS_HELP}
   (--metrics and --control need vhost-user mode)
 
 Example:
-  deno task vhostd console --socket /run/vm1/con.sock --name agent --log /var/log/vm1.console
+  vhostd console --socket /run/vm1/con.sock --name agent --log /var/log/vm1.console
   socat -,raw,echo=0 UNIX-CONNECT:/run/vm1/con.sock.console
 `;
 

@@ -22,7 +22,7 @@ import {
   type LoadResult,
 } from "./load_worker.ts";
 
-const HELP = `Usage: deno task vhostd load --socket PATH [options]
+const HELP = `Usage: vhostd load --socket PATH [options]
 
 Drives the vhost-user-blk back-end at PATH from worker threads (one per queue) and reports
 IOPS, MB/s and latency. Random writes overwrite the image with junk: use a scratch image.

@@ -1,5 +1,5 @@
 /**
- * The `vhostd` command line: `deno task vhostd <command> [options]`.
+ * The `vhostd` command line: `vhostd <command> [options]`.
  *
  * @module
  */
@@ -8,7 +8,7 @@ import { UsageError } from "../devices/blk/image.ts";
 
 const HELP = `vhostd: virtio devices for QEMU over vhost-user
 
-Usage: deno task vhostd <command> [options]
+Usage: vhostd <command> [options]
 
 Commands:
   run      serve every device of one VM from a JSON config file (what systemd runs)
@@ -21,11 +21,12 @@ Commands:
   probe    show what any vhost-user back-end offers (features, queues, config)
   load     measure a vhost-user-blk back-end: IOPS, MB/s, latency
   help     show this text, or "help <command>"
+  version  show vhostd's version (also --version)
 
-Run "deno task vhostd <command> --help" for a command's options.
+Run "vhostd <command> --help" for a command's options.
 
 Example:
-  deno task vhostd run --config examples/config/vm1.json --socket-dir /tmp/vm1
+  vhostd run --config examples/config/vm1.json --socket-dir /tmp/vm1
 `;
 
 // Each command's module is loaded when that command runs: a daemon serving one disk does not
@@ -51,9 +52,13 @@ export async function main(args: string[]): Promise<number> {
     console.log(HELP);
     return command === undefined ? 2 : 0;
   }
+  if (command === "version" || command === "--version" || command === "-V") {
+    console.log((await import("./version.ts")).versionText());
+    return 0;
+  }
   const run = commands[command];
   if (!run) {
-    console.error(`vhostd: unknown command "${command}" (try "deno task vhostd help")`);
+    console.error(`vhostd: unknown command "${command}" (try "vhostd help")`);
     return 2;
   }
   try {

@@ -47,7 +47,7 @@ import type { ServiceOptions } from "./service.ts";
 export const DEFAULT_NET_POLL_US = 0;
 
 /** `vhostd net --help`. */
-export const NET_HELP = `Usage: deno task vhostd net --socket PATH --tap NAME [options]
+export const NET_HELP = `Usage: vhostd net --socket PATH --tap NAME [options]
 
 Serves a virtio-net device on the vhost-user socket PATH whose frames go to and come from the
 TAP interface NAME (created if it does not exist; needs CAP_NET_ADMIN), until SIGINT or SIGTERM.
@@ -84,8 +84,7 @@ const MAX_UPLINK_MACS = 16384;
 const MAX_FLOOD_RATE = 1_000_000;
 
 /** `vhostd switch --help`. */
-export const SWITCH_HELP =
-  `Usage: deno task vhostd switch --socket A.sock --socket B.sock [...] [options]
+export const SWITCH_HELP = `Usage: vhostd switch --socket A.sock --socket B.sock [...] [options]
 
 Serves one virtio-net port per --socket (port 0, 1, ... in order), joined by a learning L2
 switch (unknown and broadcast frames are flooded), until SIGINT or SIGTERM. Partial checksums are

@@ -16,7 +16,7 @@ import { FrontendConnection } from "../vhost-user/frontend/connection.ts";
 import { type BlkConfigInfo, decodeBlkConfig } from "../vhost-user/frontend/blk_config.ts";
 import { bit, featureNames, ProtocolFeature, VirtioFeature } from "../vhost-user/message.ts";
 
-const HELP = `Usage: deno task vhostd probe --socket PATH [--json]
+const HELP = `Usage: vhostd probe --socket PATH [--json]
 
 Connects to the vhost-user back-end listening on PATH and prints its virtio features,
 protocol features, queue count and (for a block device) its decoded config space.

@@ -29,7 +29,7 @@ registerPlanner("console", planConsoleDevice);
 registerPlanner("net", planNetDevice);
 
 /** `vhostd run --help`. */
-export const RUN_HELP = `Usage: deno task vhostd run --config FILE [options]
+export const RUN_HELP = `Usage: vhostd run --config FILE [options]
 
 Serves every device of one VM, described in the JSON file FILE, from one process: each
 device on its own vhost-user socket, all in the socket folder. The whole file is checked
@@ -46,8 +46,8 @@ ${SERVE_OPTIONS_HELP}
    --metrics-any-address also allows the file's metrics address)
 
 Example:
-  deno task vhostd run --config /etc/vhostd/vm1.json --metrics 127.0.0.1:9101
-  deno task vhostd status --config /etc/vhostd/vm1.json
+  vhostd run --config /etc/vhostd/vm1.json --metrics 127.0.0.1:9101
+  vhostd status --config /etc/vhostd/vm1.json
 `;
 
 /** Turns the command line into a checked plan (or "help"). */
@@ -85,7 +85,7 @@ export function planRun(args: string[]): VmPlan | "help" | { check: VmPlan } {
 function banner(plan: VmPlan): string {
   const lines = [`vhostd: serving ${plan.name}: ${plan.devices.length} device(s)`];
   for (const d of plan.devices) lines.push(`  ${d.describe}`);
-  lines.push(`  status: deno task vhostd status --control ${plan.control}`);
+  lines.push(`  status: vhostd status --control ${plan.control}`);
   if (plan.metrics && plan.metrics.port !== 0) {
     lines.push(`  metrics: http://${plan.metrics.hostname}:${plan.metrics.port}/metrics`);
   }

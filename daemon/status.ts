@@ -13,7 +13,7 @@ import { requestStatus, type StatusReport } from "./control.ts";
 
 /** `vhostd status --help`. */
 export const STATUS_HELP =
-  `Usage: deno task vhostd status (--config FILE | --socket-dir DIR | --control PATH) [--json]
+  `Usage: vhostd status (--config FILE | --socket-dir DIR | --control PATH) [--json]
 
 Asks a running vhostd for its state, through its control socket (${CONTROL_SOCKET} in the
 socket folder for "run"; "--control PATH" for the other commands), and prints a table: devices,
@@ -28,7 +28,7 @@ Options:
   -h, --help          show this text
 
 Example:
-  deno task vhostd status --config /etc/vhostd/vm1.json
+  vhostd status --config /etc/vhostd/vm1.json
 `;
 
 const STATUS_BITS: [number, string][] = [
