@@ -59,7 +59,8 @@ export const SERVE_OPTIONS_HELP =
                       e.g. 127.0.0.1:9101; a loopback address only, since they have no
                       authentication, unless --metrics-any-address is given
   --metrics-any-address  allow --metrics on an address that is not loopback
-  --control PATH      answer "vhostd status --control PATH" on this Unix socket
+  --control PATH      answer "vhostd status" and "vhostd resize" (--control PATH) on this
+                      Unix socket
   --log-level LEVEL   trace, debug, info, warning, error (default info)
   --log-format FMT    text or json (default text)
   -h, --help          show this text`;

@@ -1,8 +1,10 @@
 /**
- * The control socket: a Unix stream socket on the main thread that answers `vhostd status`. A
- * client sends one JSON line (`{"command":"status"}`) and gets one JSON line back.
+ * The control socket: a Unix stream socket on the main thread that answers `vhostd status` and
+ * `vhostd resize`. A client sends one JSON line (`{"command":"status"}`, or
+ * `{"command":"resize","device":"disk0"}` with the device optional) and gets one JSON line back.
  *
- * The answer is built from shared memory only (daemon/stats.ts): the workers are never asked.
+ * Status is built from shared memory only (daemon/stats.ts): the workers are never asked. Resize
+ * wakes the devices' workers (see `DeviceService.refresh`) and answers with what each said.
  *
  * @module
  */
@@ -13,6 +15,7 @@ import { clearSocketPath } from "./service.ts";
 import { QueueFlag } from "./stats.ts";
 import { LATENCY_BUCKETS, QueueStat } from "../ring/queue_stats.ts";
 import type { ObservedDevice } from "./metrics.ts";
+import type { DeviceRefresh } from "./service.ts";
 
 /** One queue in a status report. */
 export interface QueueStatus {
@@ -135,11 +138,24 @@ export interface ControlServer {
   close(): void;
 }
 
+/** What `resize` does: refresh every device, or the one named; throws for an unknown name. */
+export type ResizeHandler = (device?: string) => Promise<DeviceRefresh[]>;
+
+/** What `resize` receives. */
+export interface ResizeReport {
+  /** What each device refreshed said. */
+  devices: DeviceRefresh[];
+}
+
 /**
- * Listens on `path` (mode 0600: status shows who is connected, so only the daemon's user may ask)
- * and answers each connection's request with `report()`.
+ * Listens on `path` (mode 0600: status shows who is connected, and resize acts, so only the
+ * daemon's user may ask) and answers `status` with `report()` and `resize` with `resize`.
  */
-export function startControlServer(path: string, report: () => StatusReport): ControlServer {
+export function startControlServer(
+  path: string,
+  report: () => StatusReport,
+  resize?: ResizeHandler,
+): ControlServer {
   clearSocketPath(path, "control socket", "daemon");
   let listener: Deno.UnixListener;
   try {
@@ -154,7 +170,7 @@ export function startControlServer(path: string, report: () => StatusReport): Co
   }
   (async () => {
     try {
-      for await (const conn of listener) answer(conn, report).catch(() => {});
+      for await (const conn of listener) answer(conn, report, resize).catch(() => {});
     } catch {
       // the listener was closed
     }
@@ -176,18 +192,40 @@ export function startControlServer(path: string, report: () => StatusReport): Co
   };
 }
 
-async function answer(conn: Deno.UnixConn, report: () => StatusReport): Promise<void> {
+async function answer(
+  conn: Deno.UnixConn,
+  report: () => StatusReport,
+  resize: ResizeHandler | undefined,
+): Promise<void> {
   const encoder = new TextEncoder();
   try {
     const request = await readLine(conn, 4096, 2000);
     let reply: unknown;
+    let cmd: { command?: unknown; device?: unknown };
     try {
-      const cmd = JSON.parse(request) as { command?: string };
-      reply = cmd.command === "status"
-        ? report()
-        : { error: `unknown command ${JSON.stringify(cmd.command)}` };
+      cmd = JSON.parse(request);
+      if (typeof cmd !== "object" || cmd === null) throw new TypeError();
     } catch {
+      cmd = {};
       reply = { error: 'expected one JSON line like {"command":"status"}' };
+    }
+    if (reply !== undefined) {
+      // already refused
+    } else if (cmd.command === "status") {
+      reply = report();
+    } else if (cmd.command === "resize" && resize !== undefined) {
+      const device = cmd.device;
+      if (device !== undefined && typeof device !== "string") {
+        reply = { error: "resize: device must be a device name" };
+      } else {
+        try {
+          reply = { devices: await resize(device) } satisfies ResizeReport;
+        } catch (e) {
+          reply = { error: (e as Error).message };
+        }
+      }
+    } else {
+      reply = { error: `unknown command ${JSON.stringify(cmd.command)}` };
     }
     const bytes = encoder.encode(JSON.stringify(reply) + "\n");
     for (let off = 0; off < bytes.length;) off += await conn.write(bytes.subarray(off));
@@ -219,7 +257,20 @@ async function readLine(conn: Deno.Conn, max: number, timeoutMs: number): Promis
 }
 
 /** Asks the daemon listening on `path` for its status. */
-export async function requestStatus(path: string): Promise<StatusReport> {
+export function requestStatus(path: string): Promise<StatusReport> {
+  return request<StatusReport>(path, { command: "status" });
+}
+
+/**
+ * Asks the daemon listening on `path` to refresh its devices, or the one named `device` (a disk
+ * re-reads its image's size and tells the guest when it grew), and returns what each said.
+ */
+export function requestResize(path: string, device?: string): Promise<ResizeReport> {
+  return request<ResizeReport>(path, { command: "resize", device });
+}
+
+/** Sends one command line to the daemon on `path` and returns its answer (throws its error). */
+async function request<T>(path: string, command: Record<string, unknown>): Promise<T> {
   let conn: Deno.UnixConn;
   try {
     conn = await Deno.connect({ transport: "unix", path });
@@ -227,7 +278,7 @@ export async function requestStatus(path: string): Promise<StatusReport> {
     throw new Error(`no daemon answers on ${path}: ${(e as Error).message.split("\n")[0]}`);
   }
   try {
-    await conn.write(new TextEncoder().encode('{"command":"status"}\n'));
+    await conn.write(new TextEncoder().encode(JSON.stringify(command) + "\n"));
     const chunks: Uint8Array<ArrayBuffer>[] = [];
     const buf = new Uint8Array(65536);
     for (;;) {
@@ -236,9 +287,11 @@ export async function requestStatus(path: string): Promise<StatusReport> {
       chunks.push(buf.slice(0, n));
     }
     const text = new TextDecoder().decode(await new Blob(chunks).bytes());
-    const reply = JSON.parse(text) as StatusReport | { error: string };
-    if ("error" in reply) throw new Error(reply.error);
-    return reply;
+    const reply = JSON.parse(text) as T | { error: string };
+    if (typeof reply === "object" && reply !== null && "error" in reply) {
+      throw new Error(reply.error);
+    }
+    return reply as T;
   } finally {
     try {
       conn.close();

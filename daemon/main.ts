@@ -13,6 +13,7 @@ Usage: vhostd <command> [options]
 Commands:
   run      serve every device of one VM from a JSON config file (what systemd runs)
   status   show a running daemon's devices, front-ends, queues and counters
+  resize   tell a running daemon's disks to read their images' sizes again (after growing one)
   blk      serve a disk image as a virtio-blk device
   start    serve a 1 GiB scratch disk with default settings (no options needed)
   console  serve a virtio console with logs, scrollback and attach sockets
@@ -34,6 +35,7 @@ Example:
 const commands: Record<string, (args: string[]) => Promise<number>> = {
   run: async (a) => (await import("./run.ts")).cmdRun(a),
   status: async (a) => (await import("./status.ts")).cmdStatus(a),
+  resize: async (a) => (await import("./resize.ts")).cmdResize(a),
   blk: async (a) => (await import("./blk.ts")).cmdBlk(a),
   start: async (a) => (await import("./blk.ts")).cmdStart(a),
   probe: async (a) => (await import("./probe.ts")).cmdProbe(a),

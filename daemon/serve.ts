@@ -7,7 +7,13 @@
 
 import { getLogger } from "../log/mod.ts";
 import { defaultLogSettings, type LogSettings, setupLogging } from "./log.ts";
-import { DeviceService, type ServiceOptions, socketPaths } from "./service.ts";
+import {
+  deviceName,
+  type DeviceRefresh,
+  DeviceService,
+  type ServiceOptions,
+  socketPaths,
+} from "./service.ts";
 import type { ServeExtras } from "./cli.ts";
 import {
   isLoopbackHost,
@@ -17,6 +23,7 @@ import {
 } from "./metrics.ts";
 import { type ControlServer, startControlServer, statusReport } from "./control.ts";
 import { SdNotifier } from "./notify.ts";
+import { UsageError } from "../devices/blk/image.ts";
 
 /** The devices of running services, one per socket, as metrics and status see them. */
 export function observe(services: readonly DeviceService[]): ObservedDevice[] {
@@ -25,7 +32,7 @@ export function observe(services: readonly DeviceService[]): ObservedDevice[] {
     const paths = socketPaths(s.options);
     for (let port = 0; port < s.stats.ports; port++) {
       out.push({
-        name: paths.length > 1 ? `${s.options.name}.${port}` : s.options.name,
+        name: deviceName(s.options, port),
         type: s.options.type ?? s.options.name,
         socket: paths[port],
         running: s.running,
@@ -34,6 +41,44 @@ export function observe(services: readonly DeviceService[]): ObservedDevice[] {
     }
   }
   return out;
+}
+
+/**
+ * Asks the services' devices to refresh ({@link DeviceService.refresh}): all of them, or the one
+ * named `device` (a service's name, or `name.port`). Throws a UsageError naming the devices there
+ * are when none is called `device`.
+ */
+export async function refreshDevices(
+  services: readonly DeviceService[],
+  device?: string,
+): Promise<DeviceRefresh[]> {
+  if (device === undefined) return (await Promise.all(services.map((s) => s.refresh()))).flat();
+  const service = services.find((s) =>
+    s.options.name === device ||
+    socketPaths(s.options).some((_, port) => deviceName(s.options, port) === device)
+  );
+  if (service === undefined) {
+    const names = observe(services).map((d) => d.name).join(", ");
+    throw new UsageError(`no device named "${device}" (there are: ${names})`);
+  }
+  const results = await service.refresh();
+  return results.filter((r) => r.device === device || service.options.name === device);
+}
+
+/**
+ * SIGHUP asks every device to refresh (a disk re-reads its image's size): the operator grew an
+ * image and wants the guest to see it. Returns what removes the listener.
+ */
+function refreshOnSighup(services: readonly DeviceService[]): () => void {
+  const logger = getLogger(["vhostd", "daemon"]);
+  const onHup = () => {
+    logger.info("SIGHUP: asking every device to refresh");
+    refreshDevices(services).catch((e) =>
+      logger.error("refresh failed: {error}", { error: (e as Error).message })
+    );
+  };
+  Deno.addSignalListener("SIGHUP", onHup);
+  return () => Deno.removeSignalListener("SIGHUP", onHup);
 }
 
 /**
@@ -93,9 +138,12 @@ export async function runServices(
   const sigterm = () => onSignal("SIGTERM");
   Deno.addSignalListener("SIGINT", sigint);
   Deno.addSignalListener("SIGTERM", sigterm);
+  // Before the devices start, like the others: SIGHUP's default action kills the process.
+  const removeHupListener = refreshOnSighup(services);
   const removeSignalListeners = () => {
     Deno.removeSignalListener("SIGINT", sigint);
     Deno.removeSignalListener("SIGTERM", sigterm);
+    removeHupListener();
   };
   try {
     // The endpoints first: a metrics port in use should fail before any device socket appears.
@@ -104,6 +152,7 @@ export async function runServices(
       control = startControlServer(
         extras.control,
         () => statusReport(name, startedAt, observe(services)),
+        (device) => refreshDevices(services, device),
       );
     }
     for (const p of plans) services.push(await DeviceService.start(p));

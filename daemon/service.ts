@@ -1,6 +1,6 @@
 /**
  * A device served from a data-plane worker, seen from the main thread: it owns the listening
- * socket (checked before anything starts), the worker, and the shutdown eventfd.
+ * socket (checked before anything starts), the worker, and the shutdown and refresh eventfds.
  *
  * @module
  */
@@ -10,7 +10,7 @@ import { closeQuietly } from "../sys/libc.ts";
 import { listenUnix, probeSocketPath } from "../sys/socket.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import type { LogSettings } from "./log.ts";
-import type { WorkerInit, WorkerReport } from "./worker.ts";
+import type { RefreshResult, WorkerInit, WorkerReport } from "./worker.ts";
 import { allocateStats, ServiceStats } from "./stats.ts";
 
 /** What to serve and where. */
@@ -67,6 +67,22 @@ export function bindSocket(path: string, mode = 0o600, gid?: number): number {
   }
 }
 
+/** What one device said when asked to refresh ({@link DeviceService.refresh}). */
+export interface DeviceRefresh {
+  /** The device's name, as status shows it (`name`, or `name.port` for a service of several). */
+  device: string;
+  /** What it did, in a line. */
+  message: string;
+}
+
+/** A {@link DeviceService.refresh} call waiting for the worker's answer. */
+interface RefreshWaiter {
+  resolve(results: RefreshResult[] | null): void;
+}
+
+/** How long {@link DeviceService.refresh} waits for the worker by default. */
+const REFRESH_TIMEOUT_MS = 10_000;
+
 /** One running device. */
 export class DeviceService {
   /** The options it was started with. */
@@ -80,6 +96,9 @@ export class DeviceService {
   readonly #worker: Worker;
   readonly #listenFds: number[];
   readonly #shutdownFd: number;
+  readonly #refreshFd: number;
+  /** Refresh calls in the order they signalled the worker, which answers them in that order. */
+  readonly #refreshWaiters: RefreshWaiter[] = [];
   #stopped = false;
 
   private constructor(
@@ -87,6 +106,7 @@ export class DeviceService {
     worker: Worker,
     listenFds: number[],
     shutdownFd: number,
+    refreshFd: number,
     done: Promise<void>,
     stats: ServiceStats,
   ) {
@@ -95,6 +115,7 @@ export class DeviceService {
     this.#worker = worker;
     this.#listenFds = listenFds;
     this.#shutdownFd = shutdownFd;
+    this.#refreshFd = refreshFd;
     this.done = done;
   }
 
@@ -111,7 +132,9 @@ export class DeviceService {
       throw e;
     }
     const shutdownFd = createEventFd();
+    const refreshFd = createEventFd();
     const worker = new Worker(new URL("./worker.ts", import.meta.url).href, { type: "module" });
+    let onRefreshed: (r: WorkerReport & { type: "refreshed" }) => void = () => {};
     let onReady!: () => void, onFail!: (e: Error) => void;
     const ready = new Promise<void>((res, rej) => [onReady, onFail] = [res, rej]);
     let onDone!: () => void, onDead!: (e: Error) => void;
@@ -120,6 +143,7 @@ export class DeviceService {
     worker.onmessage = (e: MessageEvent<WorkerReport>) => {
       const r = e.data;
       if (r.type === "ready") onReady();
+      else if (r.type === "refreshed") onRefreshed(r);
       else if (r.type === "failed") {
         const err = new Error(`${options.name}: ${r.message}`);
         onFail(err);
@@ -138,6 +162,7 @@ export class DeviceService {
       options: options.options,
       listenFds,
       shutdownFd,
+      refreshFd,
       log: options.log,
       name: options.name,
       allowUids: options.allowUids,
@@ -146,8 +171,23 @@ export class DeviceService {
     };
     worker.postMessage(init);
     const stats = new ServiceStats(sab, listenFds.length);
-    const service = new DeviceService(options, worker, listenFds, shutdownFd, done, stats);
-    done.then(() => service.running = false, () => service.running = false);
+    const service = new DeviceService(
+      options,
+      worker,
+      listenFds,
+      shutdownFd,
+      refreshFd,
+      done,
+      stats,
+    );
+    onRefreshed = (r) => {
+      for (const w of service.#refreshWaiters.splice(0, r.requests)) w.resolve(r.results);
+    };
+    const gone = () => {
+      service.running = false;
+      for (const w of service.#refreshWaiters.splice(0)) w.resolve(null);
+    };
+    done.then(gone, gone);
     try {
       await ready;
     } catch (e) {
@@ -172,6 +212,36 @@ export class DeviceService {
     }
   }
 
+  /**
+   * Asks every device of this service to look at what backs it again (a disk re-reads its
+   * image's size and tells the guest when it grew; see {@link VirtioDevice.refresh}), and waits
+   * up to `timeoutMs` for what each says. The worker is woken through an eventfd its loop
+   * watches; requests that come while it refreshes are answered by its next round.
+   */
+  refresh(timeoutMs = REFRESH_TIMEOUT_MS): Promise<DeviceRefresh[]> {
+    const names = (results: RefreshResult[]) =>
+      results.map((r) => ({ device: deviceName(this.options, r.port), message: r.message }));
+    const all = (message: string) =>
+      socketPaths(this.options).map((_, port) => ({
+        device: deviceName(this.options, port),
+        message,
+      }));
+    if (this.#stopped || !this.running) return Promise.resolve(all("not running"));
+    return new Promise((resolve) => {
+      let settled = false;
+      const timer = setTimeout(() => settle(null, "no answer from the device's worker"), timeoutMs);
+      const settle = (results: RefreshResult[] | null, otherwise: string) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        resolve(results === null ? all(otherwise) : names(results));
+      };
+      // A waiter that timed out keeps its place: the worker still answers its signal.
+      this.#refreshWaiters.push({ resolve: (results) => settle(results, "stopped") });
+      signalEventFd(this.#refreshFd);
+    });
+  }
+
   /** Removes the socket files now (for an immediate exit). */
   removeSocket(): void {
     for (const path of socketPaths(this.options)) removeQuietly(path);
@@ -182,7 +252,13 @@ export class DeviceService {
     this.removeSocket();
     for (const fd of this.#listenFds) closeQuietly(fd);
     closeQuietly(this.#shutdownFd);
+    closeQuietly(this.#refreshFd);
   }
+}
+
+/** The name of a service's device on socket `port`: the service's, or `name.port` for several. */
+export function deviceName(options: ServiceOptions, port: number): string {
+  return socketPaths(options).length > 1 ? `${options.name}.${port}` : options.name;
 }
 
 /** The socket paths a service listens on. */

@@ -133,6 +133,22 @@ export function formatStatus(r: StatusReport, allQueues = false): string {
   return out.join("\n");
 }
 
+/**
+ * The control socket `command` talks to, from `--control PATH`, `--config FILE` (with
+ * `--socket-dir DIR`, as `run` was given) or `--socket-dir DIR` alone.
+ */
+export function controlPathOf(
+  values: { control?: string; config?: string; "socket-dir"?: string },
+  command: string,
+): string {
+  if (values.control !== undefined) return values.control;
+  if (values.config !== undefined) {
+    return controlSocketOf(readConfigFile(values.config), { socketDir: values["socket-dir"] });
+  }
+  if (values["socket-dir"] !== undefined) return `${values["socket-dir"]}/${CONTROL_SOCKET}`;
+  throw new UsageError(`${command} needs --config FILE, --socket-dir DIR or --control PATH`);
+}
+
 /** `vhostd status`. */
 export async function cmdStatus(args: string[]): Promise<number> {
   const { values } = usage(() =>
@@ -153,13 +169,7 @@ export async function cmdStatus(args: string[]): Promise<number> {
     console.log(STATUS_HELP);
     return 0;
   }
-  let path: string;
-  if (values.control !== undefined) path = values.control;
-  else if (values.config !== undefined) {
-    path = controlSocketOf(readConfigFile(values.config), { socketDir: values["socket-dir"] });
-  } else if (values["socket-dir"] !== undefined) path = `${values["socket-dir"]}/${CONTROL_SOCKET}`;
-  else throw new UsageError("status needs --config FILE, --socket-dir DIR or --control PATH");
-  const report = await requestStatus(path);
+  const report = await requestStatus(controlPathOf(values, "status"));
   console.log(
     values.json ? JSON.stringify(report, null, 2) : formatStatus(report, values["all-queues"]),
   );

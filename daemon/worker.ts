@@ -8,6 +8,7 @@
 /// <reference lib="deno.worker" />
 
 import { getLogger } from "../log/mod.ts";
+import { drainEventFd } from "../sys/event.ts";
 import type { DeviceModule, VirtioDevice } from "../devices/device.ts";
 import { EventLoop } from "../vhost-user/event_loop.ts";
 import { VhostUserServer } from "../vhost-user/server.ts";
@@ -24,6 +25,8 @@ export interface WorkerInit {
   listenFds: number[];
   /** The eventfd that stops the loop. */
   shutdownFd: number;
+  /** The eventfd that asks every device to refresh ({@link VirtioDevice.refresh}). */
+  refreshFd: number;
   /** Logging settings. */
   log: LogSettings;
   /** Device name, for logs. */
@@ -39,11 +42,21 @@ export interface WorkerInit {
   pollUs: number;
 }
 
+/** What one device said when asked to refresh. */
+export interface RefreshResult {
+  /** The port (socket index) of the device in its service. */
+  port: number;
+  /** What it did, in a line (see {@link VirtioDevice.refresh}). */
+  message: string;
+}
+
 /** What a worker reports to the main thread. */
 export type WorkerReport =
   | { type: "ready" }
   | { type: "stopped" }
-  | { type: "failed"; message: string };
+  | { type: "failed"; message: string }
+  /** The devices refreshed, answering `requests` signals of the refresh eventfd. */
+  | { type: "refreshed"; requests: number; results: RefreshResult[] };
 
 const report = (r: WorkerReport) => self.postMessage(r);
 
@@ -76,6 +89,12 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
   report({ type: "ready" });
   try {
     for (const s of servers) s.start();
+    loop.watch(init.refreshFd, () => {
+      const requests = drainEventFd(init.refreshFd);
+      if (requests > 0) {
+        report({ type: "refreshed", requests, results: refresh(devices, init.name) });
+      }
+    });
     loop.run(init.shutdownFd);
   } catch (e) {
     getLogger(["vhostd", init.name]).fatal("data plane stopped: {error}", {
@@ -93,6 +112,20 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
     }
   }
 };
+
+/** Asks each device to refresh; a device that throws says so in its result, the others go on. */
+function refresh(devices: VirtioDevice[], name: string): RefreshResult[] {
+  return devices.map((d, port) => {
+    if (!d.refresh) return { port, message: "nothing to refresh" };
+    try {
+      return { port, message: d.refresh() };
+    } catch (e) {
+      const message = `refresh failed: ${(e as Error).message ?? String(e)}`;
+      getLogger(["vhostd", name]).error(message);
+      return { port, message };
+    }
+  });
+}
 
 /**
  * Fault injection for migration tests: VHOSTD_FAULT_SKIP_DIRTY_LOG=1 makes the back-end offer dirty

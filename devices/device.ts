@@ -29,6 +29,13 @@ export interface DeviceEventLoop {
    * driver broke the queue (found by a pop outside a kick), stops and reports it instead.
    */
   notify(index: number): void;
+  /**
+   * Tells the front-end that the device's config space changed (a disk grew), over the
+   * vhost-user back-end request channel; QEMU then reads the config again and interrupts the
+   * guest, which sees the change without a reboot. Never waits for the front-end. Returns whether
+   * a front-end will hear of it (false: none is connected, or it gave no channel).
+   */
+  configChanged(): boolean;
 }
 
 /** A virtio device served over vhost-user. Optional members have sensible defaults. */
@@ -98,6 +105,12 @@ export interface VirtioDevice {
    * method is offered the RARP protocol feature.
    */
   announce?(mac: Uint8Array): void;
+  /**
+   * The operator asked the device to look at what backs it again (SIGHUP, `vhostd resize`): a
+   * disk re-reads its image's size. Returns one line saying what happened, for the operator. Runs
+   * in the worker, between events.
+   */
+  refresh?(): string;
   /** The device was reset or the front-end disconnected: forget per-session state. */
   reset?(): void;
   /** The daemon is shutting down: make everything durable and release resources. */

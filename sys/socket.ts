@@ -236,6 +236,18 @@ export function setSocketTimeouts(fd: number, ms: number): void {
   check(libc.setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, tv, 16), "setsockopt(SO_SNDTIMEO)");
 }
 
+const SIOCOUTQ = 0x5411;
+const outq = new Int32Array(1);
+
+/**
+ * Bytes written to a connected socket that its peer has not read yet (SIOCOUTQ; for a Unix
+ * socket, the memory its unread messages still hold): 0 once the peer has read everything.
+ */
+export function unreadByPeer(fd: number): number {
+  check(libc.ioctl(fd, BigInt(SIOCOUTQ), outq), "ioctl(SIOCOUTQ)");
+  return outq[0];
+}
+
 /** Thrown when the peer closed the connection. */
 export class PeerClosedError extends Error {
   constructor() {

@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { DaemonProcess, sha256, sparseFile, withDir } from "./helpers/daemon.ts";
+import { DaemonProcess, runVhostd, sha256, sparseFile, withDir } from "./helpers/daemon.ts";
 import { assertGuestSuccess, describeGuestRun, parseResults, runGuest } from "./guest/qemu.ts";
 
 const MiB = 1 << 20;
@@ -265,4 +265,90 @@ sleep 8
       // The guest has lost its disk; it powers off after its sleep (or is killed by time-out).
       await guest;
     }
+  }));
+
+Deno.test("guest: a disk grown on the host (vhostd resize, then SIGHUP) shows its new size in the running guest", () =>
+  withDir("vhostd-guest-", async (dir) => {
+    const img = `${dir}/disk.img`;
+    const sock = `${dir}/blk.sock`;
+    const control = `${dir}/control.sock`;
+    sparseFile(img, 128 * MiB);
+    const d = await DaemonProcess.start([
+      "blk",
+      "--socket",
+      sock,
+      "--image",
+      img,
+      "--control",
+      control,
+    ]);
+    // The host grows the image when the guest asks (GROW-1, GROW-2 on its console).
+    let seen = "";
+    const grown: Promise<void>[] = [];
+    const grow = async (step: number) => {
+      if (step === 1) {
+        Deno.truncateSync(img, 192 * MiB);
+        const r = await runVhostd(["resize", "--control", control, "--device", "blk"]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.match(r.stdout, /blk: grew from 128 MiB to 192 MiB; the front-end was told/);
+      } else {
+        Deno.truncateSync(img, 256 * MiB);
+        Deno.kill(d.child.pid, "SIGHUP");
+      }
+    };
+    try {
+      const r = await runGuest({
+        vhostUserBlk: [{ socket: sock }],
+        timeoutMs: 300_000,
+        onConsole: (chunk) => {
+          seen += chunk;
+          for (const step of [1, 2]) {
+            if (grown.length === step - 1 && seen.includes(`GROW-${step}`)) {
+              const growing = grow(step);
+              growing.catch(() => {}); // awaited (and thrown) after the guest run
+              grown.push(growing);
+            }
+          }
+        },
+        script: `
+set -u
+# Waits up to 120 s for the size to differ from $1; prints the size.
+wait_size() {
+  i=0
+  while [ "$(cat /sys/block/vda/size)" = "$1" ] && [ $i -lt 120 ]; do sleep 1; i=$((i + 1)); done
+  cat /sys/block/vda/size
+}
+before=$(cat /sys/block/vda/size)
+echo "RESULT before=$before"
+echo GROW-1
+mid=$(wait_size $before)
+echo "RESULT mid=$mid"
+# The new part works: a pattern written past the old end reads back.
+dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null
+dd if=/tmp/pattern of=/dev/vda bs=64k seek=2500 oflag=direct 2>/dev/null || exit 10
+dd if=/dev/vda of=/tmp/back bs=64k skip=2500 count=16 iflag=direct 2>/dev/null || exit 11
+cmp /tmp/pattern /tmp/back && echo "RESULT new_part=ok"
+echo "RESULT pattern=$(sha256sum /tmp/pattern | cut -d' ' -f1)"
+echo GROW-2
+echo "RESULT after=$(wait_size $mid)"
+echo "RESULT capacity_changes=$(dmesg | grep -c 'capacity change')"
+`,
+      });
+      await Promise.all(grown);
+      assertGuestSuccess(r);
+      const res = parseResults(r.console, "RESULT ");
+      assert.equal(res.before, String(128 * MiB / 512), describeGuestRun(r));
+      assert.equal(res.mid, String(192 * MiB / 512), describeGuestRun(r));
+      assert.equal(res.new_part, "ok", describeGuestRun(r));
+      assert.equal(res.after, String(256 * MiB / 512), describeGuestRun(r));
+      assert.equal(res.capacity_changes, "2", describeGuestRun(r));
+      const image = Deno.readFileSync(img);
+      assert.equal(await sha256(image.subarray(2500 * 65536, 2516 * 65536)), res.pattern);
+    } finally {
+      assert.equal(await d.stop(), 0, d.stderr);
+    }
+    assert.match(d.stderr, /capacity 128 MiB -> 192 MiB .*the front-end was told/);
+    assert.match(d.stderr, /SIGHUP: asking every device to refresh/);
+    assert.match(d.stderr, /capacity 192 MiB -> 256 MiB .*the front-end was told/);
+    assert.doesNotMatch(d.stderr, /ERR|dropping/, d.stderr);
   }));

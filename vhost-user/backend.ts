@@ -17,7 +17,7 @@
 import { getLogger, type Logger } from "../log/mod.ts";
 import { closeQuietly, setNonBlocking } from "../sys/libc.ts";
 import { signalEventFd } from "../sys/event.ts";
-import { fdStat } from "../sys/fd_kind.ts";
+import { type FdKind, fdStat } from "../sys/fd_kind.ts";
 import { createMemfd, Mapping } from "../sys/mman.ts";
 import { inflightQueueSize, InflightRegion } from "../ring/inflight.ts";
 import { DirtyLog, DirtyLogError } from "../ring/dirty_log.ts";
@@ -25,6 +25,7 @@ import { GuestMemory, MemoryError } from "../ring/guest_memory.ts";
 import { MAX_QUEUE_SIZE, SplitQueue } from "../ring/split_queue.ts";
 import type { VirtioDevice } from "../devices/device.ts";
 import { type Connection, ProtocolError } from "./connection.ts";
+import { BackendChannel } from "./backend_channel.ts";
 import {
   bit,
   configPayload,
@@ -73,14 +74,17 @@ export interface BackendOptions {
   dirtyLogging?: boolean;
 }
 
-/** Protocol features every vhostd device supports. */
-export const BASE_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) |
+/**
+ * Protocol features every vhostd device supports. BACKEND_REQ carries config-change messages
+ * ({@link VhostUserBackend.announceConfigChange}).
+ */
+export const BASE_PROTOCOL_FEATURES: bigint = bit(ProtocolFeature.MQ) |
   bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.REPLY_ACK) |
-  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) |
-  bit(ProtocolFeature.STATUS);
+  bit(ProtocolFeature.BACKEND_REQ) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
+  bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS);
 
 /** Transport features every vhostd device supports (LOG_ALL: dirty logging for migration). */
-export const BASE_FEATURES = bit(VirtioFeature.VERSION_1) |
+export const BASE_FEATURES: bigint = bit(VirtioFeature.VERSION_1) |
   bit(VirtioFeature.RING_INDIRECT_DESC) | bit(VirtioFeature.RING_EVENT_IDX) |
   bit(VirtioFeature.PROTOCOL_FEATURES) | bit(VirtioFeature.LOG_ALL);
 
@@ -150,6 +154,12 @@ export class VhostUserBackend {
   #logAll = false;
   /** Logging came on before the log did: this connection joined a migration under way. */
   #joinedMigration = false;
+  /** The back-end request channel (SET_BACKEND_REQ_FD), or null. */
+  #channel: BackendChannel | null = null;
+  /** A config change was announced while no ring ran: announce it again when one starts. */
+  #configChangeUnseen = false;
+  /** "No channel" was logged on this connection. */
+  #noChannelLogged = false;
 
   /** Creates the back-end for `device`; kick fds are registered through `watcher`. */
   constructor(device: VirtioDevice, watcher: KickWatcher, options: BackendOptions = {}) {
@@ -314,6 +324,26 @@ export class VhostUserBackend {
         // QEMU waits for this reply whether or not it asked for one.
         conn.reply(m.request, u64Payload(0n));
         return null;
+      case Request.SET_BACKEND_REQ_FD: {
+        if (!this.#hasProtocol(ProtocolFeature.BACKEND_REQ)) {
+          // Refused as an unsupported request is (handle() closes the fd); the session goes on.
+          this.#log.warn("rejecting SET_BACKEND_REQ_FD: BACKEND_REQ was not negotiated");
+          return false;
+        }
+        const fd = this.#takeFd(m);
+        this.#requireKind(fd, "socket", "a socket", "SET_BACKEND_REQ_FD");
+        let channel: BackendChannel;
+        try {
+          channel = new BackendChannel(fd, this.#log);
+        } catch (e) {
+          closeQuietly(fd);
+          throw new ProtocolError(`SET_BACKEND_REQ_FD: ${(e as Error).message}`);
+        }
+        // A front-end may hand over a new channel at any time; the old one is of no more use.
+        this.#channel?.close();
+        this.#channel = channel;
+        return true;
+      }
       case Request.SET_LOG_FD: {
         const fd = this.#takeFd(m);
         this.#requireEventFd(fd, "SET_LOG_FD");
@@ -645,6 +675,9 @@ export class VhostUserBackend {
       if (!this.#running) {
         this.#running = true;
         this.device.resumed?.();
+        // QEMU ignores a config change while the device is stopped (and keeps serving its cached
+        // config to the guest): tell it again now that it runs.
+        if (this.#configChangeUnseen) this.announceConfigChange();
       }
       if (resubmitted > 0) {
         this.#log.info("resubmitting {count} requests left in flight by an earlier back-end", {
@@ -660,18 +693,46 @@ export class VhostUserBackend {
 
   /** Refuses anything but an eventfd, and makes it non-blocking; closes it when refused. */
   #requireEventFd(fd: number, what: string): void {
-    let kind: string;
+    this.#requireKind(fd, "eventfd", "an eventfd", what);
+    setNonBlocking(fd);
+  }
+
+  /** Refuses an fd that is not of `kind` (`named` in the error), closing it. */
+  #requireKind(fd: number, kind: FdKind, named: string, what: string): void {
+    let found: string;
     try {
-      kind = fdStat(fd).kind;
-      if (kind === "eventfd") {
-        setNonBlocking(fd);
-        return;
-      }
+      found = fdStat(fd).kind;
+      if (found === kind) return;
     } catch (e) {
-      kind = `broken fd (${(e as Error).message})`;
+      found = `broken fd (${(e as Error).message})`;
     }
     closeQuietly(fd);
-    throw new ProtocolError(`${what}: the fd is a ${kind}, not an eventfd`);
+    throw new ProtocolError(`${what}: the fd is a ${found}, not ${named}`);
+  }
+
+  /**
+   * Tells the front-end that the device's config space changed, with
+   * VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the back-end request channel; QEMU then reads the
+   * config again (GET_CONFIG) and interrupts the guest. Never waits: see backend_channel.ts.
+   * Returns whether the front-end will hear of it (false without a channel, or when the channel
+   * is broken or full).
+   */
+  announceConfigChange(): boolean {
+    const channel = this.#channel;
+    if (channel === null) {
+      if (!this.#noChannelLogged) {
+        this.#log.warn(
+          "the front-end gave no back-end channel (BACKEND_REQ): it cannot be told that the " +
+            "config changed",
+        );
+        this.#noChannelLogged = true;
+      }
+      return false;
+    }
+    this.#configChangeUnseen = !this.#running;
+    const result = channel.configChanged();
+    this.#log.debug("config change {result}", { result });
+    return result !== "dropped";
   }
 
   #attach(q: SplitQueue): void {
@@ -787,6 +848,12 @@ export class VhostUserBackend {
     this.#dirtyLog.close();
     this.#logAll = false;
     this.#joinedMigration = false;
+    // The channel belongs to the connection (QEMU sends it once, at connect, and keeps it across
+    // RESET_DEVICE): it goes with the connection.
+    this.#channel?.close();
+    this.#channel = null;
+    this.#configChangeUnseen = false;
+    this.#noChannelLogged = false;
     this.memory.clear();
     this.ackedFeatures = 0n;
     this.ackedProtocolFeatures = 0n;

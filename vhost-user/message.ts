@@ -56,6 +56,17 @@ export const Request = {
   GET_SHMEM_CONFIG: 44,
 } as const;
 
+/**
+ * Back-end → front-end request ids, sent on the back-end request channel (BACKEND_REQ,
+ * SET_BACKEND_REQ_FD), named as in the specification.
+ */
+export const BackendRequest = {
+  IOTLB_MSG: 1,
+  /** The config space changed: the front-end reads it again (GET_CONFIG) and tells the guest. */
+  CONFIG_CHANGE_MSG: 2,
+  VRING_HOST_NOTIFIER_MSG: 3,
+} as const;
+
 const requestNames = new Map<number, string>(Object.entries(Request).map(([k, v]) => [v, k]));
 
 /** The specification's name for a request id, or `UNKNOWN(<id>)`. */

@@ -120,6 +120,15 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     if (q.ready) q.notify();
   }
 
+  /**
+   * The device's config space changed: tell the connected front-end (see
+   * {@link VhostUserBackend.announceConfigChange}). Without one there is nobody to tell: the next
+   * front-end reads the config when it connects.
+   */
+  configChanged(): boolean {
+    return this.#conn !== null && this.backend.announceConfigChange();
+  }
+
   /** Starts listening for front-ends and lets the device register its own fds. */
   start(): void {
     this.#loop.watch(this.#listenFd, () => this.#accept());

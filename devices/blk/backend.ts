@@ -16,7 +16,7 @@ import {
   pwritevFull,
   startWriteback,
 } from "../../sys/io.ts";
-import { closeQuietly, Errno } from "../../sys/libc.ts";
+import { closeQuietly, Errno, fdSize, SysError } from "../../sys/libc.ts";
 
 /** Storage under a block device. */
 export interface BlockBackend {
@@ -36,6 +36,8 @@ export interface BlockBackend {
    * bounded amount of work per call, so that a caller can serve other requests between calls.
    */
   zeroRange(offset: number, length: number, unmap: boolean): number;
+  /** The storage's size in bytes now (it may have grown), or -errno; absent for fixed sizes. */
+  size?(): number;
   /** Flushes and releases the storage. */
   close(): void;
 }
@@ -128,6 +130,15 @@ export class FileBackend implements BlockBackend {
       done += chunk;
     }
     return n;
+  }
+
+  /** The file's or block device's size (lseek to its end; reads and writes use offsets). */
+  size(): number {
+    try {
+      return fdSize(this.#fd);
+    } catch (e) {
+      return e instanceof SysError ? -e.errno : -Errno.EIO;
+    }
   }
 
   /** fdatasync, then close. */

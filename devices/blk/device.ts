@@ -147,8 +147,8 @@ export class BlkDevice implements VirtioDevice {
   readonly protocolFeatures: bigint = bit(ProtocolFeature.INFLIGHT_SHMFD);
   /** processQueue takes every request it can, so the queues may be busy-polled. */
   readonly pollQueues = true;
-  /** Capacity in 512-byte sectors. */
-  readonly capacity: number;
+  /** Capacity in 512-byte sectors (grows with the image: see {@link refresh}). */
+  #capacity: number;
   /** Write cache enabled (writeback); when off, every write is followed by fdatasync. */
   writeCache = true;
   readonly #storage: BlockBackend;
@@ -197,7 +197,7 @@ export class BlkDevice implements VirtioDevice {
     this.#readOnly = options.readOnly;
     this.#blockSize = options.blockSize ?? SECTOR;
     this.numQueues = options.queues;
-    this.capacity = Math.floor(options.sizeBytes / SECTOR);
+    this.#capacity = Math.floor(options.sizeBytes / SECTOR);
     this.#serial = new TextEncoder().encode(options.serial).subarray(0, BLK_ID_BYTES);
     this.#log = getLogger(["vhostd", this.name]);
     this.#killAfter = options.faultKillAfter ?? 0;
@@ -225,7 +225,7 @@ export class BlkDevice implements VirtioDevice {
     const c = new Uint8Array(Math.max(BlkConfig.SIZE, offset + size));
     const dv = new DataView(c.buffer);
     const sectorsPerBlock = this.#blockSize / SECTOR;
-    dv.setBigUint64(BlkConfig.CAPACITY, BigInt(this.capacity), true);
+    dv.setBigUint64(BlkConfig.CAPACITY, BigInt(this.#capacity), true);
     dv.setUint32(BlkConfig.SIZE_MAX, MAX_SEGMENT_BYTES, true);
     dv.setUint32(BlkConfig.SEG_MAX, SEG_MAX, true);
     dv.setUint32(BlkConfig.BLK_SIZE, this.#blockSize, true);
@@ -238,6 +238,54 @@ export class BlkDevice implements VirtioDevice {
     dv.setUint32(BlkConfig.MAX_WRITE_ZEROES_SEG, MAX_DISCARD_SEGMENTS, true);
     dv.setUint8(BlkConfig.WRITE_ZEROES_MAY_UNMAP, 1);
     return c.subarray(offset, offset + size);
+  }
+
+  /** Capacity in 512-byte sectors. */
+  get capacity(): number {
+    return this.#capacity;
+  }
+
+  /**
+   * Reads the image's size again (after it was grown: `truncate`, `qemu-img resize`, `lvextend`)
+   * and, when it grew, serves the new capacity and tells the front-end, which tells the guest.
+   * A smaller image is refused: the guest keeps the old capacity (its file system may use the
+   * end that is gone; reads there fail, writes there grow the file again), with a warning.
+   */
+  refresh(): string {
+    const bytes = this.#storage.size?.();
+    if (bytes === undefined) return "a null target's size is fixed";
+    if (bytes < 0) {
+      this.#log.error("cannot read the size of {path}: errno {errno}", {
+        path: this.#path,
+        errno: -bytes,
+      });
+      return `cannot read the size of ${this.#path}: errno ${-bytes}`;
+    }
+    const sectors = Math.floor(bytes / SECTOR);
+    const old = this.#capacity;
+    const from = sizeText(old * SECTOR);
+    if (sectors === old) return `size unchanged (${from})`;
+    if (sectors < old) {
+      this.#log.warn(
+        "image {path} shrank from {from} to {to}: refused, the guest keeps the old size " +
+          "(shrink the file system inside the guest first, and restart the VM)",
+        { path: this.#path, from, to: sizeText(sectors * SECTOR) },
+      );
+      return `shrinking from ${from} to ${sizeText(sectors * SECTOR)} refused`;
+    }
+    this.#capacity = sectors;
+    const to = sizeText(sectors * SECTOR);
+    const told = this.#loop?.configChanged() ?? false;
+    this.#log.info("capacity {from} -> {to} ({old} -> {sectors} sectors); {told}", {
+      from,
+      to,
+      old,
+      sectors,
+      told: told ? "the front-end was told" : "no front-end to tell",
+    });
+    return `grew from ${from} to ${to}; ${
+      told ? "the front-end was told" : "no front-end to tell now"
+    }`;
   }
 
   /** Only the write-cache byte is writable. */
@@ -506,7 +554,7 @@ export class BlkDevice implements VirtioDevice {
   }
 
   #inRange(sector: number, bytes: number): boolean {
-    return bytes % SECTOR === 0 && sector + bytes / SECTOR <= this.capacity;
+    return bytes % SECTOR === 0 && sector + bytes / SECTOR <= this.#capacity;
   }
 
   #read(chain: DescriptorChain, sector: number, bytes: number): number {
@@ -607,4 +655,12 @@ export class BlkDevice implements VirtioDevice {
     }
     return BlkStatus.IOERR;
   }
+}
+
+/** A byte count for logs, in the largest binary unit it reaches. */
+function sizeText(bytes: number): string {
+  for (const [unit, size] of [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 1024]] as const) {
+    if (bytes >= size) return `${(bytes / size).toFixed(bytes % size === 0 ? 0 : 2)} ${unit}`;
+  }
+  return `${bytes} B`;
 }

@@ -135,7 +135,7 @@ function eventFds(rng: Rng, ctx: FuzzContext): Promise<CaseOutcome> {
     const fd = keep(wrongFd(fdKind, rng.pick([0, 4096])));
     const index = rng.pick(g.queues).index;
     const took = accepted(() => g.conn.request(request, u64Payload(BigInt(index)), [fd]));
-    // The back-end offers no back-end channel: that request is refused whatever its fd.
+    // A raw guest never negotiates BACKEND_REQ: that request is refused whatever its fd.
     const backend = request === Request.SET_BACKEND_REQ_FD;
     const what = `${requestName(request)} with a ${fdKind}`;
     return verdict(g, took || backend, backend ? null : fdKind === "eventfd", what);

@@ -16,8 +16,15 @@
 
 import { BlkFeature } from "../../devices/blk/device.ts";
 import { closeQuietly } from "../../sys/libc.ts";
-import { acceptUnix, connectUnix, listenUnix } from "../../sys/socket.ts";
-import { bit, ProtocolFeature, VirtioFeature, VRING_F_LOG } from "../message.ts";
+import { acceptUnix, connectUnix, FdSocket, listenUnix } from "../../sys/socket.ts";
+import {
+  bit,
+  HEADER_SIZE,
+  MAX_PAYLOAD,
+  ProtocolFeature,
+  VirtioFeature,
+  VRING_F_LOG,
+} from "../message.ts";
 import { FrontendDirtyLog } from "./dirty_log.ts";
 import { BlkDriver, type BlkDriverOptions } from "./blk_driver.ts";
 import { type BlkConfigInfo, decodeBlkConfig, QEMU72_BLK_CONFIG_SIZE } from "./blk_config.ts";
@@ -35,13 +42,13 @@ export const DeviceStatus = {
 } as const;
 
 /** The virtio-blk feature bits this driver understands (QEMU 7.2's `user_feature_bits`, in part). */
-export const DRIVER_BLK_FEATURES = bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) |
+export const DRIVER_BLK_FEATURES: bigint = bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) |
   bit(BlkFeature.BLK_SIZE) | bit(BlkFeature.FLUSH) | bit(BlkFeature.TOPOLOGY) |
   bit(BlkFeature.CONFIG_WCE) | bit(BlkFeature.MQ) | bit(BlkFeature.DISCARD) |
   bit(BlkFeature.WRITE_ZEROES) | bit(BlkFeature.RO) | bit(VirtioFeature.VERSION_1);
 
 /** Protocol features this front-end can use (it has no back-end message handler of its own). */
-export const FRONTEND_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) |
+export const FRONTEND_PROTOCOL_FEATURES: bigint = bit(ProtocolFeature.MQ) |
   bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) |
   bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS);
 
@@ -117,6 +124,7 @@ export class BlkFrontend {
   readonly #started: number[];
   #memShared = false;
   #backendFd = -1;
+  #backendSocket: FdSocket | null = null;
   #inflight: { info: InflightInfo; fd: number } | null = null;
   /** The dirty log while a migration runs ({@link startMigration}), else null. */
   #dirtyLog: FrontendDirtyLog | null = null;
@@ -241,12 +249,39 @@ export class BlkFrontend {
     try {
       cfd = connectUnix(path);
       closeQuietly(this.#backendFd);
+      this.#backendSocket = null;
       this.#backendFd = acceptUnix(lfd);
       this.conn.setBackendReqFd(cfd);
     } finally {
       closeQuietly(cfd);
       closeQuietly(lfd);
       Deno.removeSync(dir, { recursive: true });
+    }
+  }
+
+  /**
+   * The next message the back-end sent on its request channel (a config change, say; see
+   * {@link BlkFrontendOptions.backendChannel}), without waiting: null when none has arrived or
+   * there is no channel. Its payload is read and dropped; this front-end answers nothing on the
+   * channel, so it must not be asked to.
+   */
+  takeBackendRequest(): { request: number; flags: number; size: number } | null {
+    if (this.#backendFd < 0) return null;
+    const socket =
+      (this.#backendSocket ??= new FdSocket(this.#backendFd, HEADER_SIZE + MAX_PAYLOAD));
+    const fds: number[] = [];
+    try {
+      const got = socket.recvAvailable(0, HEADER_SIZE, fds);
+      if (got === 0) return null;
+      // The rest of the message is on its way (a back-end sends each one whole).
+      if (got < HEADER_SIZE) socket.recv(got, HEADER_SIZE - got, fds);
+      const dv = new DataView(socket.buffer.buffer);
+      const size = dv.getUint32(8, true);
+      if (size > MAX_PAYLOAD) throw new Error(`back-end request with a ${size}-byte payload`);
+      if (size > 0) socket.recv(HEADER_SIZE, size, fds);
+      return { request: dv.getUint32(0, true), flags: dv.getUint32(4, true), size };
+    } finally {
+      for (const fd of fds) closeQuietly(fd);
     }
   }
 
@@ -391,6 +426,7 @@ export class BlkFrontend {
     this.#dirtyLog = null;
     closeQuietly(this.#backendFd);
     this.#backendFd = -1;
+    this.#backendSocket = null;
     if (this.#inflight) closeQuietly(this.#inflight.fd);
     this.#inflight = null;
     for (const q of this.queues) q.close();
