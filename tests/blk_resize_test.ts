@@ -80,6 +80,14 @@ async function nextBackendRequest(fe: BlkFrontend, timeoutMs = 10_000) {
   }
 }
 
+/** Runs a host command; returns its stdout, trimmed; throws with its stderr if it fails. */
+async function command(cmd: string, args: string[]): Promise<string> {
+  const out = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
+  const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
+  if (!out.success) throw new Error(`${cmd} ${args.join(" ")}: ${text(out.stderr)}`);
+  return text(out.stdout);
+}
+
 function capacityOf(fe: BlkFrontend): number {
   return decodeBlkConfig(fe.conn.getConfig(0, 60)).capacitySectors;
 }
@@ -142,6 +150,43 @@ Deno.test("resize: a grown image is served and announced (vhostd resize, SIGHUP)
       );
     } finally {
       fe.close();
+    }
+  });
+});
+
+Deno.test("resize: a read-only block device (a loop device) that grew is served at its new size", async () => {
+  await withDir("vhostd-resize-", async (dir) => {
+    const file = `${dir}/backing.img`;
+    sparseFile(file, 32 * MiB);
+    const loop = await command("losetup", ["-f", "--show", file]);
+    try {
+      const socket = `${dir}/disk.sock`;
+      const control = `${dir}/control.sock`;
+      const args = ["blk", "--socket", socket, "--image", loop, "--read-only", "--queues", "1"];
+      const d = await DaemonProcess.start([...args, "--control", control]);
+      try {
+        const fe = await BlkFrontend.open({ socket, queues: 1, backendChannel: true });
+        try {
+          assert.equal(fe.config.capacitySectors, 32 * MiB / SECTOR);
+          Deno.truncateSync(file, 48 * MiB);
+          await command("losetup", ["-c", loop]); // the loop device takes its file's new size
+          assert.deepEqual(await requestResize(control), {
+            devices: [{
+              device: "blk",
+              message: "grew from 32 MiB to 48 MiB; the front-end was told",
+            }],
+          });
+          assert.equal((await nextBackendRequest(fe)).request, BackendRequest.CONFIG_CHANGE_MSG);
+          assert.equal(capacityOf(fe), 48 * MiB / SECTOR);
+          assert.equal(fe.blk.read(40 * MiB / SECTOR, 4096).status, BlkStatus.OK);
+        } finally {
+          fe.close();
+        }
+      } finally {
+        await d.stopWithin(20_000);
+      }
+    } finally {
+      await command("losetup", ["-d", loop]);
     }
   });
 });
