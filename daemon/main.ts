@@ -5,6 +5,7 @@
  */
 
 import { UsageError } from "../devices/blk/image.ts";
+import { errorLine } from "./log.ts";
 
 const HELP = `vhostd: virtio devices for QEMU over vhost-user
 
@@ -58,17 +59,17 @@ export async function main(args: string[]): Promise<number> {
   }
   const run = commands[command];
   if (!run) {
-    console.error(`vhostd: unknown command "${command}" (try "vhostd help")`);
+    console.error(errorLine(`vhostd: unknown command "${command}" (try "vhostd help")`));
     return 2;
   }
   try {
     return await run(rest);
   } catch (e) {
     if (e instanceof UsageError) {
-      console.error(`vhostd ${command}: ${e.message}`);
+      console.error(errorLine(`vhostd ${command}: ${e.message}`));
       return 2;
     }
-    console.error(`vhostd ${command}: ${(e as Error).message}`);
+    console.error(errorLine(`vhostd ${command}: ${(e as Error).message}`));
     return 1;
   }
 }

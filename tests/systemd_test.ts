@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { DaemonProcess, sparseFile } from "./helpers/daemon.ts";
+import { daemonFile, DaemonProcess, sparseFile } from "./helpers/daemon.ts";
 import { NotifySocket } from "./helpers/notify_socket.ts";
 import { FrontendConnection } from "../vhost-user/frontend/connection.ts";
 import { requestStatus } from "../daemon/control.ts";
@@ -14,22 +14,71 @@ import { requestStatus } from "../daemon/control.ts";
 const MiB = 1 << 20;
 const UNIT_DIR = new URL("../examples/systemd/", import.meta.url).pathname;
 
+/** The README's install command (its "Install" section), as an argument list. */
+function readmeInstallCommand(): string[] {
+  const readme = Deno.readTextFileSync(daemonFile("README.md"));
+  const line = readme.split("\n").find((l) => l.startsWith("deno install --global "));
+  assert.ok(line, "the README has an install command");
+  return line.split(" ").slice(1);
+}
+
+/**
+ * Runs the README's install command from the checkout, with its `--root /usr/local` moved to
+ * `prefix`; returns the path of the `vhostd` it installed.
+ */
+async function installVhostd(prefix: string): Promise<string> {
+  const args = readmeInstallCommand();
+  const at = args.indexOf("/usr/local");
+  assert.equal(args[at - 1], "--root", "the README installs into /usr/local");
+  args[at] = prefix;
+  const out = await new Deno.Command(Deno.execPath(), { args, cwd: daemonFile("") }).output();
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  return `${prefix}/bin/vhostd`;
+}
+
+Deno.test("the README's install command puts a working vhostd on PATH", async () => {
+  const prefix = await Deno.makeTempDir({ prefix: "vhostd-install-" });
+  try {
+    const vhostd = await installVhostd(prefix);
+    const elsewhere = await Deno.makeTempDir({ prefix: "vhostd-cwd-" });
+    const run = async (...args: string[]) => {
+      const out = await new Deno.Command(vhostd, {
+        args,
+        cwd: elsewhere, // not the checkout: the script must not depend on where it is run
+        env: { PATH: `${prefix}/bin:${Deno.execPath().replace(/\/[^/]*$/, "")}:/usr/bin:/bin` },
+      }).output();
+      const dec = new TextDecoder();
+      return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+    };
+    const manifest = JSON.parse(Deno.readTextFileSync(daemonFile("deno.json")));
+    const version = await run("--version");
+    assert.equal(version.code, 0, version.stderr);
+    assert.match(
+      version.stdout,
+      new RegExp(`^vhostd ${manifest.version.replaceAll(".", "\\.")}$`, "m"),
+    );
+    const help = await run("blk", "--help");
+    assert.match(help.stdout, /^Usage: vhostd blk /m, "messages name the installed command");
+    const bad = await run("blk", "--socket", `${elsewhere}/x.sock`, "--image", "missing.img");
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /^vhostd blk: image not found: missing\.img$/m);
+    await Deno.remove(elsewhere, { recursive: true });
+  } finally {
+    await Deno.remove(prefix, { recursive: true });
+  }
+});
+
 /**
  * `systemd-analyze verify --root`: the unit is checked exactly as shipped, in a scratch root that
- * has the host's system units and deno where the unit expects it (/usr/local/bin/deno).
+ * has the host's system units and vhostd installed where the unit expects it, by the README's
+ * install command.
  */
 async function verifyInRoot(dropIn: boolean): Promise<{ code: number; output: string }> {
   const root = await Deno.makeTempDir({ prefix: "vhostd-unit-" });
   try {
-    Deno.mkdirSync(`${root}/usr/local/bin`, { recursive: true });
     Deno.mkdirSync(`${root}/etc/systemd/system`, { recursive: true });
     Deno.mkdirSync(`${root}/usr/lib/systemd`, { recursive: true });
-    try {
-      Deno.linkSync(Deno.realPathSync(Deno.execPath()), `${root}/usr/local/bin/deno`);
-    } catch {
-      Deno.copyFileSync(Deno.execPath(), `${root}/usr/local/bin/deno`);
-    }
-    Deno.chmodSync(`${root}/usr/local/bin/deno`, 0o755);
+    await installVhostd(`${root}/usr/local`);
     const cp = await new Deno.Command("cp", {
       args: ["-a", "/usr/lib/systemd/system", `${root}/usr/lib/systemd/`],
     }).output();
@@ -70,7 +119,7 @@ Deno.test("systemd-analyze verify passes on vhostd@.service, with and without th
       "ProtectSystem=strict",
       "PrivateTmp=yes",
       "CapabilityBoundingSet=",
-      "ExecStart=/usr/local/bin/deno run -A --cached-only /opt/vhostd/daemon/main.ts run --config /etc/vhostd/%i.json",
+      "ExecStart=/usr/local/bin/vhostd run --config /etc/vhostd/%i.json",
     ]
   ) assert.ok(unit.split("\n").includes(line), line);
 });
@@ -158,3 +207,42 @@ Deno.test("sd_notify: an abstract NOTIFY_SOCKET (@name) works too", () =>
       notify.close();
     }
   }));
+
+/**
+ * Runs `vhostd ...args` with stderr as the stream JOURNAL_STREAM names, which is how systemd
+ * starts a unit whose output goes to journald (StandardError=journal, the default).
+ */
+function spawnWithJournalStream(args: string[]): DaemonProcess {
+  const setStream = 'export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2); exec "$@"';
+  return DaemonProcess.spawnUnder(["sh", "-c", setStream, "sh"], ["run", "-A", MAIN, ...args]);
+}
+
+const MAIN = daemonFile("daemon/main.ts");
+
+Deno.test("journald: each line carries its syslog priority and no second timestamp", async () => {
+  // A usage error: priority 3 (err), so that `journalctl -p err` finds it.
+  const bad = spawnWithJournalStream(["blk", "--socket", "/tmp/x.sock", "--image", "/nonexistent"]);
+  assert.equal(await bad.exit(), 2);
+  assert.match(bad.stderr, /^<3>vhostd blk: image not found: \/nonexistent$/m);
+  // A running daemon: info at 6, warnings at 4; the journal stamps entries, so lines do not.
+  const d = spawnWithJournalStream(["start", "--metrics", "0.0.0.0:0", "--metrics-any-address"]);
+  try {
+    await d.waitFor(() => d.stderr.includes("unauthenticated"), 30_000, "the metrics warning");
+    assert.match(d.stderr, /^<6>\[INF\] vhostd\.daemon: metrics on http:/m);
+    assert.match(d.stderr, /^<4>\[WRN\] vhostd\.daemon: metrics on 0\.0\.0\.0 are served/m);
+    for (const line of d.stderr.trim().split("\n")) {
+      assert.match(line, /^<[0-7]>\[[A-Z]{3}\] vhostd\./, "every line has a priority");
+    }
+  } finally {
+    assert.equal(await d.stop(), 0, d.stderr);
+  }
+});
+
+Deno.test("journald: an inherited JOURNAL_STREAM that is not stderr changes nothing", async () => {
+  // A shell pipe inside a unit redirects stderr but keeps the variable: no `<N>` then.
+  const r = DaemonProcess.spawn(["blk", "--socket", "/tmp/x.sock", "--image", "/nonexistent"], {
+    JOURNAL_STREAM: "1:1",
+  });
+  assert.equal(await r.exit(), 2);
+  assert.match(r.stderr, /^vhostd blk: image not found: \/nonexistent$/m);
+});
