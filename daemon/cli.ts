@@ -40,6 +40,37 @@ export const accessOptions = {
   "allow-uid": { type: "string", multiple: true },
 } as const;
 
+/**
+ * `parseArgs` options of QEMU's back-end program conventions (docs/interop/vhost-user.rst,
+ * "Backend program conventions"), which tools that start back-ends rely on: `--socket-path` is
+ * `--socket` under its conventional name, `--fd N` serves a listening socket inherited as fd N.
+ * (`--print-capabilities` is answered before any parsing, in main.ts.)
+ */
+export const conventionOptions = {
+  "socket-path": { type: "string" },
+  fd: { type: "string" },
+} as const;
+
+/**
+ * The socket a single-device command serves: `--socket` or `--socket-path` (one of them), or an
+ * inherited listening socket `--fd N`.
+ */
+export function deviceSocket(
+  values: { socket?: string; "socket-path"?: string; fd?: string },
+  command: string,
+): string {
+  const given = [values.socket, values["socket-path"], values.fd].filter((v) => v !== undefined);
+  if (given.length > 1) {
+    throw new UsageError("--socket, --socket-path and --fd are alternatives; give one");
+  }
+  if (values.fd !== undefined) {
+    throw new UsageError("--fd is not supported yet");
+  }
+  const path = values.socket ?? values["socket-path"];
+  if (!path) throw new UsageError(`${command} needs --socket PATH`);
+  return path;
+}
+
 /** Largest busy-poll window accepted (`--poll-us`, `pollUs` in a config), in µs. */
 export const MAX_POLL_US = 1000;
 

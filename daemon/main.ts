@@ -44,6 +44,17 @@ const commands: Record<string, (args: string[]) => Promise<number>> = {
   switch: async (a) => (await import("./net.ts")).cmdSwitch(a),
 };
 
+/**
+ * What `--print-capabilities` prints for the commands that serve one device, in the JSON of
+ * QEMU's docs/interop/vhost-user.json (VHostUserBackendCapabilities): tools that discover
+ * back-ends by those conventions call the program with only this option.
+ */
+const CAPABILITIES: Record<string, { type: string; features?: string[] }> = {
+  blk: { type: "block", features: ["read-only", "blk-file"] },
+  net: { type: "net" },
+  console: { type: "console" },
+};
+
 /** Runs the command line; returns the exit code. */
 export async function main(args: string[]): Promise<number> {
   const [command, ...rest] = args;
@@ -55,6 +66,11 @@ export async function main(args: string[]): Promise<number> {
   }
   if (command === "version" || command === "--version" || command === "-V") {
     console.log((await import("./version.ts")).versionText());
+    return 0;
+  }
+  // By the conventions, every other option is ignored then, whatever it is.
+  if (rest.includes("--print-capabilities") && CAPABILITIES[command]) {
+    console.log(JSON.stringify(CAPABILITIES[command], null, 2));
     return 0;
   }
   const run = commands[command];
