@@ -241,6 +241,28 @@ Deno.test("socket activation: a front-end that connects before the daemon runs i
       );
       const status = await requestStatus(`${dir}/control.sock`);
       assert.deepEqual(status.devices.map((x) => [x.name, x.connects]), [["a", 1], ["b", 1]]);
+
+      // A reload that removes a leaves its passed socket in place: a front-end connecting now
+      // waits in the backlog, and is served once a reload adds a back.
+      const vm = JSON.parse(Deno.readTextFileSync(config));
+      const all = vm.devices;
+      Deno.writeTextFileSync(config, JSON.stringify({ ...vm, devices: all.slice(1) }));
+      Deno.kill(d.child.pid, "SIGHUP");
+      await d.waitFor(() => d.stderr.includes("reloaded:"), 30_000, "the reload removing a");
+      assert.ok(Deno.lstatSync(`${dir}/a.sock`).isSocket);
+      const waiting = await FrontendConnection.connect(`${dir}/a.sock`, { timeoutMs: 60_000 });
+      try {
+        Deno.writeTextFileSync(config, JSON.stringify({ ...vm, devices: all }));
+        Deno.kill(d.child.pid, "SIGHUP");
+        assert.ok(waiting.getFeatures() & (1n << 32n), "served after the second reload");
+      } finally {
+        waiting.close();
+      }
+      await d.waitFor(
+        () => /reloaded: 1 device\(s\) kept, 1 started, 0 stopped/.test(d.stderr),
+        30_000,
+        "the reload adding a back",
+      );
       assert.equal(await d.stop(), 0, d.stderr);
       // The passed sockets are systemd's: still there after the daemon's exit (the daemon's own
       // control socket is gone).
