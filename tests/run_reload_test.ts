@@ -123,6 +123,7 @@ Deno.test("reload: SIGHUP keeps unchanged devices connected, starts added ones, 
       const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
       assert.match(metrics, /vhostd_device_up\{device="c",type="blk"\} 1/);
       assert.doesNotMatch(metrics, /device="b"/);
+      await d.waitFor(() => d.stderr.includes("reloaded:"), 10_000, "the reload's log");
       assert.match(d.stderr, /b: stopped \(removed\)/);
       assert.match(d.stderr, /d: stopped \(changed; restarting it\)/);
       assert.match(d.stderr, /reloaded: 1 device\(s\) kept, 2 started, 2 stopped/);
@@ -176,7 +177,10 @@ Deno.test("reload: a broken config (or a setting that cannot change) keeps every
         const errorsBefore = d.stderr.split("\n").filter((l) => l.includes("[ERR]")).length;
         write();
         await reload(d, notify);
-        const errors = d.stderr.split("\n").filter((l) => l.includes("[ERR]"));
+        // The error is logged before READY=1 is sent, but stderr may arrive after it.
+        const errorLines = () => d.stderr.split("\n").filter((l) => l.includes("[ERR]"));
+        await d.waitFor(() => errorLines().length > errorsBefore, 10_000, `${what}: the error`);
+        const errors = errorLines();
         assert.equal(errors.length, errorsBefore + 1, `${what}: ${d.stderr}`);
         assert.match(errors.at(-1)!, /reload failed, still serving the previous configuration/);
         assert.match(errors.at(-1)!, expected, what);
