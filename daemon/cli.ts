@@ -19,6 +19,7 @@
  * @module
  */
 
+import type { ServiceReload } from "./serve.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
@@ -103,6 +104,12 @@ export interface ServeExtras {
   control?: string;
   /** Name of this daemon (the VM) in status output and systemd STATUS lines. */
   name?: string;
+  /**
+   * Makes SIGHUP reload: called on each SIGHUP (one at a time), it reads and checks the new
+   * configuration and returns the services to run from then on, or throws to keep the running set
+   * as it is (the error is logged). Without it, SIGHUP ends the daemon as it ends any process.
+   */
+  reload?: () => ServiceReload;
 }
 
 /** Values of {@link serveOptions} as `parseArgs` returns them. */
