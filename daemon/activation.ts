@@ -69,8 +69,30 @@ export function adoptPassedSockets(
     }
     found.push({ fd, name, path, inUse: false });
   }
-  passed = found;
+  // A socket given with --fd as well is already adopted.
+  passed = [...passed, ...found.filter((f) => !passed.some((p) => p.fd === f.fd))];
   return passed;
+}
+
+/**
+ * Adopts the listening socket inherited as `fd` (`--fd N`, QEMU's back-end program conventions)
+ * like a passed one, and returns the path a device serves it under: the path it is bound to, or
+ * `fd:N` for an unnamed or abstract one. An fd that is not a listening Unix stream socket is a
+ * {@link UsageError}.
+ */
+export function adoptInheritedSocket(fd: number): string {
+  let path: string | null;
+  try {
+    path = listeningUnixSocketPath(fd);
+    setCloseOnExec(fd);
+  } catch (e) {
+    throw new UsageError(
+      `--fd ${fd} is not a listening Unix stream socket: ${(e as Error).message}`,
+    );
+  }
+  const label = path ?? `fd:${fd}`;
+  passed.push({ fd, name: "", path: label, inUse: false });
+  return label;
 }
 
 /** The sockets passed at start (empty without socket activation). */

@@ -21,6 +21,7 @@
 
 import type { ServiceReload } from "./serve.ts";
 import { UsageError } from "../devices/blk/image.ts";
+import { adoptInheritedSocket } from "./activation.ts";
 import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
 
@@ -64,8 +65,9 @@ export function deviceSocket(
   if (given.length > 1) {
     throw new UsageError("--socket, --socket-path and --fd are alternatives; give one");
   }
+  // fds 0-2 are stdin, stdout and stderr by the conventions.
   if (values.fd !== undefined) {
-    throw new UsageError("--fd is not supported yet");
+    return adoptInheritedSocket(parseIntOption("fd", values.fd, 0, 3, 1 << 20));
   }
   const path = values.socket ?? values["socket-path"];
   if (!path) throw new UsageError(`${command} needs --socket PATH`);

@@ -119,3 +119,56 @@ Deno.test("the README's vhostd-blk install gives the program its descriptor file
     await Deno.remove(prefix, { recursive: true });
   }
 });
+
+Deno.test("blk --fd N serves the listening socket it inherited, and leaves its file alone", () =>
+  withDir("vhostd-conv-", async (dir) => {
+    sparseFile(`${dir}/d.img`, 1 << 20);
+    const socket = `${dir}/given.sock`;
+    // systemd-socket-activate binds the socket and starts the program, on the first connection,
+    // with it as fd 3; the LISTEN_* variables are dropped so that only --fd tells vhostd.
+    const env = ["NO_COLOR", "HOME", "PATH", "DENO_DIR"].filter((v) => Deno.env.get(v));
+    const d = DaemonProcess.spawnUnder(
+      [
+        "systemd-socket-activate",
+        "-l",
+        socket,
+        ...env.flatMap((v) => ["-E", v]),
+        "sh",
+        "-c",
+        'unset LISTEN_FDS LISTEN_PID LISTEN_FDNAMES; exec "$@"',
+        "sh",
+      ],
+      ["run", "-A", daemonFile("daemon/main.ts"), "blk", "--fd", "3", "--blk-file", `${dir}/d.img`],
+    );
+    try {
+      await d.waitFor(() => d.stderr.includes("Listening on"), 30_000, "the listening socket");
+      const fe = await FrontendConnection.connect(socket, { timeoutMs: 60_000 });
+      try {
+        assert.ok(fe.getFeatures() & (1n << 32n), "VIRTIO_F_VERSION_1 offered");
+      } finally {
+        fe.close();
+      }
+      await d.waitFor(() => d.stdout.includes("vhostd: serving"), 30_000, "the banner");
+      assert.match(d.stdout, new RegExp(`on ${socket.replaceAll(".", "\\.")}`));
+    } finally {
+      assert.equal(await d.stop(), 0, d.stderr);
+    }
+    // The socket is the management layer's: vhostd does not remove it.
+    assert.ok(Deno.statSync(socket).isSocket, "the inherited socket's file is still there");
+  }));
+
+Deno.test("--fd that is not a listening Unix socket is one clear error", () =>
+  withDir("vhostd-conv-", async (dir) => {
+    sparseFile(`${dir}/d.img`, 1 << 20);
+    const cases: [string, RegExp][] = [
+      ["2", /--fd must be a whole number from 3/],
+      // (an fd no one opened: low numbers are Deno's own in the daemon)
+      ["900", /--fd 900 is not a listening Unix stream socket: .*EBADF/],
+    ];
+    for (const [fd, message] of cases) {
+      const r = await runVhostd(["blk", "--fd", fd, "--image", `${dir}/d.img`]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, message);
+      assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+    }
+  }));
