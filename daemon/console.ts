@@ -55,6 +55,8 @@ import {
   type ServeExtras,
   serveOptions,
   usage,
+  VM_OPTION_HELP,
+  vmOptions,
 } from "./cli.ts";
 import {
   ConfigError,
@@ -156,6 +158,7 @@ Options:
   --allow-uid UID     accept front-ends of these uids only on the vhost-user socket; with
                       --chardev, the uids besides vhostd's own and root whose QEMU may connect
                       (repeatable or comma-separated)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
   (--metrics and --control need vhost-user mode)
 
@@ -452,6 +455,7 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
       options: {
         ...serveOptions,
         ...accessOptions,
+        ...vmOptions,
         socket: { type: "string" },
         chardev: { type: "boolean" },
         ports: { type: "string" },

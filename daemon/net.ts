@@ -33,6 +33,8 @@ import {
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
+  VM_OPTION_HELP,
+  vmOptions,
 } from "./cli.ts";
 import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 import type { LogSettings } from "./log.ts";
@@ -64,6 +66,7 @@ Options:
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
   --poll-us N         after the last frame, keep polling the transmit queues (the guest's kicks
                       off) and the TAP for N µs before sleeping (0-${MAX_POLL_US}; default ${DEFAULT_NET_POLL_US}: none)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
 
 QEMU (7.2 under TCG needs vectors=0 on the device; with KVM use vectors=2N+2):
@@ -115,6 +118,7 @@ Options:
   --socket-mode MODE  octal mode of the socket files (default 0600)
   --socket-group GRP  group of the socket files (name or gid)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
 
 QEMU, one per port (7.2 under TCG needs vectors=0 on the device):
@@ -200,12 +204,14 @@ function planNet(
     tap: tap.name,
     fds: tap.fds,
     multiQueue: tap.multiQueue,
+    name,
   };
   const service: ServiceOptions = {
     socket,
     module: netModule,
     options,
     name,
+    type: "net",
     log,
     pollUs,
     ...access,
@@ -257,6 +263,7 @@ export async function cmdNet(args: string[]): Promise<number> {
         ...serveOptions,
         ...accessOptions,
         ...pollOptions,
+        ...vmOptions,
         socket: { type: "string" },
         tap: { type: "string" },
         queues: { type: "string" },
@@ -301,6 +308,7 @@ export async function cmdSwitch(args: string[]): Promise<number> {
       options: {
         ...serveOptions,
         ...accessOptions,
+        ...vmOptions,
         socket: { type: "string", multiple: true },
         "uplink-tap": { type: "string" },
         "mac-age": { type: "string" },
@@ -377,7 +385,8 @@ export async function cmdSwitch(args: string[]): Promise<number> {
     `-netdev vhost-user,id=net${i},chardev=net${i}c -device virtio-net-pci,netdev=net${i}` +
     (portMacs[i].length > 0 ? `,mac=${formatMac(portMacs[i][0])}` : "")
   );
-  const banner = `vhostd: serving switch with ${sockets.length} ports` +
+  const banner =
+    `vhostd: serving switch with ${sockets.length} port${sockets.length > 1 ? "s" : ""}` +
     (uplink ? ` and uplink TAP ${uplink.name}` : "") +
     `\nAttach each QEMU 7.2 or newer guest to its port:\n${lines.join("\n")}\n`;
   try {

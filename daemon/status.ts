@@ -62,7 +62,10 @@ function table(rows: string[][]): string {
 /** Formats a status report as the tables `status` prints. */
 export function formatStatus(r: StatusReport, allQueues = false): string {
   const out = [
-    `${r.name}: pid ${r.pid}, up ${r.uptimeSeconds} s, ${r.devices.length} device(s)`,
+    `${r.name}: vhostd ${
+      r.version ?? "(version unknown)"
+    }, pid ${r.pid}, up ${r.uptimeSeconds} s, ` +
+    `${r.devices.length} device(s)`,
     "",
   ];
   const devices = [[
