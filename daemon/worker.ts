@@ -103,8 +103,8 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
 
 /**
  * Moves the device's own counters into `slots` (shared memory) and returns their series. A device
- * with more than {@link MAX_DEVICE_STATS} keeps them to itself, unexported (none has: 16 queue
- * pairs of a TAP device take 80).
+ * with more than {@link MAX_DEVICE_STATS} (none has: 16 queue pairs of a TAP device take 80), or
+ * whose `bind` fails, keeps them to itself, unexported.
  */
 function bindMetrics(device: VirtioDevice, name: string, slots: Float64Array): MetricSeries[] {
   const m = device.metrics;
@@ -116,7 +116,15 @@ function bindMetrics(device: VirtioDevice, name: string, slots: Float64Array): M
     });
     return [];
   }
-  m.bind(slots);
+  try {
+    m.bind(slots);
+  } catch (e) {
+    // A device's mistake in its metrics should not stop it serving.
+    getLogger(["vhostd", name]).warn("device counters not exported: {error}", {
+      error: (e as Error).message,
+    });
+    return [];
+  }
   // Copied into plain objects: the device's may not survive structured cloning as they are.
   return m.series.map((s) => ({
     name: s.name,
