@@ -383,3 +383,26 @@ Deno.test({
     });
   },
 });
+
+Deno.test("metrics: --vm takes a name like a config's, one line and exit 2 otherwise", async () => {
+  for (const bad of ["", "a b", 'x"}', "-lead", "a".repeat(33), "vm\nevil"]) {
+    const r = await runVhostd([
+      "blk",
+      "--socket",
+      "/tmp/none.sock",
+      "--image",
+      "/dev/null",
+      `--vm=${bad}`,
+    ]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(
+      r.stderr.trim(),
+      /^vhostd blk: --vm must be letters, digits, "\.", "_" or "-" \(at most 32\), not ".*"$/s,
+    );
+    assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+  }
+  // run takes the config's name, not --vm.
+  const r = await runVhostd(["run", "--config", "/dev/null", "--vm", "x"]);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /Unknown option '--vm'/);
+});
