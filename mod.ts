@@ -7,7 +7,21 @@
  * @module
  */
 
-export type { DeviceEventLoop, DeviceModule, VirtioDevice, Virtqueue } from "./devices/device.ts";
+export {
+  type DeviceEventLoop,
+  type DeviceMetrics,
+  type DeviceModule,
+  IoDirection,
+  type MetricSeries,
+  type VirtioDevice,
+  type Virtqueue,
+} from "./devices/device.ts";
+export {
+  blockMetrics,
+  type CounterBlock,
+  type CounterStorage,
+  defineCounters,
+} from "./devices/counter_block.ts";
 export { type ByteRef, DescriptorChain } from "./ring/descriptor_chain.ts";
 export { GuestMemory, MemoryRegion, type MemoryRegionInfo } from "./ring/guest_memory.ts";
 export { type RingAddresses, SplitQueue } from "./ring/split_queue.ts";

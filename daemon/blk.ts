@@ -24,6 +24,8 @@ import {
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
+  VM_OPTION_HELP,
+  vmOptions,
 } from "./cli.ts";
 import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 import { closeQuietly } from "../sys/libc.ts";
@@ -55,11 +57,12 @@ Options:
   --socket-mode MODE  octal mode of the socket file (default 0600: only the owner may connect)
   --socket-group GRP  group of the socket file (name or gid; use with --socket-mode 0660)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
 
 Example:
   vhostd blk --socket /run/vhostd/vm1-disk.sock --image /var/lib/vm1.img --queues 4 \\
-    --metrics 127.0.0.1:9101
+    --vm vm1 --metrics 127.0.0.1:61910
 `;
 
 /** `vhostd start --help`. */
@@ -76,7 +79,7 @@ Options:
 ${SERVE_OPTIONS_HELP}
 
 Example:
-  deno task start --metrics 127.0.0.1:9101
+  deno task start --metrics 127.0.0.1:61910
 `;
 
 /** Everything needed to serve one block device. */
@@ -171,7 +174,9 @@ function describe(plan: BlkPlan): string {
   return `vhostd: serving ${b.path} (${sizeText(b.sizeBytes)}, ${
     b.readOnly ? "read-only" : "read-write"
   }, ` +
-    `${b.queues} queues) on ${plan.socket}\nAttach it to QEMU 7.2 or newer with:\n` +
+    `${b.queues} queue${
+      b.queues > 1 ? "s" : ""
+    }) on ${plan.socket}\nAttach it to QEMU 7.2 or newer with:\n` +
     qemuLine(plan.socket) + "\n";
 }
 
@@ -186,6 +191,7 @@ export async function cmdBlk(args: string[]): Promise<number> {
         ...accessOptions,
         ...pollOptions,
         ...conventionOptions,
+        ...vmOptions,
         socket: { type: "string" },
         image: { type: "string" },
         "blk-file": { type: "string" },
@@ -300,7 +306,7 @@ export function planBlkDevice(ctx: PlanContext): DevicePlan {
     services: [plan.service],
     describe: `${ctx.id}: blk ${b.path} (${sizeText(b.sizeBytes)}, ${
       b.readOnly ? "read-only" : "read-write"
-    }, ${b.queues} queues) on ${socket}`,
+    }, ${b.queues} queue${b.queues > 1 ? "s" : ""}) on ${socket}`,
     qemuArgs: blkQemuArgs(socket, ctx.id),
     release: () => closeQuietly(b.fd),
   };

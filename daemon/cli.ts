@@ -24,6 +24,7 @@ import { UsageError } from "../devices/blk/image.ts";
 import { adoptInheritedSocket } from "./activation.ts";
 import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
+import { ID_RE } from "./config.ts";
 
 /** `parseArgs` options of logging, metrics and the control socket (spread them in). */
 export const serveOptions = {
@@ -34,6 +35,19 @@ export const serveOptions = {
   control: { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
+
+/**
+ * `parseArgs` option naming the VM a standalone command serves (`run` takes the config's name):
+ * the `vm` label of its metrics, and the name in status and systemd STATUS lines.
+ */
+export const vmOptions = {
+  vm: { type: "string" },
+} as const;
+
+/** The help line of {@link vmOptions}. */
+export const VM_OPTION_HELP =
+  `  --vm NAME           the VM this serves: the "vm" label of every metric, and the name status
+                      shows (letters, digits, ".", "_" or "-", at most 32; default: the device's)`;
 
 /** `parseArgs` options of socket access: mode, group, allowed uids. */
 export const accessOptions = {
@@ -90,7 +104,7 @@ export function parsePollUs(values: { "poll-us"?: string }, defaultUs: number): 
 /** The help lines of {@link serveOptions}, to paste into a command's help text. */
 export const SERVE_OPTIONS_HELP =
   `  --metrics ADDR      serve Prometheus metrics on http://ADDR/metrics (and /healthz),
-                      e.g. 127.0.0.1:9101; a loopback address only, since they have no
+                      e.g. 127.0.0.1:61910; a loopback address only, since they have no
                       authentication, unless --metrics-any-address is given
   --metrics-any-address  allow --metrics on an address that is not loopback
   --control PATH      answer "vhostd status --control PATH" on this Unix socket
@@ -104,7 +118,7 @@ export interface ServeExtras {
   metrics?: MetricsAddress;
   /** Path of the control socket `status` talks to, if any. */
   control?: string;
-  /** Name of this daemon (the VM) in status output and systemd STATUS lines. */
+  /** Name of this daemon (the VM): the `vm` label of metrics, the name in status and STATUS lines. */
   name?: string;
   /**
    * Makes SIGHUP reload: called on each SIGHUP (one at a time), it reads and checks the new
@@ -121,6 +135,8 @@ export interface ServeOptionValues {
   metrics?: string;
   "metrics-any-address"?: boolean;
   control?: string;
+  /** {@link vmOptions}' value, for the commands that take it. */
+  vm?: string;
 }
 
 /** Checks the shared serving options: logging settings and {@link ServeExtras}. */
@@ -128,6 +144,16 @@ export function parseServeOptions(
   values: ServeOptionValues,
 ): { log: LogSettings; extras: ServeExtras } {
   const extras: ServeExtras = {};
+  if (values.vm !== undefined) {
+    if (!ID_RE.test(values.vm)) {
+      throw new UsageError(
+        `--vm must be letters, digits, ".", "_" or "-" (at most 32), not ${
+          JSON.stringify(values.vm)
+        }`,
+      );
+    }
+    extras.name = values.vm;
+  }
   if (values.metrics !== undefined) {
     extras.metrics = parseMetricsAddress(values.metrics);
     const anyAddress = values["metrics-any-address"] ?? false;

@@ -268,7 +268,8 @@ export interface ConfigOverrides {
 /** The control socket's default name inside the socket folder. */
 export const CONTROL_SOCKET = "control.sock";
 
-const ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/;
+/** What a VM name or device id may be: letters, digits, ".", "_" or "-", at most 32. */
+export const ID_RE: RegExp = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/;
 
 /** Reads and parses a config file (no checks beyond JSON syntax). */
 export function readConfigFile(path: string): unknown {
@@ -349,7 +350,7 @@ export function planVm(
     } catch {
       throw new ConfigError(
         "metrics",
-        `must be HOST:PORT like 127.0.0.1:9101, not ${show(metricsField)}`,
+        `must be HOST:PORT like 127.0.0.1:61910, not ${show(metricsField)}`,
       );
     }
   }

@@ -57,6 +57,8 @@ import {
   type ServeExtras,
   serveOptions,
   usage,
+  VM_OPTION_HELP,
+  vmOptions,
 } from "./cli.ts";
 import {
   ConfigError,
@@ -159,6 +161,7 @@ Options:
   --allow-uid UID     accept front-ends of these uids only on the vhost-user socket; with
                       --chardev, the uids besides vhostd's own and root whose QEMU may connect
                       (repeatable or comma-separated)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
   (--metrics and --control need vhost-user mode)
 
@@ -456,6 +459,7 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
         ...serveOptions,
         ...accessOptions,
         ...conventionOptions,
+        ...vmOptions,
         socket: { type: "string" },
         chardev: { type: "boolean" },
         ports: { type: "string" },

@@ -13,6 +13,7 @@ import { clearSocketPath } from "./service.ts";
 import { QueueFlag } from "./stats.ts";
 import { LATENCY_BUCKETS, QueueStat } from "../ring/queue_stats.ts";
 import type { ObservedDevice } from "./metrics.ts";
+import { VERSION } from "./version.ts";
 
 /** One queue in a status report. */
 export interface QueueStatus {
@@ -72,6 +73,8 @@ export interface DeviceStatus {
 export interface StatusReport {
   /** Daemon name (the VM). */
   name: string;
+  /** vhostd's version (deno.json's). */
+  version: string;
   /** Daemon pid. */
   pid: number;
   /** Seconds since start. */
@@ -88,6 +91,7 @@ export function statusReport(
 ): StatusReport {
   return {
     name,
+    version: VERSION,
     pid: Deno.pid,
     uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
     devices: devices.map((d) => {

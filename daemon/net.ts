@@ -35,6 +35,8 @@ import {
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
+  VM_OPTION_HELP,
+  vmOptions,
 } from "./cli.ts";
 import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 import type { LogSettings } from "./log.ts";
@@ -67,6 +69,7 @@ Options:
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
   --poll-us N         after the last frame, keep polling the transmit queues (the guest's kicks
                       off) and the TAP for N µs before sleeping (0-${MAX_POLL_US}; default ${DEFAULT_NET_POLL_US}: none)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
 
 QEMU (7.2 under TCG needs vectors=0 on the device; with KVM use vectors=2N+2):
@@ -118,6 +121,7 @@ Options:
   --socket-mode MODE  octal mode of the socket files (default 0600)
   --socket-group GRP  group of the socket files (name or gid)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
 
 QEMU, one per port (7.2 under TCG needs vectors=0 on the device):
@@ -203,12 +207,14 @@ function planNet(
     tap: tap.name,
     fds: tap.fds,
     multiQueue: tap.multiQueue,
+    name,
   };
   const service: ServiceOptions = {
     socket,
     module: netModule,
     options,
     name,
+    type: "net",
     log,
     pollUs,
     ...access,
@@ -261,6 +267,7 @@ export async function cmdNet(args: string[]): Promise<number> {
         ...accessOptions,
         ...pollOptions,
         ...conventionOptions,
+        ...vmOptions,
         socket: { type: "string" },
         tap: { type: "string" },
         queues: { type: "string" },
@@ -305,6 +312,7 @@ export async function cmdSwitch(args: string[]): Promise<number> {
       options: {
         ...serveOptions,
         ...accessOptions,
+        ...vmOptions,
         socket: { type: "string", multiple: true },
         "uplink-tap": { type: "string" },
         "mac-age": { type: "string" },
@@ -381,7 +389,8 @@ export async function cmdSwitch(args: string[]): Promise<number> {
     `-netdev vhost-user,id=net${i},chardev=net${i}c -device virtio-net-pci,netdev=net${i}` +
     (portMacs[i].length > 0 ? `,mac=${formatMac(portMacs[i][0])}` : "")
   );
-  const banner = `vhostd: serving switch with ${sockets.length} ports` +
+  const banner =
+    `vhostd: serving switch with ${sockets.length} port${sockets.length > 1 ? "s" : ""}` +
     (uplink ? ` and uplink TAP ${uplink.name}` : "") +
     `\nAttach each QEMU 7.2 or newer guest to its port:\n${lines.join("\n")}\n`;
   try {

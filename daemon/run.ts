@@ -54,7 +54,7 @@ ${SERVE_OPTIONS_HELP}
    --metrics-any-address also allows the file's metrics address)
 
 Example:
-  vhostd run --config /etc/vhostd/vm1.json --metrics 127.0.0.1:9101
+  vhostd run --config /etc/vhostd/vm1.json --metrics 127.0.0.1:61910
   vhostd status --config /etc/vhostd/vm1.json
 `;
 

@@ -28,9 +28,11 @@ export function observe(services: readonly DeviceService[]): ObservedDevice[] {
       out.push({
         name: paths.length > 1 ? `${s.options.name}.${port}` : s.options.name,
         type: s.options.type ?? s.options.name,
+        service: s.options.name,
         socket: paths[port],
         running: s.running,
         snapshot: s.stats.read(port),
+        metrics: s.metrics[port] ?? [],
       });
     }
   }
@@ -222,7 +224,9 @@ export async function runServices(
   try {
     const passed = adoptPassedSockets();
     // The endpoints first: a metrics port in use should fail before any device socket appears.
-    if (extras.metrics) metrics = await startMetricsServer(extras.metrics, () => observe(services));
+    if (extras.metrics) {
+      metrics = await startMetricsServer(extras.metrics, () => observe(services), { vm: name });
+    }
     if (extras.control) {
       control = startControlServer(
         extras.control,

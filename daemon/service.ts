@@ -11,6 +11,7 @@ import { listenUnix, probeSocketPath } from "../sys/socket.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import type { LogSettings } from "./log.ts";
 import type { WorkerInit, WorkerReport } from "./worker.ts";
+import type { MetricSeries } from "../devices/device.ts";
 import { allocateStats, ServiceStats } from "./stats.ts";
 import { takePassedSocket } from "./activation.ts";
 
@@ -78,6 +79,11 @@ export class DeviceService {
   readonly stats: ServiceStats;
   /** Whether the worker is still serving (false once it stopped or died). */
   running = true;
+  /**
+   * The series of each port's device's own counters (its `metrics`), as the worker reported them
+   * when it was ready; their values are in {@link stats}.
+   */
+  metrics: MetricSeries[][] = [];
   readonly #worker: Worker;
   readonly #listenFds: number[];
   readonly #shutdownFd: number;
@@ -139,8 +145,10 @@ export class DeviceService {
     done.catch(() => {});
     worker.onmessage = (e: MessageEvent<WorkerReport>) => {
       const r = e.data;
-      if (r.type === "ready") onReady();
-      else if (r.type === "failed") {
+      if (r.type === "ready") {
+        service.metrics = r.metrics;
+        onReady();
+      } else if (r.type === "failed") {
         const err = new Error(`${options.name}: ${r.message}`);
         onFail(err);
         onDead(err);

@@ -52,7 +52,7 @@ Deno.test("run --config: each mistake is one line naming the field, exit 2", asy
       [
         "bad metrics address",
         { metrics: "localhost", devices: [good] },
-        /^metrics: must be HOST:PORT like 127\.0\.0\.1:9101, not "localhost"$/,
+        /^metrics: must be HOST:PORT like 127\.0\.0\.1:61910, not "localhost"$/,
       ],
       ["no devices", { devices: [] }, /^devices: must list at least one device$/],
       [

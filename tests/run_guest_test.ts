@@ -96,6 +96,16 @@ sleep 6
       assert.ok(sum(metrics, "vhostd_queue_latency_seconds_count", l) > 0, metrics);
       assert.ok(sum(metrics, "vhostd_queue_bytes_total", l) >= 2 * MiB, `${dev}: 1 MiB each way`);
       assert.equal(sum(metrics, "vhostd_queue_errors_total", l), 0, metrics);
+      // The guest's 1 MiB written and read back, apart; every series names the VM.
+      for (const direction of ["read", "write"]) {
+        const d = `${l},direction="${direction}"`;
+        assert.ok(sum(metrics, "vhostd_io_requests_total", d) > 0, `${dev} ${direction}s`);
+        assert.ok(sum(metrics, "vhostd_io_bytes_total", d) >= MiB, `${dev}: 1 MiB ${direction}`);
+        assert.ok(sum(metrics, "vhostd_io_latency_seconds_count", d) > 0, metrics);
+      }
+    }
+    for (const line of metrics.split("\n").filter((l) => l !== "" && !l.startsWith("#"))) {
+      assert.match(line, /^\w+\{vm="guestvm"[,}]/, "every series names the VM");
     }
     // Status: both front-ends are this QEMU, features negotiated, queue 0 running, counting.
     for (const dev of status.devices) {

@@ -121,7 +121,7 @@ Deno.test("reload: SIGHUP keeps unchanged devices connected, starts added ones, 
       assert.equal(aStatus.connects, 1);
       assert.notEqual(aStatus.frontEnd, null);
       const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-      assert.match(metrics, /vhostd_device_up\{device="c",type="blk"\} 1/);
+      assert.match(metrics, /vhostd_device_up\{vm="reloadvm",device="c",type="blk"\} 1/);
       assert.doesNotMatch(metrics, /device="b"/);
       await d.waitFor(() => d.stderr.includes("reloaded:"), 10_000, "the reload's log");
       assert.match(d.stderr, /b: stopped \(removed\)/);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serves vm1's devices without systemd, for trying things out: a scratch socket folder and
-# sparse images in $DIR (default /tmp/vhostd-vm1), metrics on 127.0.0.1:9101.
+# sparse images in $DIR (default /tmp/vhostd-vm1), metrics on 127.0.0.1:61910.
 #   examples/qemu/run-vhostd.sh &   then   SOCKETS=/tmp/vhostd-vm1 examples/qemu/vm1.sh KERNEL
 # and in a third terminal: vhostd status --socket-dir /tmp/vhostd-vm1
 set -euo pipefail
