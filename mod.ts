@@ -14,7 +14,12 @@ export { type RingAddresses, SplitQueue } from "./ring/split_queue.ts";
 export { InflightRegion } from "./ring/inflight.ts";
 export { DirtyLog } from "./ring/dirty_log.ts";
 export { IoVec } from "./sys/io.ts";
-export { runServices, serveDevice, type ServeDeviceOptions } from "./daemon/serve.ts";
+export {
+  runServices,
+  serveDevice,
+  type ServeDeviceOptions,
+  type ServiceReload,
+} from "./daemon/serve.ts";
 export type { LogLevel, LogSettings } from "./daemon/log.ts";
 export type { ServiceOptions } from "./daemon/service.ts";
 export type { ServeExtras } from "./daemon/cli.ts";

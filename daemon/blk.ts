@@ -13,6 +13,8 @@ import { runServices } from "./serve.ts";
 import {
   type Access,
   accessOptions,
+  conventionOptions,
+  deviceSocket,
   MAX_POLL_US,
   parseAccess,
   parseIntOption,
@@ -47,8 +49,9 @@ Serves FILE (a raw image or a block device) as a virtio-blk device on the vhost-
 socket PATH, until SIGINT or SIGTERM.
 
 Options:
-  --socket PATH       vhost-user socket to create (required)
-  --image FILE        raw disk image or block device (required)
+  --socket PATH       vhost-user socket to create (required; --socket-path is the same)
+  --fd N              serve the listening socket inherited as fd N instead
+  --image FILE        raw disk image or block device (required; --blk-file is the same)
   --read-only         serve read-only (VIRTIO_BLK_F_RO); writes fail
   --queues N          queues offered, 1-64 (default ${DEFAULT_BLK_QUEUES}; QEMU uses one per vCPU by
                       default and refuses a device with fewer: give it num-queues=N)
@@ -195,8 +198,10 @@ export async function cmdBlk(args: string[]): Promise<number> {
         ...serveOptions,
         ...accessOptions,
         ...pollOptions,
+        ...conventionOptions,
         socket: { type: "string" },
         image: { type: "string" },
+        "blk-file": { type: "string" },
         "read-only": { type: "boolean" },
         queues: { type: "string" },
         direct: { type: "boolean" },
@@ -209,12 +214,16 @@ export async function cmdBlk(args: string[]): Promise<number> {
     console.log(BLK_HELP);
     return 0;
   }
-  if (!values.socket) throw new UsageError("blk needs --socket PATH");
-  if (!values.image) throw new UsageError("blk needs --image FILE");
+  const socket = deviceSocket(values, "blk");
+  if (values.image !== undefined && values["blk-file"] !== undefined) {
+    throw new UsageError("--image and --blk-file are the same option; give one");
+  }
+  const image = values.image ?? values["blk-file"];
+  if (!image) throw new UsageError("blk needs --image FILE");
   const { log, extras } = parseServeOptions(values);
   const plan = planBlk(
-    values.socket,
-    values.image,
+    socket,
+    image,
     {
       readOnly: values["read-only"] ?? false,
       direct: values.direct ?? false,

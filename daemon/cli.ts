@@ -19,7 +19,9 @@
  * @module
  */
 
+import type { ServiceReload } from "./serve.ts";
 import { UsageError } from "../devices/blk/image.ts";
+import { adoptInheritedSocket } from "./activation.ts";
 import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
 
@@ -39,6 +41,38 @@ export const accessOptions = {
   "socket-group": { type: "string" },
   "allow-uid": { type: "string", multiple: true },
 } as const;
+
+/**
+ * `parseArgs` options of QEMU's back-end program conventions (docs/interop/vhost-user.rst,
+ * "Backend program conventions"), which tools that start back-ends rely on: `--socket-path` is
+ * `--socket` under its conventional name, `--fd N` serves a listening socket inherited as fd N.
+ * (`--print-capabilities` is answered before any parsing, in main.ts.)
+ */
+export const conventionOptions = {
+  "socket-path": { type: "string" },
+  fd: { type: "string" },
+} as const;
+
+/**
+ * The socket a single-device command serves: `--socket` or `--socket-path` (one of them), or an
+ * inherited listening socket `--fd N`.
+ */
+export function deviceSocket(
+  values: { socket?: string; "socket-path"?: string; fd?: string },
+  command: string,
+): string {
+  const given = [values.socket, values["socket-path"], values.fd].filter((v) => v !== undefined);
+  if (given.length > 1) {
+    throw new UsageError("--socket, --socket-path and --fd are alternatives; give one");
+  }
+  // fds 0-2 are stdin, stdout and stderr by the conventions.
+  if (values.fd !== undefined) {
+    return adoptInheritedSocket(parseIntOption("fd", values.fd, 0, 3, 1 << 20));
+  }
+  const path = values.socket ?? values["socket-path"];
+  if (!path) throw new UsageError(`${command} needs --socket PATH`);
+  return path;
+}
 
 /** Largest busy-poll window accepted (`--poll-us`, `pollUs` in a config), in µs. */
 export const MAX_POLL_US = 1000;
@@ -72,6 +106,12 @@ export interface ServeExtras {
   control?: string;
   /** Name of this daemon (the VM) in status output and systemd STATUS lines. */
   name?: string;
+  /**
+   * Makes SIGHUP reload: called on each SIGHUP (one at a time), it reads and checks the new
+   * configuration and returns the services to run from then on, or throws to keep the running set
+   * as it is (the error is logged). Without it, SIGHUP ends the daemon as it ends any process.
+   */
+  reload?: () => ServiceReload;
 }
 
 /** Values of {@link serveOptions} as `parseArgs` returns them. */

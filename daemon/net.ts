@@ -24,6 +24,8 @@ import { MAX_IFNAME, TapDevice, TUN_F_CSUM } from "../sys/tap.ts";
 import {
   type Access,
   accessOptions,
+  conventionOptions,
+  deviceSocket,
   MAX_POLL_US,
   parseAccess,
   parseIntOption,
@@ -61,7 +63,8 @@ TAP interface NAME (created if it does not exist; needs CAP_NET_ADMIN), until SI
 Checksum and segmentation offloads pass through to the host stack.
 
 Options:
-  --socket PATH       vhost-user socket to create (required)
+  --socket PATH       vhost-user socket to create (required; --socket-path is the same)
+  --fd N              serve the listening socket inherited as fd N instead
   --tap NAME          TAP interface to open or create (required, at most ${MAX_IFNAME} characters)
   --queues N          queue pairs, 1-16 (default ${DEFAULT_NET_QUEUES}). A TAP vhostd creates is multi-queue, so a
                       migration's destination daemon can open it too; one made beforehand
@@ -263,6 +266,7 @@ export async function cmdNet(args: string[]): Promise<number> {
         ...serveOptions,
         ...accessOptions,
         ...pollOptions,
+        ...conventionOptions,
         socket: { type: "string" },
         tap: { type: "string" },
         queues: { type: "string" },
@@ -273,12 +277,12 @@ export async function cmdNet(args: string[]): Promise<number> {
     console.log(NET_HELP);
     return 0;
   }
-  if (!values.socket) throw new UsageError("net needs --socket PATH");
+  const socket = deviceSocket(values, "net");
   if (!values.tap) throw new UsageError("net needs --tap NAME");
   const { log, extras } = parseServeOptions(values);
   const queues = parseIntOption("queues", values.queues, DEFAULT_NET_QUEUES, 1, 16);
   const { service, tap, qemuArgs } = planNet(
-    values.socket,
+    socket,
     values.tap,
     queues,
     parsePollUs(values, DEFAULT_NET_POLL_US),
@@ -286,7 +290,7 @@ export async function cmdNet(args: string[]): Promise<number> {
     parseAccess(values),
     "net0",
   );
-  const banner = `vhostd: serving net on ${values.socket} (TAP ${tap.name}, ${queues} queue ` +
+  const banner = `vhostd: serving net on ${socket} (TAP ${tap.name}, ${queues} queue ` +
     `pair${queues > 1 ? "s" : ""})\nAttach it to QEMU 7.2 or newer with:\n  ` +
     [0, 2, 4].map((i) => `${qemuArgs[i]} ${qemuArgs[i + 1]}`).join(" \\\n  ") + "\n";
   try {

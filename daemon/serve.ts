@@ -17,6 +17,7 @@ import {
 } from "./metrics.ts";
 import { type ControlServer, startControlServer, statusReport } from "./control.ts";
 import { SdNotifier } from "./notify.ts";
+import { adoptPassedSockets, describePassed } from "./activation.ts";
 
 /** The devices of running services, one per socket, as metrics and status see them. */
 export function observe(services: readonly DeviceService[]): ObservedDevice[] {
@@ -37,11 +38,31 @@ export function observe(services: readonly DeviceService[]): ObservedDevice[] {
 }
 
 /**
+ * A checked new set of services, for a reload (SIGHUP); see {@link ServeExtras.reload}.
+ */
+export interface ServiceReload {
+  /**
+   * Every service that should run once the reload is done, in order. An entry that is the very
+   * `options` object of a running service keeps that service running, connections and all; the
+   * others are started, and running services not listed are stopped.
+   */
+  services: ServiceOptions[];
+  /**
+   * Called once, when the reload is done (or given up), with the options of every service running
+   * then: whatever was opened for a listed service that is not running (it failed to start) is
+   * released here.
+   */
+  settle(running: ReadonlySet<ServiceOptions>): void;
+}
+
+/**
  * Starts the services, prints `banner` to stdout, and serves until SIGINT/SIGTERM (a second signal
  * exits at once). With `extras`, also serves metrics over HTTP and status on a control socket.
  * Under systemd (NOTIFY_SOCKET), READY=1 is sent once every socket listens and every worker has
- * built its device; the watchdog is pinged while all workers run. Returns the exit code: 0 after
- * a clean stop, 1 if a device failed.
+ * built its device; the watchdog is pinged while all workers run. Sockets systemd passed (socket
+ * activation, LISTEN_FDS) are served instead of binding new ones. With `extras.reload`, SIGHUP
+ * changes the running set to what it returns (see {@link ServiceReload}); reloads run one at a
+ * time. Returns the exit code: 0 after a clean stop, 1 if a device failed.
  */
 export async function runServices(
   plans: ServiceOptions[],
@@ -54,7 +75,9 @@ export async function runServices(
   const notifier = new SdNotifier();
   const name = extras.name ?? plans.map((p) => p.name).join(",");
   const startedAt = Date.now();
-  const services: DeviceService[] = [];
+  // Replaced as a whole (never changed in place) by a reload: whoever iterates it meanwhile
+  // (a scrape, the watchdog, a stop) sees one consistent set.
+  let services: DeviceService[] = [];
   let metrics: MetricsServer | null = null;
   let control: ControlServer | null = null;
   const closeEndpoints = async () => {
@@ -63,6 +86,18 @@ export async function runServices(
     await metrics?.close();
     metrics = null;
   };
+  // Wakes the supervision loop when the set of services changed (or a stop began).
+  let wake = () => {};
+  let changed = new Promise<void>((r) => wake = r);
+  const setChanged = () => {
+    const previous = wake;
+    changed = new Promise<void>((r) => wake = r);
+    previous();
+  };
+  // Reloads run one after the other: a stop waits for the one under way.
+  let reloads: Promise<void> = Promise.resolve();
+  let reloadQueued = false;
+  let reloadBeforeStart = false;
   // Signal handlers go in before anything starts: a supervisor may send SIGTERM the moment it
   // sees READY=1, and the default action would kill us without removing the sockets.
   let firstSignalAt = 0;
@@ -72,7 +107,8 @@ export async function runServices(
   const beginStop = (sig: Deno.Signal) => {
     logger.info("{signal}: finishing in-flight requests and stopping", { signal: sig });
     notifier.stopping(`${name}: stopping (${sig})`);
-    stopping = Promise.all(services.map((s) => s.stop()));
+    stopping = reloads.then(() => Promise.all(services.map((s) => s.stop())));
+    setChanged();
   };
   const onSignal = (sig: Deno.Signal) => {
     // Under `deno task` or npx a terminal's Ctrl-C reaches us twice at once (from the terminal
@@ -89,15 +125,102 @@ export async function runServices(
     stopRequested = sig;
     if (started) beginStop(sig);
   };
+  const summary = () => {
+    const devices = observe(services);
+    const connected = devices.filter((d) => d.snapshot.connected).length;
+    return `${name}: serving ${devices.length} device(s), ${connected} front-end(s) connected`;
+  };
+  const reload = async (reloader: () => ServiceReload) => {
+    if (stopRequested !== null) return;
+    logger.info("SIGHUP: reloading the configuration");
+    notifier.reloading(`${name}: reloading`);
+    let next: ServiceReload;
+    try {
+      next = reloader();
+    } catch (e) {
+      logger.error("reload failed, still serving the previous configuration: {error}", {
+        error: (e as Error).message,
+      });
+      notifier.ready(summary());
+      return;
+    }
+    const wanted = new Set(next.services);
+    const runningOptions = new Set(services.map((s) => s.options));
+    const gone = services.filter((s) => !wanted.has(s.options));
+    const fresh = next.services.filter((o) => !runningOptions.has(o));
+    const kept = services.filter((s) => wanted.has(s.options));
+    const startedNow = new Map<ServiceOptions, DeviceService>();
+    try {
+      // Those going stop first: a changed device usually keeps its socket path.
+      services = kept;
+      await Promise.all(gone.map((s) => s.stop()));
+      for (const s of gone) {
+        const again = fresh.some((o) => o.name === s.options.name);
+        logger.info("{device}: stopped ({why})", {
+          device: s.options.name,
+          why: again ? "changed; restarting it" : "removed",
+        });
+      }
+      for (const o of fresh) {
+        if (stopRequested !== null) break;
+        try {
+          startedNow.set(o, await DeviceService.start(o));
+          logger.info("{device}: started", { device: o.name });
+        } catch (e) {
+          logger.error("{device}: did not start: {error}", {
+            device: o.name,
+            error: (e as Error).message,
+          });
+        }
+      }
+    } finally {
+      const byOptions = new Map(kept.map((s) => [s.options, s]));
+      services = next.services.map((o) => byOptions.get(o) ?? startedNow.get(o))
+        .filter((s): s is DeviceService => s !== undefined);
+      next.settle(new Set(services.map((s) => s.options)));
+      setChanged();
+    }
+    // Devices kept as they were go on serving their connections untouched. This is the place
+    // where they hear of the reload, for what they re-read themselves (a disk's image size:
+    // `for (const s of kept) s.refresh()` once DeviceService has refresh()).
+    logger.info("reloaded: {kept} device(s) kept, {started} started, {stopped} stopped", {
+      kept: kept.length,
+      started: startedNow.size,
+      stopped: gone.length,
+    });
+    notifier.ready(summary());
+  };
+  const requestReload = () => {
+    const reloader = extras.reload;
+    if (reloader === undefined || stopRequested !== null) return;
+    if (!started) {
+      reloadBeforeStart = true;
+      return;
+    }
+    // One queued reload covers every SIGHUP that comes while another reload runs: it reads the
+    // file after all of them.
+    if (reloadQueued) return;
+    reloadQueued = true;
+    reloads = reloads.then(() => {
+      reloadQueued = false;
+      return reload(reloader);
+    }).catch((e) => {
+      logger.error("reload: {error}", { error: (e as Error).stack ?? String(e) });
+    });
+  };
   const sigint = () => onSignal("SIGINT");
   const sigterm = () => onSignal("SIGTERM");
   Deno.addSignalListener("SIGINT", sigint);
   Deno.addSignalListener("SIGTERM", sigterm);
+  // SIGHUP is taken only when there is something to reload; otherwise it ends us, as before.
+  if (extras.reload) Deno.addSignalListener("SIGHUP", requestReload);
   const removeSignalListeners = () => {
     Deno.removeSignalListener("SIGINT", sigint);
     Deno.removeSignalListener("SIGTERM", sigterm);
+    if (extras.reload) Deno.removeSignalListener("SIGHUP", requestReload);
   };
   try {
+    const passed = adoptPassedSockets();
     // The endpoints first: a metrics port in use should fail before any device socket appears.
     if (extras.metrics) metrics = await startMetricsServer(extras.metrics, () => observe(services));
     if (extras.control) {
@@ -107,6 +230,13 @@ export async function runServices(
       );
     }
     for (const p of plans) services.push(await DeviceService.start(p));
+    for (const s of passed) {
+      if (!s.inUse) {
+        logger.warn("socket activation: {socket} matches no device; it stays unused", {
+          socket: describePassed(s),
+        });
+      }
+    }
   } catch (e) {
     await Promise.all(services.map((s) => s.stop()));
     await closeEndpoints();
@@ -124,11 +254,6 @@ export async function runServices(
       });
     }
   }
-  const summary = () => {
-    const devices = observe(services);
-    const connected = devices.filter((d) => d.snapshot.connected).length;
-    return `${name}: serving ${devices.length} device(s), ${connected} front-end(s) connected`;
-  };
   const notifyError = notifier.ready(summary());
   if (notifyError) logger.warn("sd_notify failed: {error}", { error: notifyError.message });
   notifier.startWatchdog(() => services.every((s) => s.running));
@@ -140,20 +265,33 @@ export async function runServices(
   }, 1000);
   // A signal that came while the devices were starting is acted on now that they run.
   if (stopRequested !== null) beginStop(stopRequested);
+  else if (reloadBeforeStart) requestReload();
   try {
-    await Promise.race(services.map((s) => s.done));
-    if (stopping) await stopping;
-    else {
+    for (;;) {
+      const current = services;
+      const ended = await Promise.race([
+        changed.then(() => null),
+        ...current.map((s) => s.done.then(() => ({ s, error: null }), (error) => ({ s, error }))),
+      ]);
+      if (stopping) {
+        if (ended?.error) throw ended.error;
+        await stopping;
+        logger.info("stopped");
+        return 0;
+      }
+      // The set changed, or a device a reload stopped has finished: nothing to do.
+      if (ended === null || !services.includes(ended.s)) continue;
+      if (ended.error) throw ended.error;
       // A worker stopped on its own: stop the rest too.
       notifier.stopping(`${name}: a device stopped; stopping the others`);
+      await reloads;
       await Promise.all(services.map((s) => s.stop()));
       return 1;
     }
-    logger.info("stopped");
-    return 0;
   } catch (e) {
     logger.fatal("{error}", { error: (e as Error).message });
     notifier.stopping(`${name}: ${(e as Error).message}`);
+    await reloads;
     await Promise.all(services.map((s) => s.stop()));
     return 1;
   } finally {

@@ -12,6 +12,7 @@ import { UsageError } from "../devices/blk/image.ts";
 import type { LogSettings } from "./log.ts";
 import type { WorkerInit, WorkerReport } from "./worker.ts";
 import { allocateStats, ServiceStats } from "./stats.ts";
+import { takePassedSocket } from "./activation.ts";
 
 /** What to serve and where. */
 export interface ServiceOptions {
@@ -80,6 +81,8 @@ export class DeviceService {
   readonly #worker: Worker;
   readonly #listenFds: number[];
   readonly #shutdownFd: number;
+  /** Sockets systemd passed (socket activation): their files are systemd's, never removed. */
+  readonly #passed: Map<string, () => void>;
   #stopped = false;
 
   private constructor(
@@ -89,6 +92,7 @@ export class DeviceService {
     shutdownFd: number,
     done: Promise<void>,
     stats: ServiceStats,
+    passed: Map<string, () => void>,
   ) {
     this.options = options;
     this.stats = stats;
@@ -96,18 +100,34 @@ export class DeviceService {
     this.#listenFds = listenFds;
     this.#shutdownFd = shutdownFd;
     this.done = done;
+    this.#passed = passed;
   }
 
-  /** Binds the socket, starts the worker and waits until the device is built. */
+  /**
+   * Binds the socket (or takes the one systemd passed for its path: see daemon/activation.ts),
+   * starts the worker and waits until the device is built.
+   */
   static async start(options: ServiceOptions): Promise<DeviceService> {
     const listenFds: number[] = [];
+    const passed = new Map<string, () => void>();
+    const unbind = () => {
+      for (const fd of listenFds) closeQuietly(fd);
+      for (const path of socketPaths(options).slice(0, listenFds.length)) {
+        const release = passed.get(path);
+        if (release) release();
+        else removeQuietly(path);
+      }
+    };
     try {
       for (const path of socketPaths(options)) {
-        listenFds.push(bindSocket(path, options.socketMode, options.socketGroup));
+        const given = takePassedSocket(path, options.name);
+        if (given !== null) {
+          passed.set(path, given.release);
+          listenFds.push(given.fd);
+        } else listenFds.push(bindSocket(path, options.socketMode, options.socketGroup));
       }
     } catch (e) {
-      for (const fd of listenFds) closeQuietly(fd);
-      for (const path of socketPaths(options).slice(0, listenFds.length)) removeQuietly(path);
+      unbind();
       throw e;
     }
     const shutdownFd = createEventFd();
@@ -146,7 +166,7 @@ export class DeviceService {
     };
     worker.postMessage(init);
     const stats = new ServiceStats(sab, listenFds.length);
-    const service = new DeviceService(options, worker, listenFds, shutdownFd, done, stats);
+    const service = new DeviceService(options, worker, listenFds, shutdownFd, done, stats, passed);
     done.then(() => service.running = false, () => service.running = false);
     try {
       await ready;
@@ -172,9 +192,14 @@ export class DeviceService {
     }
   }
 
-  /** Removes the socket files now (for an immediate exit). */
+  /**
+   * Removes the socket files now (for an immediate exit), except those systemd passed: they
+   * outlive the daemon, so that QEMU's next connection waits for the next daemon.
+   */
   removeSocket(): void {
-    for (const path of socketPaths(this.options)) removeQuietly(path);
+    for (const path of socketPaths(this.options)) {
+      if (!this.#passed.has(path)) removeQuietly(path);
+    }
   }
 
   #cleanup(): void {
@@ -182,6 +207,8 @@ export class DeviceService {
     this.removeSocket();
     for (const fd of this.#listenFds) closeQuietly(fd);
     closeQuietly(this.#shutdownFd);
+    // Only the copies are closed: the passed sockets stay open for a device a reload starts.
+    for (const release of this.#passed.values()) release();
   }
 }
 

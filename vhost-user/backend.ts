@@ -74,13 +74,13 @@ export interface BackendOptions {
 }
 
 /** Protocol features every vhostd device supports. */
-export const BASE_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) |
+export const BASE_PROTOCOL_FEATURES: bigint = bit(ProtocolFeature.MQ) |
   bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.REPLY_ACK) |
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE) |
   bit(ProtocolFeature.STATUS);
 
 /** Transport features every vhostd device supports (LOG_ALL: dirty logging for migration). */
-export const BASE_FEATURES = bit(VirtioFeature.VERSION_1) |
+export const BASE_FEATURES: bigint = bit(VirtioFeature.VERSION_1) |
   bit(VirtioFeature.RING_INDIRECT_DESC) | bit(VirtioFeature.RING_EVENT_IDX) |
   bit(VirtioFeature.PROTOCOL_FEATURES) | bit(VirtioFeature.LOG_ALL);
 

@@ -35,13 +35,13 @@ export const DeviceStatus = {
 } as const;
 
 /** The virtio-blk feature bits this driver understands (QEMU 7.2's `user_feature_bits`, in part). */
-export const DRIVER_BLK_FEATURES = bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) |
+export const DRIVER_BLK_FEATURES: bigint = bit(BlkFeature.SIZE_MAX) | bit(BlkFeature.SEG_MAX) |
   bit(BlkFeature.BLK_SIZE) | bit(BlkFeature.FLUSH) | bit(BlkFeature.TOPOLOGY) |
   bit(BlkFeature.CONFIG_WCE) | bit(BlkFeature.MQ) | bit(BlkFeature.DISCARD) |
   bit(BlkFeature.WRITE_ZEROES) | bit(BlkFeature.RO) | bit(VirtioFeature.VERSION_1);
 
 /** Protocol features this front-end can use (it has no back-end message handler of its own). */
-export const FRONTEND_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) |
+export const FRONTEND_PROTOCOL_FEATURES: bigint = bit(ProtocolFeature.MQ) |
   bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) |
   bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.STATUS);
 
