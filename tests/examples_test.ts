@@ -34,14 +34,17 @@ Deno.test("examples/libvirt/vm1.xml is accepted by libvirt (virsh define, test d
   assert.match(r.output, /Domain 'vm1' defined/);
 });
 
-Deno.test("examples/libvirt/vm1.xml attaches what examples/config/vm1.json serves", () => {
-  const xml = Deno.readTextFileSync(`${EXAMPLES}/libvirt/vm1.xml`);
+Deno.test("examples/libvirt/vm1.xml and vhostd@vm1.socket.d use the sockets vm1.json serves", () => {
   const config = JSON.parse(Deno.readTextFileSync(`${EXAMPLES}/config/vm1.json`));
   const served = config.devices.map((d: { id: string; socket?: string }) =>
     `${config.socketDir}/${d.socket ?? `${d.id}.sock`}`
   ).sort();
+  const xml = Deno.readTextFileSync(`${EXAMPLES}/libvirt/vm1.xml`);
   const attached = [...xml.matchAll(/<source type='unix' path='([^']+)'/g)].map((m) => m[1]).sort();
   assert.deepEqual(attached, served);
+  const conf = Deno.readTextFileSync(`${EXAMPLES}/systemd/vhostd@vm1.socket.d/sockets.conf`);
+  const listened = [...conf.matchAll(/^ListenStream=(.+)$/gm)].map((m) => m[1]).sort();
+  assert.deepEqual(listened, served);
 });
 
 Deno.test("examples/qemu scripts parse as bash", async () => {
