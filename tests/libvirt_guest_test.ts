@@ -2,7 +2,9 @@
  * The shipped examples boot together: examples/config/vm1.json served by `vhostd run` and
  * examples/libvirt/vm1.xml started by a real libvirtd (QEMU 7.2), changed only where this host
  * needs it. The guest reads its root disk's serial, writes and reads that disk, reads the
- * read-only data disk (and cannot write it), and pings the host over its vhost-user NIC.
+ * read-only data disk (and cannot write it), and pings the host over its vhost-user NIC. The
+ * domain is started before vhostd: its start waits, libvirt's QEMU log names the missing socket,
+ * and it goes on once vhostd serves.
  *
  * What the test changes, and nothing else:
  * - config: `socketDir` and the two `image` paths point into the test's folder. vhostd runs in a
@@ -33,6 +35,15 @@ const MiB = 1 << 20;
 const EXAMPLES = new URL("../examples/", import.meta.url);
 const DATA_MARKER = "vhostd-data-disk";
 const ROOT_MARKER = "written-by-vm1";
+
+/** The text of file `path`, or "" if it is not there (yet). */
+function readOr(path: string): string {
+  try {
+    return Deno.readTextFileSync(path);
+  } catch {
+    return "";
+  }
+}
 
 /** Replaces `from` in `text` by `to`, failing if the example no longer has `from`. */
 function replace(text: string, from: string, to: string): string {
@@ -84,15 +95,6 @@ Deno.test("libvirt: the example XML and config boot a guest under a real libvirt
       f.writeSync(new TextEncoder().encode(DATA_MARKER));
       f.close();
       Deno.writeTextFileSync(`${dir}/vm1.json`, JSON.stringify(config));
-      vhostd = await DaemonProcess.startUnder(["ip", "netns", "exec", ns], [
-        "run",
-        "--config",
-        `${dir}/vm1.json`,
-      ]);
-      const tap = config.devices.find((d: { type: string }) => d.type === "net").tap;
-      await run("ip", "-n", ns, "addr", "add", "198.18.190.1/24", "dev", tap);
-      await run("ip", "-n", ns, "link", "set", tap, "up");
-
       // The domain, with the test's paths and this host's TCG settings.
       const kit = await ensureKit();
       const initrd = `${dir}/initrd`;
@@ -130,7 +132,28 @@ Deno.test("libvirt: the example XML and config boot a guest under a real libvirt
       libvirtd = await PrivateLibvirtd.start(`${dir}/libvirt`);
       const lv = libvirtd;
       await lv.virsh("define", `${dir}/vm1.xml`);
-      await lv.virsh("start", "vm1");
+      // Started before vhostd serves, the domain waits (paused, virsh start not returning), and
+      // libvirt's QEMU log names the socket; once vhostd serves, QEMU connects and the start ends.
+      const starting = lv.virshResult("start", "vm1");
+      starting.catch(() => undefined); // awaited below; a failure before then is reported instead
+      const waitingFor = `Failed to connect to '${sockets}/net0.sock'`;
+      const waitDeadline = Date.now() + 180_000;
+      while (!readOr(lv.qemuLogPath("vm1")).includes(waitingFor)) {
+        assert.ok(Date.now() < waitDeadline, `vm1.log never said ${waitingFor}\n${lv.log()}`);
+        await new Promise((r) => setTimeout(r, 500));
+      }
+      assert.equal((await lv.virshResult("domstate", "vm1")).output.trim(), "paused");
+      vhostd = await DaemonProcess.startUnder(["ip", "netns", "exec", ns], [
+        "run",
+        "--config",
+        `${dir}/vm1.json`,
+      ]);
+      const tap = config.devices.find((d: { type: string }) => d.type === "net").tap;
+      await run("ip", "-n", ns, "addr", "add", "198.18.190.1/24", "dev", tap);
+      await run("ip", "-n", ns, "link", "set", tap, "up");
+
+      const started = await starting;
+      assert.equal(started.code, 0, started.output + lv.log());
       // on_poweroff is destroy: the domain stops once the guest's script is done.
       const deadline = Date.now() + 600_000;
       let state = "";

@@ -15,7 +15,8 @@
  * @module
  */
 
-import { run } from "./net.ts";
+/** How long one virsh command may take (QEMU's capabilities are probed on first use). */
+const VIRSH_TIMEOUT_MS = 180_000;
 
 /** The private libvirtd's qemu.conf (see the module documentation for why each setting). */
 const QEMU_CONF = `user = "root"
@@ -89,7 +90,7 @@ export class PrivateLibvirtd {
     const daemon = new PrivateLibvirtd(dir, child);
     const deadline = Date.now() + 60_000;
     for (;;) {
-      const r = await daemon.virshResult("version");
+      const r = await daemon.virshResult("version").catch((e) => ({ code: -1, output: `${e}` }));
       if (r.code === 0) return daemon;
       const gone = await Promise.race([
         daemon.#exited.then((o) => o),
@@ -102,21 +103,36 @@ export class PrivateLibvirtd {
     }
   }
 
-  /** Runs `virsh -c <uri> ...args`; returns its exit code and output. */
+  /**
+   * Runs `virsh -c <uri> ...args`; returns its exit code and output. virsh is killed after
+   * {@link VIRSH_TIMEOUT_MS} (`virsh start` waits as long as QEMU does, e.g. for a socket nobody
+   * serves), and that is an error.
+   */
   async virshResult(...args: string[]): Promise<{ code: number; output: string }> {
     const out = await new Deno.Command("virsh", {
       args: ["-c", this.uri, ...args],
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
+      signal: AbortSignal.timeout(VIRSH_TIMEOUT_MS),
     }).output();
     const dec = new TextDecoder();
-    return { code: out.code, output: dec.decode(out.stdout) + dec.decode(out.stderr) };
+    const output = dec.decode(out.stdout) + dec.decode(out.stderr);
+    if (out.signal !== null) {
+      throw new Error(
+        `virsh ${args.join(" ")}: no answer in ${VIRSH_TIMEOUT_MS} ms\n${this.log()}`,
+      );
+    }
+    return { code: out.code, output };
   }
 
-  /** Runs virsh; throws with its output unless it succeeds. */
+  /** Runs virsh; throws with its output and libvirt's logs unless it succeeds. */
   async virsh(...args: string[]): Promise<string> {
-    return await run("virsh", "-c", this.uri, ...args);
+    const r = await this.virshResult(...args);
+    if (r.code !== 0) {
+      throw new Error(`virsh ${args.join(" ")} failed:\n${r.output}\n${this.log()}`);
+    }
+    return r.output;
   }
 
   /** Where libvirt logs QEMU's command line and errors for `vm` (/var/log/libvirt/qemu/<vm>.log). */
