@@ -50,6 +50,13 @@ import type { ServiceOptions } from "./service.ts";
  */
 export const DEFAULT_NET_POLL_US = 0;
 
+/**
+ * Queue pairs a TAP-backed net device offers unless told otherwise (`--queues`, a config's
+ * `queues`): one, as QEMU's vhost-user netdev asks for one pair unless `queues=N` says otherwise.
+ * The QEMU lines vhostd prints always name the number.
+ */
+export const DEFAULT_NET_QUEUES = 1;
+
 /** `vhostd net --help`. */
 export const NET_HELP = `Usage: vhostd net --socket PATH --tap NAME [options]
 
@@ -61,7 +68,7 @@ Options:
   --socket PATH       vhost-user socket to create (required; --socket-path is the same)
   --fd N              serve the listening socket inherited as fd N instead
   --tap NAME          TAP interface to open or create (required, at most ${MAX_IFNAME} characters)
-  --queues N          queue pairs, 1-16 (default 1). A TAP vhostd creates is multi-queue, so a
+  --queues N          queue pairs, 1-16 (default ${DEFAULT_NET_QUEUES}). A TAP vhostd creates is multi-queue, so a
                       migration's destination daemon can open it too; one made beforehand
                       without multi_queue serves one queue pair and cannot be shared
   --socket-mode MODE  octal mode of the socket file (default 0600)
@@ -219,12 +226,11 @@ function planNet(
     pollUs,
     ...access,
   };
-  const mq = queues > 1 ? `,queues=${queues}` : "";
   const qemuArgs = [
     "-chardev",
     `socket,id=${name}c,path=${socket},reconnect=1`,
     "-netdev",
-    `vhost-user,id=${name},chardev=${name}c${mq}`,
+    `vhost-user,id=${name},chardev=${name}c,queues=${queues}`,
     "-device",
     `virtio-net-pci,netdev=${name}${queues > 1 ? ",mq=on" : ""}`,
   ];
@@ -232,13 +238,13 @@ function planNet(
 }
 
 /**
- * Plans a `"type": "net"` device of a config file: `tap` (required), `queues` (1-16), `pollUs`
- * (0-1000).
+ * Plans a `"type": "net"` device of a config file: `tap` (required), `queues` (1-16, default
+ * {@link DEFAULT_NET_QUEUES}), `pollUs` (0-1000).
  */
 export function planNetDevice(ctx: PlanContext): DevicePlan {
   const f = ctx.fields;
   const tapName = f.string("tap", true);
-  const queues = f.integer("queues", 1, 1, 16);
+  const queues = f.integer("queues", DEFAULT_NET_QUEUES, 1, 16);
   const pollUs = f.integer("pollUs", DEFAULT_NET_POLL_US, 0, MAX_POLL_US);
   let plan: NetPlan;
   try {
@@ -281,7 +287,7 @@ export async function cmdNet(args: string[]): Promise<number> {
   const socket = deviceSocket(values, "net");
   if (!values.tap) throw new UsageError("net needs --tap NAME");
   const { log, extras } = parseServeOptions(values);
-  const queues = parseIntOption("queues", values.queues, 1, 1, 16);
+  const queues = parseIntOption("queues", values.queues, DEFAULT_NET_QUEUES, 1, 16);
   const { service, tap, qemuArgs } = planNet(
     socket,
     values.tap,
