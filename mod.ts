@@ -7,14 +7,33 @@
  * @module
  */
 
-export type { DeviceEventLoop, DeviceModule, VirtioDevice, Virtqueue } from "./devices/device.ts";
+export {
+  type DeviceEventLoop,
+  type DeviceMetrics,
+  type DeviceModule,
+  IoDirection,
+  type MetricSeries,
+  type VirtioDevice,
+  type Virtqueue,
+} from "./devices/device.ts";
+export {
+  blockMetrics,
+  type CounterBlock,
+  type CounterStorage,
+  defineCounters,
+} from "./devices/counter_block.ts";
 export { type ByteRef, DescriptorChain } from "./ring/descriptor_chain.ts";
 export { GuestMemory, MemoryRegion, type MemoryRegionInfo } from "./ring/guest_memory.ts";
 export { type RingAddresses, SplitQueue } from "./ring/split_queue.ts";
 export { InflightRegion } from "./ring/inflight.ts";
 export { DirtyLog } from "./ring/dirty_log.ts";
 export { IoVec } from "./sys/io.ts";
-export { runServices, serveDevice, type ServeDeviceOptions } from "./daemon/serve.ts";
+export {
+  runServices,
+  serveDevice,
+  type ServeDeviceOptions,
+  type ServiceReload,
+} from "./daemon/serve.ts";
 export type { LogLevel, LogSettings } from "./daemon/log.ts";
 export type { ServiceOptions } from "./daemon/service.ts";
 export type { ServeExtras } from "./daemon/cli.ts";

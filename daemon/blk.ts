@@ -13,6 +13,8 @@ import { runServices } from "./serve.ts";
 import {
   type Access,
   accessOptions,
+  conventionOptions,
+  deviceSocket,
   MAX_POLL_US,
   parseAccess,
   parseIntOption,
@@ -22,6 +24,8 @@ import {
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
+  VM_OPTION_HELP,
+  vmOptions,
 } from "./cli.ts";
 import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 import { closeQuietly } from "../sys/libc.ts";
@@ -32,6 +36,14 @@ import { closeQuietly } from "../sys/libc.ts";
  */
 export const DEFAULT_POLL_US = 100;
 
+/**
+ * Queues a block device offers unless told otherwise (`--queues`, a config's `queues`). QEMU gives
+ * a vhost-user-blk device one queue per vCPU unless `num-queues` says otherwise, and refuses a
+ * back-end that offers fewer: 16 covers guests of up to 16 vCPUs attached without `num-queues`.
+ * The QEMU lines vhostd prints always name the number.
+ */
+export const DEFAULT_BLK_QUEUES = 16;
+
 /** `vhostd blk --help`. */
 export const BLK_HELP = `Usage: vhostd blk --socket PATH --image FILE [options]
 
@@ -39,10 +51,12 @@ Serves FILE (a raw image or a block device) as a virtio-blk device on the vhost-
 socket PATH, until SIGINT or SIGTERM.
 
 Options:
-  --socket PATH       vhost-user socket to create (required)
-  --image FILE        raw disk image or block device (required)
+  --socket PATH       vhost-user socket to create (required; --socket-path is the same)
+  --fd N              serve the listening socket inherited as fd N instead
+  --image FILE        raw disk image or block device (required; --blk-file is the same)
   --read-only         serve read-only (VIRTIO_BLK_F_RO); writes fail
-  --queues N          queues offered, 1-64 (default 16; QEMU uses one per vCPU by default)
+  --queues N          queues offered, 1-64 (default ${DEFAULT_BLK_QUEUES}; QEMU uses one per vCPU by
+                      default and refuses a device with fewer: give it num-queues=N)
   --direct            open the image with O_DIRECT (bypass the host page cache)
   --poll-us N         after the last request, keep polling the queues and the disk for N µs
                       before sleeping (0-${MAX_POLL_US}, default ${DEFAULT_POLL_US}; 0: sleep at once)
@@ -52,11 +66,12 @@ Options:
   --socket-mode MODE  octal mode of the socket file (default 0600: only the owner may connect)
   --socket-group GRP  group of the socket file (name or gid; use with --socket-mode 0660)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
 
 Example:
   vhostd blk --socket /run/vhostd/vm1-disk.sock --image /var/lib/vm1.img --queues 4 \\
-    --metrics 127.0.0.1:9101
+    --vm vm1 --metrics 127.0.0.1:61910
 `;
 
 /** `vhostd start --help`. */
@@ -73,7 +88,7 @@ Options:
 ${SERVE_OPTIONS_HELP}
 
 Example:
-  deno task start --metrics 127.0.0.1:9101
+  deno task start --metrics 127.0.0.1:61910
 `;
 
 /** Everything needed to serve one block device. */
@@ -139,23 +154,27 @@ export function planBlk(
   return { socket, service, blk };
 }
 
-/** The QEMU 7.2 arguments attaching a vhost-user-blk device on `socket`. */
-export function blkQemuArgs(socket: string, id: string, queues?: number): string[] {
-  const nq = queues === undefined ? "" : `,num-queues=${queues}`;
+/**
+ * The QEMU 7.2 arguments attaching a vhost-user-blk device of `queues` queues on `socket`.
+ * `num-queues` is always given: without it QEMU asks for one queue per vCPU, and a guest with
+ * more vCPUs than the device has queues does not start.
+ */
+export function blkQemuArgs(socket: string, id: string, queues: number): string[] {
   return [
     "-chardev",
     `socket,id=${id},path=${socket},reconnect=1`,
     "-device",
-    `vhost-user-blk-pci,chardev=${id}${nq}`,
+    `vhost-user-blk-pci,chardev=${id},num-queues=${queues}`,
   ];
 }
 
-function qemuLine(socket: string): string {
+function qemuLine(socket: string, queues: number): string {
+  const [c, chardev, d, device] = blkQemuArgs(socket, "vhostd0", queues);
   return [
     "qemu-system-x86_64 -m 1G \\",
     "  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem \\",
-    `  -chardev socket,id=vhostd0,path=${socket},reconnect=1 \\`,
-    "  -device vhost-user-blk-pci,chardev=vhostd0 ...",
+    `  ${c} ${chardev} \\`,
+    `  ${d} ${device} ...`,
   ].join("\n");
 }
 
@@ -168,8 +187,10 @@ function describe(plan: BlkPlan): string {
   return `vhostd: serving ${b.path} (${sizeText(b.sizeBytes)}, ${
     b.readOnly ? "read-only" : "read-write"
   }, ` +
-    `${b.queues} queues) on ${plan.socket}\nAttach it to QEMU 7.2 or newer with:\n` +
-    qemuLine(plan.socket) + "\n";
+    `${b.queues} queue${
+      b.queues > 1 ? "s" : ""
+    }) on ${plan.socket}\nAttach it to QEMU 7.2 or newer with:\n` +
+    qemuLine(plan.socket, b.queues) + "\n";
 }
 
 /** `vhostd blk`. */
@@ -182,8 +203,11 @@ export async function cmdBlk(args: string[]): Promise<number> {
         ...serveOptions,
         ...accessOptions,
         ...pollOptions,
+        ...conventionOptions,
+        ...vmOptions,
         socket: { type: "string" },
         image: { type: "string" },
+        "blk-file": { type: "string" },
         "read-only": { type: "boolean" },
         queues: { type: "string" },
         direct: { type: "boolean" },
@@ -196,16 +220,20 @@ export async function cmdBlk(args: string[]): Promise<number> {
     console.log(BLK_HELP);
     return 0;
   }
-  if (!values.socket) throw new UsageError("blk needs --socket PATH");
-  if (!values.image) throw new UsageError("blk needs --image FILE");
+  const socket = deviceSocket(values, "blk");
+  if (values.image !== undefined && values["blk-file"] !== undefined) {
+    throw new UsageError("--image and --blk-file are the same option; give one");
+  }
+  const image = values.image ?? values["blk-file"];
+  if (!image) throw new UsageError("blk needs --image FILE");
   const { log, extras } = parseServeOptions(values);
   const plan = planBlk(
-    values.socket,
-    values.image,
+    socket,
+    image,
     {
       readOnly: values["read-only"] ?? false,
       direct: values.direct ?? false,
-      queues: parseIntOption("queues", values.queues, 16, 1, 64),
+      queues: parseIntOption("queues", values.queues, DEFAULT_BLK_QUEUES, 1, 64),
       pollUs: parsePollUs(values, DEFAULT_POLL_US),
       serial: values.serial,
       locking: !values["no-locking"],
@@ -240,7 +268,7 @@ export async function cmdStart(args: string[]): Promise<number> {
   const plan = planBlk(
     `${dir}/blk.sock`,
     image,
-    { readOnly: false, direct: false, queues: 16 },
+    { readOnly: false, direct: false, queues: DEFAULT_BLK_QUEUES },
     log,
     parseAccess(values),
   );
@@ -249,7 +277,7 @@ export async function cmdStart(args: string[]): Promise<number> {
 
 /**
  * The `blk` planner of config files. Fields: `image` (required), `socket`, `readOnly`,
- * `direct`, `queues` (1-64, default 4), `pollUs` (0-1000), `serial`, `locking` (default true).
+ * `direct`, `queues` (1-64, default {@link DEFAULT_BLK_QUEUES}), `pollUs` (0-1000), `serial`, `locking` (default true).
  */
 export function planBlkDevice(ctx: PlanContext): DevicePlan {
   const f = ctx.fields;
@@ -269,7 +297,7 @@ export function planBlkDevice(ctx: PlanContext): DevicePlan {
   const flags: BlkFlags = {
     readOnly: f.boolean("readOnly", false),
     direct: f.boolean("direct", false),
-    queues: f.integer("queues", 4, 1, 64),
+    queues: f.integer("queues", DEFAULT_BLK_QUEUES, 1, 64),
     pollUs: f.integer("pollUs", DEFAULT_POLL_US, 0, MAX_POLL_US),
     serial: f.string("serial"),
     name: ctx.id,
@@ -291,8 +319,8 @@ export function planBlkDevice(ctx: PlanContext): DevicePlan {
     services: [plan.service],
     describe: `${ctx.id}: blk ${b.path} (${sizeText(b.sizeBytes)}, ${
       b.readOnly ? "read-only" : "read-write"
-    }, ${b.queues} queues) on ${socket}`,
-    qemuArgs: blkQemuArgs(socket, ctx.id),
+    }, ${b.queues} queue${b.queues > 1 ? "s" : ""}) on ${socket}`,
+    qemuArgs: blkQemuArgs(socket, ctx.id, b.queues),
     release: () => closeQuietly(b.fd),
   };
 }

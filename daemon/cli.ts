@@ -19,9 +19,12 @@
  * @module
  */
 
+import type { ServiceReload } from "./serve.ts";
 import { UsageError } from "../devices/blk/image.ts";
+import { adoptInheritedSocket } from "./activation.ts";
 import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
+import { ID_RE } from "./config.ts";
 
 /** `parseArgs` options of logging, metrics and the control socket (spread them in). */
 export const serveOptions = {
@@ -33,12 +36,57 @@ export const serveOptions = {
   help: { type: "boolean", short: "h" },
 } as const;
 
+/**
+ * `parseArgs` option naming the VM a standalone command serves (`run` takes the config's name):
+ * the `vm` label of its metrics, and the name in status and systemd STATUS lines.
+ */
+export const vmOptions = {
+  vm: { type: "string" },
+} as const;
+
+/** The help line of {@link vmOptions}. */
+export const VM_OPTION_HELP =
+  `  --vm NAME           the VM this serves: the "vm" label of every metric, and the name status
+                      shows (letters, digits, ".", "_" or "-", at most 32; default: the device's)`;
+
 /** `parseArgs` options of socket access: mode, group, allowed uids. */
 export const accessOptions = {
   "socket-mode": { type: "string" },
   "socket-group": { type: "string" },
   "allow-uid": { type: "string", multiple: true },
 } as const;
+
+/**
+ * `parseArgs` options of QEMU's back-end program conventions (docs/interop/vhost-user.rst,
+ * "Backend program conventions"), which tools that start back-ends rely on: `--socket-path` is
+ * `--socket` under its conventional name, `--fd N` serves a listening socket inherited as fd N.
+ * (`--print-capabilities` is answered before any parsing, in main.ts.)
+ */
+export const conventionOptions = {
+  "socket-path": { type: "string" },
+  fd: { type: "string" },
+} as const;
+
+/**
+ * The socket a single-device command serves: `--socket` or `--socket-path` (one of them), or an
+ * inherited listening socket `--fd N`.
+ */
+export function deviceSocket(
+  values: { socket?: string; "socket-path"?: string; fd?: string },
+  command: string,
+): string {
+  const given = [values.socket, values["socket-path"], values.fd].filter((v) => v !== undefined);
+  if (given.length > 1) {
+    throw new UsageError("--socket, --socket-path and --fd are alternatives; give one");
+  }
+  // fds 0-2 are stdin, stdout and stderr by the conventions.
+  if (values.fd !== undefined) {
+    return adoptInheritedSocket(parseIntOption("fd", values.fd, 0, 3, 1 << 20));
+  }
+  const path = values.socket ?? values["socket-path"];
+  if (!path) throw new UsageError(`${command} needs --socket PATH`);
+  return path;
+}
 
 /** Largest busy-poll window accepted (`--poll-us`, `pollUs` in a config), in µs. */
 export const MAX_POLL_US = 1000;
@@ -56,7 +104,7 @@ export function parsePollUs(values: { "poll-us"?: string }, defaultUs: number): 
 /** The help lines of {@link serveOptions}, to paste into a command's help text. */
 export const SERVE_OPTIONS_HELP =
   `  --metrics ADDR      serve Prometheus metrics on http://ADDR/metrics (and /healthz),
-                      e.g. 127.0.0.1:9101; a loopback address only, since they have no
+                      e.g. 127.0.0.1:61910; a loopback address only, since they have no
                       authentication, unless --metrics-any-address is given
   --metrics-any-address  allow --metrics on an address that is not loopback
   --control PATH      answer "vhostd status" and "vhostd resize" (--control PATH) on this
@@ -71,8 +119,15 @@ export interface ServeExtras {
   metrics?: MetricsAddress;
   /** Path of the control socket `status` talks to, if any. */
   control?: string;
-  /** Name of this daemon (the VM) in status output and systemd STATUS lines. */
+  /** Name of this daemon (the VM): the `vm` label of metrics, the name in status and STATUS lines. */
   name?: string;
+  /**
+   * Makes SIGHUP reload: called on each SIGHUP (one at a time), it reads and checks the new
+   * configuration and returns the services to run from then on, or throws to keep the running set
+   * as it is (the error is logged); the devices kept then refresh (a disk re-reads its image's
+   * size). Without it, SIGHUP only makes every device refresh.
+   */
+  reload?: () => ServiceReload;
 }
 
 /** Values of {@link serveOptions} as `parseArgs` returns them. */
@@ -82,6 +137,8 @@ export interface ServeOptionValues {
   metrics?: string;
   "metrics-any-address"?: boolean;
   control?: string;
+  /** {@link vmOptions}' value, for the commands that take it. */
+  vm?: string;
 }
 
 /** Checks the shared serving options: logging settings and {@link ServeExtras}. */
@@ -89,6 +146,16 @@ export function parseServeOptions(
   values: ServeOptionValues,
 ): { log: LogSettings; extras: ServeExtras } {
   const extras: ServeExtras = {};
+  if (values.vm !== undefined) {
+    if (!ID_RE.test(values.vm)) {
+      throw new UsageError(
+        `--vm must be letters, digits, ".", "_" or "-" (at most 32), not ${
+          JSON.stringify(values.vm)
+        }`,
+      );
+    }
+    extras.name = values.vm;
+  }
   if (values.metrics !== undefined) {
     extras.metrics = parseMetricsAddress(values.metrics);
     const anyAddress = values["metrics-any-address"] ?? false;

@@ -11,7 +11,7 @@
 
 import { UsageError } from "../devices/blk/image.ts";
 import type { LogSettings } from "./log.ts";
-import type { ServiceOptions } from "./service.ts";
+import { type ServiceOptions, socketPaths } from "./service.ts";
 import { type Access, parseGroup, parseMode } from "./cli.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
 import { LOG_LEVELS } from "./log.ts";
@@ -221,6 +221,20 @@ export function plannerTypes(): string[] {
   return [...planners.keys()].sort();
 }
 
+/** One device of a {@link VmPlan}. */
+export interface PlannedDevice extends DevicePlan {
+  /** Its id. */
+  id: string;
+  /** Its type. */
+  type: string;
+  /**
+   * Everything its plan was made from: its entry in the file (comments left out) and the VM-wide
+   * settings it inherits (socketDir, socketMode, socketGroup, allowUids, log). A reload keeps a
+   * running device whose id and fingerprint are unchanged.
+   */
+  fingerprint: string;
+}
+
 /** A checked VM config, ready to serve. */
 export interface VmPlan {
   /** VM name. */
@@ -228,7 +242,7 @@ export interface VmPlan {
   /** Folder of the sockets. */
   socketDir: string;
   /** The devices, in file order. */
-  devices: (DevicePlan & { id: string; type: string })[];
+  devices: PlannedDevice[];
   /** Logging settings. */
   log: LogSettings;
   /** Metrics address, if any. */
@@ -254,7 +268,8 @@ export interface ConfigOverrides {
 /** The control socket's default name inside the socket folder. */
 export const CONTROL_SOCKET = "control.sock";
 
-const ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/;
+/** What a VM name or device id may be: letters, digits, ".", "_" or "-", at most 32. */
+export const ID_RE: RegExp = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/;
 
 /** Reads and parses a config file (no checks beyond JSON syntax). */
 export function readConfigFile(path: string): unknown {
@@ -285,8 +300,17 @@ export function controlSocketOf(raw: unknown, overrides: ConfigOverrides = {}): 
 /**
  * Checks a parsed config and plans every device. On any mistake, whatever earlier devices opened
  * is released and a {@link ConfigError} is thrown.
+ *
+ * `running` (a reload) are the devices being served now: one whose id and {@link
+ * PlannedDevice.fingerprint} are unchanged is taken over as it is (the same object, not planned
+ * again: its image or TAP stays with its worker, and its entry was checked when it was planned),
+ * and is never released here.
  */
-export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
+export function planVm(
+  raw: unknown,
+  overrides: ConfigOverrides = {},
+  running: readonly PlannedDevice[] = [],
+): VmPlan {
   const top = new Fields(raw, "");
   const name = top.string("name") ?? "vhostd";
   if (!ID_RE.test(name)) {
@@ -326,7 +350,7 @@ export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
     } catch {
       throw new ConfigError(
         "metrics",
-        `must be HOST:PORT like 127.0.0.1:9101, not ${show(metricsField)}`,
+        `must be HOST:PORT like 127.0.0.1:61910, not ${show(metricsField)}`,
       );
     }
   }
@@ -351,9 +375,12 @@ export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
   if (list.length === 0) throw new ConfigError("devices", "must list at least one device");
   top.done();
 
-  const devices: VmPlan["devices"] = [];
+  const devices: PlannedDevice[] = [];
   const ids = new Map<string, string>();
   const sockets = new Map<string, string>([[control, "control"]]);
+  const inherited = [socketDir, access, log];
+  const runningById = new Map(running.map((d) => [d.id, d]));
+  const kept = new Set<PlannedDevice>();
   try {
     list.forEach((entry, i) => {
       const fields = new Fields(entry, `devices[${i}]`);
@@ -376,6 +403,22 @@ export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
         throw new ConfigError(fields.at("id"), `${show(id)} is also ${ids.get(id)}'s id`);
       }
       ids.set(id, fields.path);
+      const fingerprint = canonicalJson([entry, ...inherited]);
+      const same = runningById.get(id);
+      if (same !== undefined && same.fingerprint === fingerprint) {
+        for (const s of same.services) {
+          for (const path of socketPaths(s)) {
+            const other = sockets.get(path);
+            if (other) {
+              throw new ConfigError(fields.at("socket"), `${path} is also ${other}'s socket`);
+            }
+            sockets.set(path, fields.at("socket"));
+          }
+        }
+        devices.push(same);
+        kept.add(same);
+        return;
+      }
       const ctx: PlanContext = {
         fields,
         id,
@@ -395,7 +438,7 @@ export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
         },
       };
       const plan = planner(ctx);
-      devices.push({ ...plan, id, type });
+      devices.push({ ...plan, id, type, fingerprint });
       try {
         fields.done();
       } catch (e) {
@@ -405,10 +448,20 @@ export function planVm(raw: unknown, overrides: ConfigOverrides = {}): VmPlan {
       }
     });
   } catch (e) {
-    for (const d of devices) d.release();
+    for (const d of devices) if (!kept.has(d)) d.release();
     throw e;
   }
   return { name, socketDir, devices, log, metrics, control };
+}
+
+/** JSON with object keys sorted and comment keys (`_...`) left out: equal for equal meaning. */
+function canonicalJson(value: unknown): string {
+  return JSON.stringify(value, (_key, v) => {
+    if (v === null || typeof v !== "object" || Array.isArray(v)) return v;
+    const out: Record<string, unknown> = {};
+    for (const k of Object.keys(v).sort()) if (!k.startsWith("_")) out[k] = v[k];
+    return out;
+  });
 }
 
 /** An octal file mode field such as `"0660"` (0600 when absent). */

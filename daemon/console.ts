@@ -45,6 +45,8 @@ import { bindSocket, type ServiceOptions } from "./service.ts";
 import {
   type Access,
   accessOptions,
+  conventionOptions,
+  deviceSocket,
   parseAccess,
   parseGroup,
   parseIntOption,
@@ -55,6 +57,8 @@ import {
   type ServeExtras,
   serveOptions,
   usage,
+  VM_OPTION_HELP,
+  vmOptions,
 } from "./cli.ts";
 import {
   ConfigError,
@@ -131,6 +135,7 @@ Attach modes (--attach, one per port from port 0 on; ports without one get unix:
 
 Options:
   --socket PATH       vhost-user socket (or port 0's chardev socket with --chardev); required
+                      (--socket-path is the same)
   --chardev           character-device mode (see above)
   --ports N           number of ports, 1-${MAX_PORTS} (default: 1 + number of --name)
   --name NAME         name of the next port from port 1 on; repeat for more ports
@@ -156,6 +161,7 @@ Options:
   --allow-uid UID     accept front-ends of these uids only on the vhost-user socket; with
                       --chardev, the uids besides vhostd's own and root whose QEMU may connect
                       (repeatable or comma-separated)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
   (--metrics and --control need vhost-user mode)
 
@@ -452,6 +458,8 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
       options: {
         ...serveOptions,
         ...accessOptions,
+        ...conventionOptions,
+        ...vmOptions,
         socket: { type: "string" },
         chardev: { type: "boolean" },
         ports: { type: "string" },
@@ -471,7 +479,7 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
     })
   );
   if (v.help) return "help";
-  if (!v.socket) throw new UsageError("console needs --socket PATH");
+  const socket = deviceSocket(v, "console");
   const chardev = v.chardev ?? false;
   if (chardev) {
     // The chardev worker is served outside runServices: no metrics or control socket.
@@ -502,7 +510,7 @@ export function planConsole(args: string[]): ConsoleCommand | "help" {
   const group = v["attach-group"];
   const plan = resolveConsole(
     {
-      socket: v.socket,
+      socket,
       chardev,
       names,
       log: v.log,

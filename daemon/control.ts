@@ -16,6 +16,7 @@ import { QueueFlag } from "./stats.ts";
 import { LATENCY_BUCKETS, QueueStat } from "../ring/queue_stats.ts";
 import type { ObservedDevice } from "./metrics.ts";
 import type { DeviceRefresh } from "./service.ts";
+import { VERSION } from "./version.ts";
 
 /** One queue in a status report. */
 export interface QueueStatus {
@@ -75,6 +76,8 @@ export interface DeviceStatus {
 export interface StatusReport {
   /** Daemon name (the VM). */
   name: string;
+  /** vhostd's version (deno.json's). */
+  version: string;
   /** Daemon pid. */
   pid: number;
   /** Seconds since start. */
@@ -91,6 +94,7 @@ export function statusReport(
 ): StatusReport {
   return {
     name,
+    version: VERSION,
     pid: Deno.pid,
     uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
     devices: devices.map((d) => {

@@ -27,15 +27,65 @@ export interface LogSettings {
 /** Default settings: info, text. */
 export const defaultLogSettings: LogSettings = { level: "info", format: "text" };
 
-/** Sends this thread's logs to stderr, synchronously, in the chosen format. */
+/**
+ * Sends this thread's logs to stderr, synchronously, in the chosen format. When stderr is
+ * journald's stream (see {@link stderrIsJournal}), each line starts with its syslog priority
+ * (`<3>`), which journald strips and records, and text lines carry no time of their own (the
+ * journal stamps every entry).
+ */
 export function setupLogging(settings: LogSettings): void {
-  const format = settings.format === "json" ? jsonLine : textLine;
+  const journal = stderrIsJournal();
+  const format = settings.format === "json"
+    ? jsonLine
+    : (journal ? (r: LogRecord) => textLine(r, false) : textLine);
+  const render = journal ? (r: LogRecord) => `<${PRIORITY[r.level]}>${format(r)}` : format;
   // Synchronous writes: a data-plane worker blocks in epoll_wait, so nothing may wait for its
   // event loop to flush.
   configureLogging({
     lowestLevel: settings.level,
-    write: (record) => writeAll(encoder.encode(format(record))),
+    write: (record) => writeAll(encoder.encode(render(record))),
   });
+}
+
+/** syslog priority of each level, as journald reads it from a `<N>` line prefix. */
+const PRIORITY: Record<LogLevel, number> = {
+  trace: 7,
+  debug: 7,
+  info: 6,
+  warning: 4,
+  error: 3,
+  fatal: 2,
+};
+
+let journalStream: boolean | undefined;
+
+/**
+ * Whether stderr is connected to journald: systemd sets `JOURNAL_STREAM` to the `device:inode`
+ * of the stream it connected, and a process whose stderr was redirected elsewhere since (a shell
+ * pipe inside the unit) still inherits the variable, hence the comparison with stderr itself.
+ */
+export function stderrIsJournal(): boolean {
+  if (journalStream !== undefined) return journalStream;
+  journalStream = false;
+  const expected = Deno.env.get("JOURNAL_STREAM");
+  if (expected) {
+    try {
+      const st = Deno.statSync("/proc/self/fd/2");
+      journalStream = `${st.dev}:${st.ino}` === expected;
+    } catch {
+      // no /proc: not a systemd host
+    }
+  }
+  return journalStream;
+}
+
+/**
+ * An error message for stderr outside the logger (a usage error, a failed start): with the
+ * error priority when stderr is the journal, so that `journalctl -p err` finds it.
+ */
+export function errorLine(message: string): string {
+  if (!stderrIsJournal()) return message;
+  return message.split("\n").map((line) => `<${PRIORITY.error}>${line}`).join("\n");
 }
 
 const encoder = new TextEncoder();
@@ -70,13 +120,15 @@ function utcTime(ms: number): string {
 }
 
 /**
- * Text for people: `<time> [INF] vhostd.<device>: [queue N] message`. The category names the
- * device; a queue the message is about, when not already in its text, is prefixed.
+ * Text for people: `<time> [INF] vhostd.<device>: [queue N] message` (without the time when
+ * `withTime` is false). The category names the device; a queue the message is about, when not
+ * already in its text, is prefixed.
  */
-export function textLine(record: LogRecord): string {
+export function textLine(record: LogRecord, withTime = true): string {
   const q = record.properties.queue;
   const prefix = q !== undefined && !record.rawMessage.includes("{queue}") ? `[queue ${q}] ` : "";
-  return `${utcTime(record.timestamp)} [${SHORT[record.level]}] ${record.category.join(".")}: ` +
+  const time = withTime ? `${utcTime(record.timestamp)} ` : "";
+  return `${time}[${SHORT[record.level]}] ${record.category.join(".")}: ` +
     `${prefix}${renderMessage(record)}\n`;
 }
 

@@ -5,6 +5,7 @@
  */
 
 import { UsageError } from "../devices/blk/image.ts";
+import { errorLine } from "./log.ts";
 
 const HELP = `vhostd: virtio devices for QEMU over vhost-user
 
@@ -45,6 +46,17 @@ const commands: Record<string, (args: string[]) => Promise<number>> = {
   switch: async (a) => (await import("./net.ts")).cmdSwitch(a),
 };
 
+/**
+ * What `--print-capabilities` prints for the commands that serve one device, in the JSON of
+ * QEMU's docs/interop/vhost-user.json (VHostUserBackendCapabilities): tools that discover
+ * back-ends by those conventions call the program with only this option.
+ */
+const CAPABILITIES: Record<string, { type: string; features?: string[] }> = {
+  blk: { type: "block", features: ["read-only", "blk-file"] },
+  net: { type: "net" },
+  console: { type: "console" },
+};
+
 /** Runs the command line; returns the exit code. */
 export async function main(args: string[]): Promise<number> {
   const [command, ...rest] = args;
@@ -58,19 +70,24 @@ export async function main(args: string[]): Promise<number> {
     console.log((await import("./version.ts")).versionText());
     return 0;
   }
+  // By the conventions, every other option is ignored then, whatever it is.
+  if (rest.includes("--print-capabilities") && CAPABILITIES[command]) {
+    console.log(JSON.stringify(CAPABILITIES[command], null, 2));
+    return 0;
+  }
   const run = commands[command];
   if (!run) {
-    console.error(`vhostd: unknown command "${command}" (try "vhostd help")`);
+    console.error(errorLine(`vhostd: unknown command "${command}" (try "vhostd help")`));
     return 2;
   }
   try {
     return await run(rest);
   } catch (e) {
     if (e instanceof UsageError) {
-      console.error(`vhostd ${command}: ${e.message}`);
+      console.error(errorLine(`vhostd ${command}: ${e.message}`));
       return 2;
     }
-    console.error(`vhostd ${command}: ${(e as Error).message}`);
+    console.error(errorLine(`vhostd ${command}: ${(e as Error).message}`));
     return 1;
   }
 }

@@ -24,6 +24,8 @@ import { MAX_IFNAME, TapDevice, TUN_F_CSUM } from "../sys/tap.ts";
 import {
   type Access,
   accessOptions,
+  conventionOptions,
+  deviceSocket,
   MAX_POLL_US,
   parseAccess,
   parseIntOption,
@@ -33,6 +35,8 @@ import {
   SERVE_OPTIONS_HELP,
   serveOptions,
   usage,
+  VM_OPTION_HELP,
+  vmOptions,
 } from "./cli.ts";
 import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
 import type { LogSettings } from "./log.ts";
@@ -46,6 +50,13 @@ import type { ServiceOptions } from "./service.ts";
  */
 export const DEFAULT_NET_POLL_US = 0;
 
+/**
+ * Queue pairs a TAP-backed net device offers unless told otherwise (`--queues`, a config's
+ * `queues`): one, as QEMU's vhost-user netdev asks for one pair unless `queues=N` says otherwise.
+ * The QEMU lines vhostd prints always name the number.
+ */
+export const DEFAULT_NET_QUEUES = 1;
+
 /** `vhostd net --help`. */
 export const NET_HELP = `Usage: vhostd net --socket PATH --tap NAME [options]
 
@@ -54,9 +65,10 @@ TAP interface NAME (created if it does not exist; needs CAP_NET_ADMIN), until SI
 Checksum and segmentation offloads pass through to the host stack.
 
 Options:
-  --socket PATH       vhost-user socket to create (required)
+  --socket PATH       vhost-user socket to create (required; --socket-path is the same)
+  --fd N              serve the listening socket inherited as fd N instead
   --tap NAME          TAP interface to open or create (required, at most ${MAX_IFNAME} characters)
-  --queues N          queue pairs, 1-16 (default 1). A TAP vhostd creates is multi-queue, so a
+  --queues N          queue pairs, 1-16 (default ${DEFAULT_NET_QUEUES}). A TAP vhostd creates is multi-queue, so a
                       migration's destination daemon can open it too; one made beforehand
                       without multi_queue serves one queue pair and cannot be shared
   --socket-mode MODE  octal mode of the socket file (default 0600)
@@ -64,6 +76,7 @@ Options:
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
   --poll-us N         after the last frame, keep polling the transmit queues (the guest's kicks
                       off) and the TAP for N µs before sleeping (0-${MAX_POLL_US}; default ${DEFAULT_NET_POLL_US}: none)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
 
 QEMU (7.2 under TCG needs vectors=0 on the device; with KVM use vectors=2N+2):
@@ -115,6 +128,7 @@ Options:
   --socket-mode MODE  octal mode of the socket files (default 0600)
   --socket-group GRP  group of the socket files (name or gid)
   --allow-uid UID     accept front-ends of these uids only (repeatable or comma-separated)
+${VM_OPTION_HELP}
 ${SERVE_OPTIONS_HELP}
 
 QEMU, one per port (7.2 under TCG needs vectors=0 on the device):
@@ -200,22 +214,23 @@ function planNet(
     tap: tap.name,
     fds: tap.fds,
     multiQueue: tap.multiQueue,
+    name,
   };
   const service: ServiceOptions = {
     socket,
     module: netModule,
     options,
     name,
+    type: "net",
     log,
     pollUs,
     ...access,
   };
-  const mq = queues > 1 ? `,queues=${queues}` : "";
   const qemuArgs = [
     "-chardev",
     `socket,id=${name}c,path=${socket},reconnect=1`,
     "-netdev",
-    `vhost-user,id=${name},chardev=${name}c${mq}`,
+    `vhost-user,id=${name},chardev=${name}c,queues=${queues}`,
     "-device",
     `virtio-net-pci,netdev=${name}${queues > 1 ? ",mq=on" : ""}`,
   ];
@@ -223,13 +238,13 @@ function planNet(
 }
 
 /**
- * Plans a `"type": "net"` device of a config file: `tap` (required), `queues` (1-16), `pollUs`
- * (0-1000).
+ * Plans a `"type": "net"` device of a config file: `tap` (required), `queues` (1-16, default
+ * {@link DEFAULT_NET_QUEUES}), `pollUs` (0-1000).
  */
 export function planNetDevice(ctx: PlanContext): DevicePlan {
   const f = ctx.fields;
   const tapName = f.string("tap", true);
-  const queues = f.integer("queues", 1, 1, 16);
+  const queues = f.integer("queues", DEFAULT_NET_QUEUES, 1, 16);
   const pollUs = f.integer("pollUs", DEFAULT_NET_POLL_US, 0, MAX_POLL_US);
   let plan: NetPlan;
   try {
@@ -257,6 +272,8 @@ export async function cmdNet(args: string[]): Promise<number> {
         ...serveOptions,
         ...accessOptions,
         ...pollOptions,
+        ...conventionOptions,
+        ...vmOptions,
         socket: { type: "string" },
         tap: { type: "string" },
         queues: { type: "string" },
@@ -267,12 +284,12 @@ export async function cmdNet(args: string[]): Promise<number> {
     console.log(NET_HELP);
     return 0;
   }
-  if (!values.socket) throw new UsageError("net needs --socket PATH");
+  const socket = deviceSocket(values, "net");
   if (!values.tap) throw new UsageError("net needs --tap NAME");
   const { log, extras } = parseServeOptions(values);
-  const queues = parseIntOption("queues", values.queues, 1, 1, 16);
+  const queues = parseIntOption("queues", values.queues, DEFAULT_NET_QUEUES, 1, 16);
   const { service, tap, qemuArgs } = planNet(
-    values.socket,
+    socket,
     values.tap,
     queues,
     parsePollUs(values, DEFAULT_NET_POLL_US),
@@ -280,7 +297,7 @@ export async function cmdNet(args: string[]): Promise<number> {
     parseAccess(values),
     "net0",
   );
-  const banner = `vhostd: serving net on ${values.socket} (TAP ${tap.name}, ${queues} queue ` +
+  const banner = `vhostd: serving net on ${socket} (TAP ${tap.name}, ${queues} queue ` +
     `pair${queues > 1 ? "s" : ""})\nAttach it to QEMU 7.2 or newer with:\n  ` +
     [0, 2, 4].map((i) => `${qemuArgs[i]} ${qemuArgs[i + 1]}`).join(" \\\n  ") + "\n";
   try {
@@ -301,6 +318,7 @@ export async function cmdSwitch(args: string[]): Promise<number> {
       options: {
         ...serveOptions,
         ...accessOptions,
+        ...vmOptions,
         socket: { type: "string", multiple: true },
         "uplink-tap": { type: "string" },
         "mac-age": { type: "string" },
@@ -377,7 +395,8 @@ export async function cmdSwitch(args: string[]): Promise<number> {
     `-netdev vhost-user,id=net${i},chardev=net${i}c -device virtio-net-pci,netdev=net${i}` +
     (portMacs[i].length > 0 ? `,mac=${formatMac(portMacs[i][0])}` : "")
   );
-  const banner = `vhostd: serving switch with ${sockets.length} ports` +
+  const banner =
+    `vhostd: serving switch with ${sockets.length} port${sockets.length > 1 ? "s" : ""}` +
     (uplink ? ` and uplink TAP ${uplink.name}` : "") +
     `\nAttach each QEMU 7.2 or newer guest to its port:\n${lines.join("\n")}\n`;
   try {

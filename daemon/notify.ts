@@ -1,6 +1,6 @@
 /**
  * systemd's notification protocol (sd_notify) for `Type=notify` units: READY=1 once everything
- * listens, STATUS= lines, STOPPING=1, and WATCHDOG=1 pings when the unit sets WatchdogSec=.
+ * listens, RELOADING=1 ... READY=1 around a reload, STATUS= lines, STOPPING=1, and WATCHDOG=1 pings when the unit sets WatchdogSec=.
  *
  * Outside systemd (no NOTIFY_SOCKET) every call does nothing.
  *
@@ -8,6 +8,7 @@
  */
 
 import { sendDatagram } from "../sys/socket.ts";
+import { monotonicMs } from "../sys/clock.ts";
 
 const encoder = new TextEncoder();
 
@@ -44,6 +45,16 @@ export class SdNotifier {
   /** READY=1 with a status line. */
   ready(status: string): Error | null {
     return this.send(`READY=1\nSTATUS=${status}\nMAINPID=${Deno.pid}`);
+  }
+
+  /**
+   * RELOADING=1 with a status line, at the start of a reload; READY=1 ({@link ready}) ends it.
+   * MONOTONIC_USEC (CLOCK_MONOTONIC now) is what systemd 253 and later ask for with it
+   * (Type=notify-reload).
+   */
+  reloading(status: string): Error | null {
+    const usec = BigInt(Math.floor(monotonicMs() * 1000));
+    return this.send(`RELOADING=1\nMONOTONIC_USEC=${usec}\nSTATUS=${status}`);
   }
 
   /** A STATUS= line. */

@@ -8,9 +8,10 @@
 import { parseArgs } from "node:util";
 import { UsageError } from "../devices/blk/image.ts";
 import type { LogSettings } from "./log.ts";
-import { runServices } from "./serve.ts";
+import { runServices, type ServiceReload } from "./serve.ts";
 import { logSettings, SERVE_OPTIONS_HELP, serveOptions, usage } from "./cli.ts";
 import {
+  ConfigError,
   type ConfigOverrides,
   planVm,
   readConfigFile,
@@ -36,6 +37,13 @@ device on its own vhost-user socket, all in the socket folder. The whole file is
 before anything starts; a mistake is reported as one line naming the field, exit code 2.
 Under systemd (Type=notify) it sends READY=1 once every socket listens.
 
+SIGHUP reloads FILE: it is checked again as a whole (a mistake is logged and the running
+devices stay as they are); devices whose entry is unchanged keep running and connected,
+new ones start, removed ones stop, and changed ones restart (QEMU reconnects). name,
+socketDir, control, metrics and log cannot change without a restart.
+Sockets passed by systemd (socket activation, LISTEN_FDS) are served instead of binding
+new ones; they are matched by path (or by FileDescriptorName= equal to a device id).
+
 Options:
   --config FILE       the VM's config (required); format: examples/config/vm1.json
   --socket-dir DIR    folder of the sockets, overriding the file's socketDir
@@ -46,12 +54,26 @@ ${SERVE_OPTIONS_HELP}
    --metrics-any-address also allows the file's metrics address)
 
 Example:
-  vhostd run --config /etc/vhostd/vm1.json --metrics 127.0.0.1:9101
+  vhostd run --config /etc/vhostd/vm1.json --metrics 127.0.0.1:61910
   vhostd status --config /etc/vhostd/vm1.json
 `;
 
+/** The command line of `vhostd run`, checked. */
+interface RunArgs {
+  config: string;
+  overrides: ConfigOverrides;
+  check: boolean;
+}
+
 /** Turns the command line into a checked plan (or "help"). */
 export function planRun(args: string[]): VmPlan | "help" | { check: VmPlan } {
+  const parsed = runArgs(args);
+  if (parsed === "help") return "help";
+  const plan = planVm(readConfigFile(parsed.config), parsed.overrides);
+  return parsed.check ? { check: plan } : plan;
+}
+
+function runArgs(args: string[]): RunArgs | "help" {
   const { values } = usage(() =>
     parseArgs({
       args,
@@ -78,8 +100,50 @@ export function planRun(args: string[]): VmPlan | "help" | { check: VmPlan } {
   if (values.metrics !== undefined) overrides.metrics = parseMetricsAddress(values.metrics);
   if (values["metrics-any-address"]) overrides.metricsAnyAddress = true;
   if (values.control !== undefined) overrides.control = values.control;
-  const plan = planVm(readConfigFile(values.config), overrides);
-  return values.check ? { check: plan } : plan;
+  return { config: values.config, overrides, check: values.check ?? false };
+}
+
+/**
+ * The reload of `vhostd run` (SIGHUP): reads `config` again and checks all of it. Devices whose
+ * entry and inherited settings are unchanged keep running (see planVm); the others are planned
+ * anew. The settings of the daemon itself (name, socketDir, control, metrics, log) cannot change
+ * while it runs: a new value is refused, naming the field, and nothing changes.
+ */
+export function configReloader(
+  config: string,
+  overrides: ConfigOverrides,
+  first: VmPlan,
+): () => ServiceReload {
+  let current = first;
+  return () => {
+    const next = planVm(readConfigFile(config), overrides, current.devices);
+    const fresh = next.devices.filter((d) => !current.devices.includes(d));
+    const fixed: [string, unknown, unknown][] = [
+      ["name", current.name, next.name],
+      ["socketDir", current.socketDir, next.socketDir],
+      ["control", current.control, next.control],
+      ["metrics", current.metrics, next.metrics],
+      ["log", current.log, next.log],
+    ];
+    for (const [field, was, now] of fixed) {
+      if (JSON.stringify(was) !== JSON.stringify(now)) {
+        for (const d of fresh) d.release();
+        throw new ConfigError(
+          field,
+          `cannot change while vhostd runs (${JSON.stringify(was) ?? "none"} before, ` +
+            `${JSON.stringify(now) ?? "none"} now); restart vhostd to apply it`,
+        );
+      }
+    }
+    return {
+      services: next.devices.flatMap((d) => d.services),
+      settle(running) {
+        const serving = next.devices.filter((d) => d.services.every((s) => running.has(s)));
+        for (const d of fresh) if (!serving.includes(d)) d.release();
+        current = { ...next, devices: serving };
+      },
+    };
+  };
 }
 
 function banner(plan: VmPlan): string {
@@ -103,22 +167,26 @@ function banner(plan: VmPlan): string {
 
 /** `vhostd run`. */
 export async function cmdRun(args: string[]): Promise<number> {
-  const planned = planRun(args);
-  if (planned === "help") {
+  const parsed = runArgs(args);
+  if (parsed === "help") {
     console.log(RUN_HELP);
     return 0;
   }
-  if ("check" in planned) {
-    const plan = planned.check;
+  const plan = planVm(readConfigFile(parsed.config), parsed.overrides);
+  if (parsed.check) {
     for (const d of plan.devices) d.release();
     console.log(`${plan.name}: configuration OK\n` + banner(plan).split("\n").slice(1).join("\n"));
     return 0;
   }
-  const plan = planned;
   return await runServices(
     plan.devices.flatMap((d) => d.services),
     plan.log,
     banner(plan),
-    { metrics: plan.metrics, control: plan.control, name: plan.name },
+    {
+      metrics: plan.metrics,
+      control: plan.control,
+      name: plan.name,
+      reload: configReloader(parsed.config, parsed.overrides, plan),
+    },
   );
 }

@@ -24,6 +24,7 @@ import {
 import { type ControlServer, startControlServer, statusReport } from "./control.ts";
 import { SdNotifier } from "./notify.ts";
 import { UsageError } from "../devices/blk/image.ts";
+import { adoptPassedSockets, describePassed } from "./activation.ts";
 
 /** The devices of running services, one per socket, as metrics and status see them. */
 export function observe(services: readonly DeviceService[]): ObservedDevice[] {
@@ -34,9 +35,11 @@ export function observe(services: readonly DeviceService[]): ObservedDevice[] {
       out.push({
         name: deviceName(s.options, port),
         type: s.options.type ?? s.options.name,
+        service: s.options.name,
         socket: paths[port],
         running: s.running,
         snapshot: s.stats.read(port),
+        metrics: s.metrics[port] ?? [],
       });
     }
   }
@@ -66,27 +69,44 @@ export async function refreshDevices(
 }
 
 /**
- * SIGHUP asks every device to refresh (a disk re-reads its image's size): the operator grew an
- * image and wants the guest to see it. Returns what removes the listener.
+ * Asks `services` to refresh (SIGHUP: the operator grew an image and wants the guest to see it),
+ * without waiting: each device logs what it did.
  */
-function refreshOnSighup(services: readonly DeviceService[]): () => void {
+function refreshInBackground(services: readonly DeviceService[], why: string): void {
   const logger = getLogger(["vhostd", "daemon"]);
-  const onHup = () => {
-    logger.info("SIGHUP: asking every device to refresh");
-    refreshDevices(services).catch((e) =>
-      logger.error("refresh failed: {error}", { error: (e as Error).message })
-    );
-  };
-  Deno.addSignalListener("SIGHUP", onHup);
-  return () => Deno.removeSignalListener("SIGHUP", onHup);
+  logger.info("{why}: asking {count} device(s) to refresh", { why, count: services.length });
+  refreshDevices(services).catch((e) =>
+    logger.error("refresh failed: {error}", { error: (e as Error).message })
+  );
+}
+
+/**
+ * A checked new set of services, for a reload (SIGHUP); see {@link ServeExtras.reload}.
+ */
+export interface ServiceReload {
+  /**
+   * Every service that should run once the reload is done, in order. An entry that is the very
+   * `options` object of a running service keeps that service running, connections and all; the
+   * others are started, and running services not listed are stopped.
+   */
+  services: ServiceOptions[];
+  /**
+   * Called once, when the reload is done (or given up), with the options of every service running
+   * then: whatever was opened for a listed service that is not running (it failed to start) is
+   * released here.
+   */
+  settle(running: ReadonlySet<ServiceOptions>): void;
 }
 
 /**
  * Starts the services, prints `banner` to stdout, and serves until SIGINT/SIGTERM (a second signal
  * exits at once). With `extras`, also serves metrics over HTTP and status on a control socket.
  * Under systemd (NOTIFY_SOCKET), READY=1 is sent once every socket listens and every worker has
- * built its device; the watchdog is pinged while all workers run. Returns the exit code: 0 after
- * a clean stop, 1 if a device failed.
+ * built its device; the watchdog is pinged while all workers run. Sockets systemd passed (socket
+ * activation, LISTEN_FDS) are served instead of binding new ones. With `extras.reload`, SIGHUP
+ * changes the running set to what it returns (see {@link ServiceReload}), reloads running one at
+ * a time, and the devices kept refresh ({@link DeviceService.refresh}); without it, SIGHUP makes
+ * every device refresh. Returns the exit code: 0 after a clean stop, 1 if a device failed.
  */
 export async function runServices(
   plans: ServiceOptions[],
@@ -99,7 +119,9 @@ export async function runServices(
   const notifier = new SdNotifier();
   const name = extras.name ?? plans.map((p) => p.name).join(",");
   const startedAt = Date.now();
-  const services: DeviceService[] = [];
+  // Replaced as a whole (never changed in place) by a reload: whoever iterates it meanwhile
+  // (a scrape, the watchdog, a stop) sees one consistent set.
+  let services: DeviceService[] = [];
   let metrics: MetricsServer | null = null;
   let control: ControlServer | null = null;
   const closeEndpoints = async () => {
@@ -108,6 +130,18 @@ export async function runServices(
     await metrics?.close();
     metrics = null;
   };
+  // Wakes the supervision loop when the set of services changed (or a stop began).
+  let wake = () => {};
+  let changed = new Promise<void>((r) => wake = r);
+  const setChanged = () => {
+    const previous = wake;
+    changed = new Promise<void>((r) => wake = r);
+    previous();
+  };
+  // Reloads run one after the other: a stop waits for the one under way.
+  let reloads: Promise<void> = Promise.resolve();
+  let reloadQueued = false;
+  let reloadBeforeStart = false;
   // Signal handlers go in before anything starts: a supervisor may send SIGTERM the moment it
   // sees READY=1, and the default action would kill us without removing the sockets.
   let firstSignalAt = 0;
@@ -117,7 +151,8 @@ export async function runServices(
   const beginStop = (sig: Deno.Signal) => {
     logger.info("{signal}: finishing in-flight requests and stopping", { signal: sig });
     notifier.stopping(`${name}: stopping (${sig})`);
-    stopping = Promise.all(services.map((s) => s.stop()));
+    stopping = reloads.then(() => Promise.all(services.map((s) => s.stop())));
+    setChanged();
   };
   const onSignal = (sig: Deno.Signal) => {
     // Under `deno task` or npx a terminal's Ctrl-C reaches us twice at once (from the terminal
@@ -134,20 +169,109 @@ export async function runServices(
     stopRequested = sig;
     if (started) beginStop(sig);
   };
+  const summary = () => {
+    const devices = observe(services);
+    const connected = devices.filter((d) => d.snapshot.connected).length;
+    return `${name}: serving ${devices.length} device(s), ${connected} front-end(s) connected`;
+  };
+  const reload = async (reloader: () => ServiceReload) => {
+    if (stopRequested !== null) return;
+    logger.info("SIGHUP: reloading the configuration");
+    notifier.reloading(`${name}: reloading`);
+    let next: ServiceReload;
+    try {
+      next = reloader();
+    } catch (e) {
+      logger.error("reload failed, still serving the previous configuration: {error}", {
+        error: (e as Error).message,
+      });
+      notifier.ready(summary());
+      return;
+    }
+    const wanted = new Set(next.services);
+    const runningOptions = new Set(services.map((s) => s.options));
+    const gone = services.filter((s) => !wanted.has(s.options));
+    const fresh = next.services.filter((o) => !runningOptions.has(o));
+    const kept = services.filter((s) => wanted.has(s.options));
+    const startedNow = new Map<ServiceOptions, DeviceService>();
+    try {
+      // Those going stop first: a changed device usually keeps its socket path.
+      services = kept;
+      await Promise.all(gone.map((s) => s.stop()));
+      for (const s of gone) {
+        const again = fresh.some((o) => o.name === s.options.name);
+        logger.info("{device}: stopped ({why})", {
+          device: s.options.name,
+          why: again ? "changed; restarting it" : "removed",
+        });
+      }
+      for (const o of fresh) {
+        if (stopRequested !== null) break;
+        try {
+          startedNow.set(o, await DeviceService.start(o));
+          logger.info("{device}: started", { device: o.name });
+        } catch (e) {
+          logger.error("{device}: did not start: {error}", {
+            device: o.name,
+            error: (e as Error).message,
+          });
+        }
+      }
+    } finally {
+      const byOptions = new Map(kept.map((s) => [s.options, s]));
+      services = next.services.map((o) => byOptions.get(o) ?? startedNow.get(o))
+        .filter((s): s is DeviceService => s !== undefined);
+      next.settle(new Set(services.map((s) => s.options)));
+      setChanged();
+    }
+    logger.info("reloaded: {kept} device(s) kept, {started} started, {stopped} stopped", {
+      kept: kept.length,
+      started: startedNow.size,
+      stopped: gone.length,
+    });
+    // Devices kept as they were go on serving their connections untouched; they hear of the
+    // reload for what they re-read themselves (a disk's image size, which may have grown).
+    if (kept.length > 0) refreshInBackground(kept, "reload");
+    notifier.ready(summary());
+  };
+  const requestReload = () => {
+    const reloader = extras.reload;
+    if (reloader === undefined || stopRequested !== null) return;
+    if (!started) {
+      reloadBeforeStart = true;
+      return;
+    }
+    // One queued reload covers every SIGHUP that comes while another reload runs: it reads the
+    // file after all of them.
+    if (reloadQueued) return;
+    reloadQueued = true;
+    reloads = reloads.then(() => {
+      reloadQueued = false;
+      return reload(reloader);
+    }).catch((e) => {
+      logger.error("reload: {error}", { error: (e as Error).stack ?? String(e) });
+    });
+  };
   const sigint = () => onSignal("SIGINT");
   const sigterm = () => onSignal("SIGTERM");
   Deno.addSignalListener("SIGINT", sigint);
   Deno.addSignalListener("SIGTERM", sigterm);
-  // Before the devices start, like the others: SIGHUP's default action kills the process.
-  const removeHupListener = refreshOnSighup(services);
+  // SIGHUP reloads the configuration when there is one (the devices kept then refresh), and
+  // otherwise asks every device to refresh (a disk re-reads its image's size). It is taken before
+  // the devices start, like the others: its default action would end the process.
+  const sighup = extras.reload ? requestReload : () => refreshInBackground(services, "SIGHUP");
+  Deno.addSignalListener("SIGHUP", sighup);
   const removeSignalListeners = () => {
     Deno.removeSignalListener("SIGINT", sigint);
     Deno.removeSignalListener("SIGTERM", sigterm);
-    removeHupListener();
+    Deno.removeSignalListener("SIGHUP", sighup);
   };
   try {
+    const passed = adoptPassedSockets();
     // The endpoints first: a metrics port in use should fail before any device socket appears.
-    if (extras.metrics) metrics = await startMetricsServer(extras.metrics, () => observe(services));
+    if (extras.metrics) {
+      metrics = await startMetricsServer(extras.metrics, () => observe(services), { vm: name });
+    }
     if (extras.control) {
       control = startControlServer(
         extras.control,
@@ -156,6 +280,13 @@ export async function runServices(
       );
     }
     for (const p of plans) services.push(await DeviceService.start(p));
+    for (const s of passed) {
+      if (!s.inUse) {
+        logger.warn("socket activation: {socket} matches no device; it stays unused", {
+          socket: describePassed(s),
+        });
+      }
+    }
   } catch (e) {
     await Promise.all(services.map((s) => s.stop()));
     await closeEndpoints();
@@ -173,11 +304,6 @@ export async function runServices(
       });
     }
   }
-  const summary = () => {
-    const devices = observe(services);
-    const connected = devices.filter((d) => d.snapshot.connected).length;
-    return `${name}: serving ${devices.length} device(s), ${connected} front-end(s) connected`;
-  };
   const notifyError = notifier.ready(summary());
   if (notifyError) logger.warn("sd_notify failed: {error}", { error: notifyError.message });
   notifier.startWatchdog(() => services.every((s) => s.running));
@@ -189,20 +315,33 @@ export async function runServices(
   }, 1000);
   // A signal that came while the devices were starting is acted on now that they run.
   if (stopRequested !== null) beginStop(stopRequested);
+  else if (reloadBeforeStart) requestReload();
   try {
-    await Promise.race(services.map((s) => s.done));
-    if (stopping) await stopping;
-    else {
+    for (;;) {
+      const current = services;
+      const ended = await Promise.race([
+        changed.then(() => null),
+        ...current.map((s) => s.done.then(() => ({ s, error: null }), (error) => ({ s, error }))),
+      ]);
+      if (stopping) {
+        if (ended?.error) throw ended.error;
+        await stopping;
+        logger.info("stopped");
+        return 0;
+      }
+      // The set changed, or a device a reload stopped has finished: nothing to do.
+      if (ended === null || !services.includes(ended.s)) continue;
+      if (ended.error) throw ended.error;
       // A worker stopped on its own: stop the rest too.
       notifier.stopping(`${name}: a device stopped; stopping the others`);
+      await reloads;
       await Promise.all(services.map((s) => s.stop()));
       return 1;
     }
-    logger.info("stopped");
-    return 0;
   } catch (e) {
     logger.fatal("{error}", { error: (e as Error).message });
     notifier.stopping(`${name}: ${(e as Error).message}`);
+    await reloads;
     await Promise.all(services.map((s) => s.stop()));
     return 1;
   } finally {

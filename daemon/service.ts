@@ -11,7 +11,9 @@ import { listenUnix, probeSocketPath } from "../sys/socket.ts";
 import { UsageError } from "../devices/blk/image.ts";
 import type { LogSettings } from "./log.ts";
 import type { RefreshResult, WorkerInit, WorkerReport } from "./worker.ts";
+import type { MetricSeries } from "../devices/device.ts";
 import { allocateStats, ServiceStats } from "./stats.ts";
+import { takePassedSocket } from "./activation.ts";
 
 /** What to serve and where. */
 export interface ServiceOptions {
@@ -93,12 +95,19 @@ export class DeviceService {
   readonly stats: ServiceStats;
   /** Whether the worker is still serving (false once it stopped or died). */
   running = true;
+  /**
+   * The series of each port's device's own counters (its `metrics`), as the worker reported them
+   * when it was ready; their values are in {@link stats}.
+   */
+  metrics: MetricSeries[][] = [];
   readonly #worker: Worker;
   readonly #listenFds: number[];
   readonly #shutdownFd: number;
   readonly #refreshFd: number;
   /** Refresh calls in the order they signalled the worker, which answers them in that order. */
   readonly #refreshWaiters: RefreshWaiter[] = [];
+  /** Sockets systemd passed (socket activation): their files are systemd's, never removed. */
+  readonly #passed: Map<string, () => void>;
   #stopped = false;
 
   private constructor(
@@ -109,6 +118,7 @@ export class DeviceService {
     refreshFd: number,
     done: Promise<void>,
     stats: ServiceStats,
+    passed: Map<string, () => void>,
   ) {
     this.options = options;
     this.stats = stats;
@@ -117,18 +127,34 @@ export class DeviceService {
     this.#shutdownFd = shutdownFd;
     this.#refreshFd = refreshFd;
     this.done = done;
+    this.#passed = passed;
   }
 
-  /** Binds the socket, starts the worker and waits until the device is built. */
+  /**
+   * Binds the socket (or takes the one systemd passed for its path: see daemon/activation.ts),
+   * starts the worker and waits until the device is built.
+   */
   static async start(options: ServiceOptions): Promise<DeviceService> {
     const listenFds: number[] = [];
+    const passed = new Map<string, () => void>();
+    const unbind = () => {
+      for (const fd of listenFds) closeQuietly(fd);
+      for (const path of socketPaths(options).slice(0, listenFds.length)) {
+        const release = passed.get(path);
+        if (release) release();
+        else removeQuietly(path);
+      }
+    };
     try {
       for (const path of socketPaths(options)) {
-        listenFds.push(bindSocket(path, options.socketMode, options.socketGroup));
+        const given = takePassedSocket(path, options.name);
+        if (given !== null) {
+          passed.set(path, given.release);
+          listenFds.push(given.fd);
+        } else listenFds.push(bindSocket(path, options.socketMode, options.socketGroup));
       }
     } catch (e) {
-      for (const fd of listenFds) closeQuietly(fd);
-      for (const path of socketPaths(options).slice(0, listenFds.length)) removeQuietly(path);
+      unbind();
       throw e;
     }
     const shutdownFd = createEventFd();
@@ -142,8 +168,10 @@ export class DeviceService {
     done.catch(() => {});
     worker.onmessage = (e: MessageEvent<WorkerReport>) => {
       const r = e.data;
-      if (r.type === "ready") onReady();
-      else if (r.type === "refreshed") onRefreshed(r);
+      if (r.type === "ready") {
+        service.metrics = r.metrics;
+        onReady();
+      } else if (r.type === "refreshed") onRefreshed(r);
       else if (r.type === "failed") {
         const err = new Error(`${options.name}: ${r.message}`);
         onFail(err);
@@ -179,6 +207,7 @@ export class DeviceService {
       refreshFd,
       done,
       stats,
+      passed,
     );
     onRefreshed = (r) => {
       for (const w of service.#refreshWaiters.splice(0, r.requests)) w.resolve(r.results);
@@ -242,9 +271,14 @@ export class DeviceService {
     });
   }
 
-  /** Removes the socket files now (for an immediate exit). */
+  /**
+   * Removes the socket files now (for an immediate exit), except those systemd passed: they
+   * outlive the daemon, so that QEMU's next connection waits for the next daemon.
+   */
   removeSocket(): void {
-    for (const path of socketPaths(this.options)) removeQuietly(path);
+    for (const path of socketPaths(this.options)) {
+      if (!this.#passed.has(path)) removeQuietly(path);
+    }
   }
 
   #cleanup(): void {
@@ -253,6 +287,8 @@ export class DeviceService {
     for (const fd of this.#listenFds) closeQuietly(fd);
     closeQuietly(this.#shutdownFd);
     closeQuietly(this.#refreshFd);
+    // Only the copies are closed: the passed sockets stay open for a device a reload starts.
+    for (const release of this.#passed.values()) release();
   }
 }
 

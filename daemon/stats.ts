@@ -10,10 +10,16 @@
  * @module
  */
 
-import { QUEUE_STAT_SLOTS } from "../ring/queue_stats.ts";
+import { IO_STAT_SLOTS, QUEUE_STAT_SLOTS } from "../ring/queue_stats.ts";
 
 /** Queues per port that get shared counters; more are counted privately (never seen so far). */
 export const MAX_STATS_QUEUES = 256;
+
+/**
+ * Slots for a device's own counters (its `metrics`): a TAP device with 16 queue pairs uses 80;
+ * series past this many are not exported.
+ */
+export const MAX_DEVICE_STATS = 128;
 
 /** Int32 slots of a port's header. */
 const H = {
@@ -38,8 +44,11 @@ const HEADER_INTS = 16;
 const QUEUE_INTS = 2;
 const STATE_BYTES = (HEADER_INTS + QUEUE_INTS * MAX_STATS_QUEUES) * 4;
 const COUNTER_BYTES = MAX_STATS_QUEUES * QUEUE_STAT_SLOTS * 8;
+/** After the queues' counters: the device's reads and writes (all queues), then its own. */
+const IO_OFFSET = STATE_BYTES + COUNTER_BYTES;
+const DEVICE_OFFSET = IO_OFFSET + IO_STAT_SLOTS * 8;
 /** Bytes of shared memory per port (socket) of a service. */
-export const PORT_STATS_BYTES: number = STATE_BYTES + COUNTER_BYTES;
+export const PORT_STATS_BYTES: number = DEVICE_OFFSET + MAX_DEVICE_STATS * 8;
 
 /** Queue flag bits in the shared state. */
 export const QueueFlag = { ENABLED: 1, STARTED: 2, READY: 4, BROKEN: 8 } as const;
@@ -74,6 +83,10 @@ export function allocateStats(ports: number): SharedArrayBuffer {
 export class PortStatsWriter {
   readonly #state: Int32Array;
   readonly #counters: Float64Array;
+  /** The device's read/write accounting (`IoStat`), shared by its queues. */
+  readonly io: Float64Array;
+  /** The device's own counters (see `DeviceMetrics`), {@link MAX_DEVICE_STATS} slots. */
+  readonly device: Float64Array;
   #connected = false;
 
   /** Writes into port `port` of `sab`. */
@@ -81,6 +94,8 @@ export class PortStatsWriter {
     const base = port * PORT_STATS_BYTES;
     this.#state = new Int32Array(sab, base, STATE_BYTES / 4);
     this.#counters = new Float64Array(sab, base + STATE_BYTES, COUNTER_BYTES / 8);
+    this.io = new Float64Array(sab, base + IO_OFFSET, IO_STAT_SLOTS);
+    this.device = new Float64Array(sab, base + DEVICE_OFFSET, MAX_DEVICE_STATS);
   }
 
   /** The counter array of queue `index` (a private one past {@link MAX_STATS_QUEUES}). */
@@ -154,6 +169,10 @@ export interface PortSnapshot {
   protocolFeatures: bigint;
   /** The queues. */
   queues: QueueSnapshot[];
+  /** The device's reads and writes (see `IoStat`), copied. */
+  io: Float64Array;
+  /** The device's own counters (see `DeviceMetrics`), copied. */
+  device: Float64Array;
 }
 
 const u64 = (lo: number, hi: number) => (BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0);
@@ -190,6 +209,8 @@ export class ServiceStats {
         ackedFeatures: u64(s[H.ACKED_LO], s[H.ACKED_HI]),
         protocolFeatures: u64(s[H.PROTOCOL_LO], s[H.PROTOCOL_HI]),
         queues: [],
+        io: new Float64Array(this.#sab, base + IO_OFFSET, IO_STAT_SLOTS).slice(),
+        device: new Float64Array(this.#sab, base + DEVICE_OFFSET, MAX_DEVICE_STATS).slice(),
       };
       for (let i = 0; i < s[H.NUM_QUEUES]; i++) {
         snap.queues.push({

@@ -61,8 +61,11 @@ function table(rows: string[][]): string {
 
 /** Formats a status report as the tables `status` prints. */
 export function formatStatus(r: StatusReport, allQueues = false): string {
+  // A daemon from before the version was reported answers without one.
+  const version = r.version ?? "(version unknown)";
   const out = [
-    `${r.name}: pid ${r.pid}, up ${r.uptimeSeconds} s, ${r.devices.length} device(s)`,
+    `${r.name}: vhostd ${version}, pid ${r.pid}, up ${r.uptimeSeconds} s, ` +
+    `${r.devices.length} device(s)`,
     "",
   ];
   const devices = [[

@@ -9,11 +9,11 @@
 
 import { getLogger } from "../log/mod.ts";
 import { drainEventFd } from "../sys/event.ts";
-import type { DeviceModule, VirtioDevice } from "../devices/device.ts";
+import type { DeviceModule, MetricSeries, VirtioDevice } from "../devices/device.ts";
 import { EventLoop } from "../vhost-user/event_loop.ts";
 import { VhostUserServer } from "../vhost-user/server.ts";
 import { type LogSettings, setupLogging } from "./log.ts";
-import { PortStatsWriter } from "./stats.ts";
+import { MAX_DEVICE_STATS, PortStatsWriter } from "./stats.ts";
 
 /** The first message a worker receives. */
 export interface WorkerInit {
@@ -52,7 +52,11 @@ export interface RefreshResult {
 
 /** What a worker reports to the main thread. */
 export type WorkerReport =
-  | { type: "ready" }
+  | {
+    type: "ready";
+    /** Each port's device's own metric series (see `DeviceMetrics`), their values in `stats`. */
+    metrics: MetricSeries[][];
+  }
   | { type: "stopped" }
   | { type: "failed"; message: string }
   /** The devices refreshed, answering `requests` signals of the refresh eventfd. */
@@ -75,18 +79,21 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
     return;
   }
   const loop = new EventLoop({ pollUs: init.pollUs });
+  const metrics: MetricSeries[][] = [];
   const servers = devices.map((device, i) => {
     const stats = new PortStatsWriter(init.stats, i);
+    metrics.push(bindMetrics(device, init.name, stats.device));
     const server = new VhostUserServer(init.listenFds[i], device, loop, {
       allowUids: init.allowUids,
       dirtyLogging: !skipDirtyLogForTests,
       queueStats: (queue) => stats.queue(queue),
+      ioStats: stats.io,
       onStateChange: (s) => stats.publish(s),
     });
     stats.publish(server);
     return server;
   });
-  report({ type: "ready" });
+  report({ type: "ready", metrics });
   try {
     for (const s of servers) s.start();
     loop.watch(init.refreshFd, () => {
@@ -125,6 +132,40 @@ function refresh(devices: VirtioDevice[], name: string): RefreshResult[] {
       return { port, message };
     }
   });
+}
+
+/**
+ * Moves the device's own counters into `slots` (shared memory) and returns their series. A device
+ * with more than {@link MAX_DEVICE_STATS} (none has: 16 queue pairs of a TAP device take 80), or
+ * whose `bind` fails, keeps them to itself, unexported.
+ */
+function bindMetrics(device: VirtioDevice, name: string, slots: Float64Array): MetricSeries[] {
+  const m = device.metrics;
+  if (m === undefined) return [];
+  if (m.series.length > MAX_DEVICE_STATS) {
+    getLogger(["vhostd", name]).warn("{count} device counters, more than {max}: not exported", {
+      count: m.series.length,
+      max: MAX_DEVICE_STATS,
+    });
+    return [];
+  }
+  try {
+    m.bind(slots);
+  } catch (e) {
+    // A device's mistake in its metrics should not stop it serving.
+    getLogger(["vhostd", name]).warn("device counters not exported: {error}", {
+      error: (e as Error).message,
+    });
+    return [];
+  }
+  // Copied into plain objects: the device's may not survive structured cloning as they are.
+  return m.series.map((s) => ({
+    name: s.name,
+    help: s.help,
+    type: s.type,
+    labels: s.labels ? { ...s.labels } : undefined,
+    part: s.part,
+  }));
 }
 
 /**

@@ -12,6 +12,42 @@ import type { Virtqueue } from "../ring/split_queue.ts";
 
 export type { Virtqueue };
 export type { DescriptorChain } from "../ring/descriptor_chain.ts";
+export { IoDirection } from "../ring/queue_stats.ts";
+
+/**
+ * One series of a device's own counters, as the metrics endpoint shows it:
+ * `vhostd_<name>{vm=...,device=...,<labels>} <value>`. Series of one name share its help and type.
+ */
+export interface MetricSeries {
+  /** Metric name without the `vhostd_` prefix, e.g. `net_dropped_total`. */
+  name: string;
+  /** The HELP text of the metric. */
+  help: string;
+  /** `counter` (only goes up) or `gauge`. */
+  type: "counter" | "gauge";
+  /** Labels besides `vm` and `device`. */
+  labels?: Record<string, string>;
+  /**
+   * A part of the service other than the device itself that the series is about (a switch's
+   * uplink: `uplink`): its `device` label is then `<service name>.<part>`.
+   */
+  part?: string;
+}
+
+/**
+ * Counters a device keeps besides the per-queue ones (a net device's drops, say), for the
+ * metrics endpoint. The device counts in an array; vhostd moves that array to shared memory the
+ * main thread reads, so counting stays a plain store into a typed array.
+ */
+export interface DeviceMetrics {
+  /** The series, one per slot of the array. */
+  readonly series: readonly MetricSeries[];
+  /**
+   * Moves the counters into `slots` (at least as long as {@link series}), carrying over what was
+   * counted so far. Called once, in the worker, before the device starts.
+   */
+  bind(slots: Float64Array): void;
+}
 
 /**
  * The data-plane worker's event loop, as a device sees it: devices with their own fds (attach
@@ -115,6 +151,8 @@ export interface VirtioDevice {
   reset?(): void;
   /** The daemon is shutting down: make everything durable and release resources. */
   close?(): void;
+  /** Counters of the device's own, for the metrics endpoint. */
+  readonly metrics?: DeviceMetrics;
 }
 
 /**

@@ -51,3 +51,36 @@ export function latencyBucket(ms: number): number {
   const b = 32 - Math.clz32(us);
   return b < LATENCY_BUCKETS ? b : LATENCY_BUCKETS - 1;
 }
+
+/**
+ * What a device's request was, for the read/write split of its metrics ({@link IoStat}): set by
+ * the device when it completes a request, 0 for anything else (flushes, discards, frames).
+ */
+export const IoDirection = { READ: 1, WRITE: 2 } as const;
+
+/**
+ * Slot of each counter of one direction in a device's read/write accounting. All queues of a
+ * device (one worker) share one array: reads in the first {@link IO_DIRECTION_SLOTS} slots,
+ * writes in the next.
+ */
+export const IoStat = {
+  /** Requests of this direction completed. */
+  REQUESTS: 0,
+  /** Data bytes they moved (request headers and status bytes not included). */
+  BYTES: 1,
+  /** Sum of their latencies in seconds. */
+  LATENCY_SUM: 2,
+  /** First latency histogram bucket (as {@link latencyBucket}); {@link LATENCY_BUCKETS} follow. */
+  LATENCY_BUCKET0: 3,
+} as const;
+
+/** Float64 slots of one direction. */
+export const IO_DIRECTION_SLOTS: number = IoStat.LATENCY_BUCKET0 + LATENCY_BUCKETS;
+
+/** Float64 slots of a device's read/write accounting (reads, then writes). */
+export const IO_STAT_SLOTS: number = 2 * IO_DIRECTION_SLOTS;
+
+/** Where direction `direction` ({@link IoDirection}) starts in the read/write array. */
+export function ioSlotBase(direction: number): number {
+  return (direction - 1) * IO_DIRECTION_SLOTS;
+}

@@ -15,7 +15,15 @@ import { DescriptorChain, MAX_SEGMENTS } from "./descriptor_chain.ts";
 import type { GuestMemory, MemoryRegion } from "./guest_memory.ts";
 import type { InflightRegion } from "./inflight.ts";
 import type { DirtyLog } from "./dirty_log.ts";
-import { latencyBucket, QUEUE_STAT_SLOTS, QueueStat } from "./queue_stats.ts";
+import {
+  IO_STAT_SLOTS,
+  IoDirection,
+  ioSlotBase,
+  IoStat,
+  latencyBucket,
+  QUEUE_STAT_SLOTS,
+  QueueStat,
+} from "./queue_stats.ts";
 import { monotonicMs } from "../sys/clock.ts";
 
 /** Descriptor flags. */
@@ -75,6 +83,12 @@ export interface Virtqueue {
   countError?(): void;
   /** Counts bytes a request read from the driver, when it completes by {@link pushHead}. */
   countBytes?(bytes: number): void;
+  /**
+   * Counts the request with head `head`, completed next by {@link push} or {@link pushHead}, as
+   * a read or a write ({@link IoDirection}) of `bytes` data bytes: its latency then goes to that
+   * direction's histogram as well.
+   */
+  countIo?(head: number, direction: number, bytes: number): void;
 }
 
 /** One split virtqueue. */
@@ -116,6 +130,11 @@ export class SplitQueue implements Virtqueue {
    * Cost on the hot path: a few increments and one clock read per request.
    */
   stats: Float64Array = new Float64Array(QUEUE_STAT_SLOTS);
+  /**
+   * The device's read/write accounting ({@link IoStat}), one array for all its queues (in vhostd,
+   * shared memory the main thread reads); private until replaced.
+   */
+  ioStats: Float64Array = new Float64Array(IO_STAT_SLOTS);
 
   readonly #chain = new DescriptorChain();
   #memory: GuestMemory | null = null;
@@ -141,6 +160,10 @@ export class SplitQueue implements Virtqueue {
   readonly #poppedAt: Float64Array;
   /** Pop times of the chains completed since the last {@link notify}, not yet timed. */
   readonly #completedAt: Float64Array;
+  /** The {@link IoDirection} of each of those (0: neither). */
+  readonly #completedDirection: Uint8Array;
+  /** The direction {@link countIo} gave each head until it completes (0: none). */
+  readonly #directionOf: Uint8Array;
   #completedCount = 0;
 
   /** Creates queue `index` admitting sizes up to `maxSize`. */
@@ -149,6 +172,8 @@ export class SplitQueue implements Virtqueue {
     this.maxSize = maxSize;
     this.#poppedAt = new Float64Array(maxSize);
     this.#completedAt = new Float64Array(maxSize);
+    this.#completedDirection = new Uint8Array(maxSize);
+    this.#directionOf = new Uint8Array(maxSize);
   }
 
   /** Whether requests may be processed: configured, translated, started, enabled and sound. */
@@ -180,6 +205,7 @@ export class SplitQueue implements Virtqueue {
     this.stats[QueueStat.IN_FLIGHT] = 0;
     this.#batchStart = 0;
     this.#poppedAt.fill(0);
+    this.#directionOf.fill(0);
     this.#completedCount = 0;
     this.setKickFd(-1);
     this.setCallFd(-1);
@@ -337,11 +363,19 @@ export class SplitQueue implements Virtqueue {
   #recordLatencies(): void {
     const now = monotonicMs();
     const s = this.stats;
+    const io = this.ioStats;
     const done = this.#completedAt;
+    const directions = this.#completedDirection;
     for (let i = 0; i < this.#completedCount; i++) {
       const ms = now - done[i];
+      const bucket = latencyBucket(ms);
       s[QueueStat.LATENCY_SUM] += ms / 1000;
-      s[QueueStat.LATENCY_BUCKET0 + latencyBucket(ms)]++;
+      s[QueueStat.LATENCY_BUCKET0 + bucket]++;
+      if (directions[i] !== 0) {
+        const base = ioSlotBase(directions[i]);
+        io[base + IoStat.LATENCY_SUM] += ms / 1000;
+        io[base + IoStat.LATENCY_BUCKET0 + bucket]++;
+      }
     }
     this.#completedCount = 0;
   }
@@ -354,6 +388,15 @@ export class SplitQueue implements Virtqueue {
   /** Counts bytes read from the driver's buffers by a request completed with pushHead. */
   countBytes(bytes: number): void {
     this.stats[QueueStat.BYTES] += bytes;
+  }
+
+  /** Counts a read or a write the device completes next (see {@link Virtqueue.countIo}). */
+  countIo(head: number, direction: number, bytes: number): void {
+    if (direction !== IoDirection.READ && direction !== IoDirection.WRITE) return;
+    const base = ioSlotBase(direction);
+    this.ioStats[base + IoStat.REQUESTS]++;
+    this.ioStats[base + IoStat.BYTES] += bytes;
+    if (head < this.#directionOf.length) this.#directionOf[head] = direction;
   }
 
   #parse(head: number, chain: DescriptorChain): string | null {
@@ -506,10 +549,13 @@ export class SplitQueue implements Virtqueue {
     s[QueueStat.BYTES] += written;
     if (s[QueueStat.IN_FLIGHT] > 0) s[QueueStat.IN_FLIGHT]--;
     const at = this.#poppedAt[head];
+    const direction = this.#directionOf[head];
+    this.#directionOf[head] = 0;
     if (at > 0) {
       // Timed when the batch ends (notify): that is when the driver learns of the completion,
       // and it costs one clock read per batch instead of one per request.
       if (this.#completedCount === this.#completedAt.length) this.#recordLatencies();
+      this.#completedDirection[this.#completedCount] = direction;
       this.#completedAt[this.#completedCount++] = at;
       this.#poppedAt[head] = 0;
     }

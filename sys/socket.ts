@@ -519,3 +519,50 @@ export function setTcpNoDelay(fd: number): void {
   const one = new Int32Array([1]);
   check(libc.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, one, 4), "setsockopt(TCP_NODELAY)");
 }
+
+const SO_TYPE = 3;
+const SO_ACCEPTCONN = 30;
+const SO_DOMAIN = 39;
+
+/**
+ * Checks that `fd` is a listening Unix stream socket (one handed over by socket activation) and
+ * returns the path it is bound to: null for an unnamed or abstract socket. Anything else is a
+ * {@link SysError} (ENOTSOCK for a file or pipe) or a plain Error saying what the fd is instead.
+ */
+export function listeningUnixSocketPath(fd: number): string | null {
+  const value = new Int32Array(1);
+  const len = new Uint32Array(1);
+  const option = (name: number, what: string): number => {
+    len[0] = 4;
+    check(libc.getsockopt(fd, SOL_SOCKET, name, value, len), `getsockopt(${what})`);
+    return value[0];
+  };
+  const domain = option(SO_DOMAIN, "SO_DOMAIN");
+  if (domain !== AF_UNIX) throw new Error(`a socket of address family ${domain}, not AF_UNIX`);
+  const type = option(SO_TYPE, "SO_TYPE");
+  if (type !== SOCK_STREAM) throw new Error(`a Unix socket of type ${type}, not SOCK_STREAM`);
+  if (option(SO_ACCEPTCONN, "SO_ACCEPTCONN") !== 1) {
+    throw new Error("a Unix stream socket that is not listening");
+  }
+  const addr = new Uint8Array(2 + 108);
+  const addrLen = new Uint32Array([addr.length]);
+  check(libc.getsockname(fd, addr, addrLen), "getsockname");
+  const path = addr.subarray(2, Math.min(addrLen[0], addr.length));
+  if (path.length === 0 || path[0] === 0) return null;
+  const end = path.indexOf(0);
+  return new TextDecoder().decode(end < 0 ? path : path.subarray(0, end));
+}
+
+const F_DUPFD_CLOEXEC = 1030;
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
+
+/** A close-on-exec copy of `fd` (numbered 3 or above). */
+export function duplicateFd(fd: number): number {
+  return check(libc.fcntl(fd, F_DUPFD_CLOEXEC, 3), "fcntl(F_DUPFD_CLOEXEC)");
+}
+
+/** Marks `fd` close-on-exec: an inherited fd must not leak on into processes we start. */
+export function setCloseOnExec(fd: number): void {
+  check(libc.fcntl(fd, F_SETFD, FD_CLOEXEC), "fcntl(F_SETFD)");
+}

@@ -122,7 +122,8 @@ Deno.test("resize: a grown image is served and announced (vhostd resize, SIGHUP)
         "write in the new part",
       );
       assert.deepEqual(fe.blk.read(at, 8192).data, pattern(8192, 3));
-      assert.match(d.stderr, /capacity 64 MiB -> 96 MiB \(131072 -> 196608 sectors\)/);
+      const logged = (re: RegExp) => d.waitFor(() => re.test(d.stderr), 10_000, `${re}`);
+      await logged(/capacity 64 MiB -> 96 MiB \(131072 -> 196608 sectors\)/);
 
       // SIGHUP: every device re-reads its size.
       Deno.truncateSync(image, 128 * MiB);
@@ -140,7 +141,7 @@ Deno.test("resize: a grown image is served and announced (vhostd resize, SIGHUP)
       assert.deepEqual(await requestResize(control, "blk"), {
         devices: [{ device: "blk", message: "shrinking from 128 MiB to 100 MiB refused" }],
       });
-      assert.match(d.stderr, /shrank from 128 MiB to 100 MiB: refused/);
+      await logged(/shrank from 128 MiB to 100 MiB: refused/);
       assert.equal(capacityOf(fe), 128 * MiB / SECTOR);
       await new Promise((r) => setTimeout(r, 200));
       assert.equal(fe.takeBackendRequest(), null, "no config change for a refused shrink");
@@ -150,6 +151,58 @@ Deno.test("resize: a grown image is served and announced (vhostd resize, SIGHUP)
       );
     } finally {
       fe.close();
+    }
+  });
+});
+
+Deno.test("resize: under vhostd run, SIGHUP's reload refreshes the disks it keeps; resize takes --config and --device", async () => {
+  await withDir("vhostd-resize-", async (dir) => {
+    const image = `${dir}/disk0.img`;
+    sparseFile(image, 64 * MiB);
+    const config = `${dir}/vm.json`;
+    Deno.writeTextFileSync(
+      config,
+      JSON.stringify({
+        name: "vm1",
+        socketDir: dir,
+        devices: [{ type: "blk", id: "disk0", image, queues: 1 }],
+      }),
+    );
+    const d = await DaemonProcess.start(["run", "--config", config]);
+    try {
+      const fe = await BlkFrontend.open({
+        socket: `${dir}/disk0.sock`,
+        queues: 1,
+        backendChannel: true,
+      });
+      try {
+        // The config is unchanged: the reload keeps disk0, connection and all, and refreshes it.
+        Deno.truncateSync(image, 72 * MiB);
+        Deno.kill(d.child.pid, "SIGHUP");
+        assert.equal((await nextBackendRequest(fe)).request, BackendRequest.CONFIG_CHANGE_MSG);
+        assert.equal(capacityOf(fe), 72 * MiB / SECTOR);
+        await d.waitFor(
+          () => /reload: asking 1 device\(s\) to refresh/.test(d.stderr),
+          10_000,
+          "the reload's refresh line",
+        );
+        assert.match(d.stderr, /reloaded: 1 device\(s\) kept, 0 started, 0 stopped/);
+        Deno.truncateSync(image, 80 * MiB);
+        const r = await runVhostd(["resize", "--config", config, "--device", "disk0"]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.equal(r.stdout, "disk0: grew from 72 MiB to 80 MiB; the front-end was told\n");
+        assert.equal((await nextBackendRequest(fe)).request, BackendRequest.CONFIG_CHANGE_MSG);
+        const bad = await runVhostd(["resize", "--config", config, "--device", "disk1"]);
+        assert.equal(bad.code, 1);
+        assert.match(bad.stderr, /no device named "disk1" \(there are: disk0\)/);
+      } finally {
+        fe.close();
+      }
+    } catch (e) {
+      (e as Error).message += `\n--- vhostd stderr ---\n${d.stderr}`;
+      throw e;
+    } finally {
+      await d.stopWithin(20_000);
     }
   });
 });

@@ -14,22 +14,39 @@ DENO_VERSION=2.9.6
 # strace (the write-cache test).
 PACKAGES="qemu-system-x86 qemu-system-common qemu-utils busybox-static fio iperf3 cpio debootstrap
   iproute2 iputils-ping dpdk-dev librte-net-virtio23 systemd libxml2-utils libvirt-clients strace"
+# libvirtd and its QEMU driver for the libvirt guest test, without recommends (lvm2, other drivers)
+# and without libvirt-daemon-system, whose postinst adds users and starts services: the test runs
+# a libvirtd of its own (tests/helpers/libvirtd.ts).
+LIBVIRT_PACKAGES="libvirt-daemon libvirt-daemon-driver-qemu"
 
 step() { printf '\n==> %s\n' "$*"; }
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
-missing=""
-for p in $PACKAGES; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
+missing_of() {
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || printf ' %s' "$p"
+  done
+}
+updated=""
+install_missing() { # [apt-get install options] -- packages
+  local opts=()
+  while [ "$1" != "--" ]; do opts+=("$1"); shift; done
+  shift
+  local missing
+  missing=$(missing_of "$@")
+  [ -n "$missing" ] || return 0
   step "installing Debian packages:$missing"
-  $sudo apt-get update -qq || { echo "apt-get update failed"; exit 1; }
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null ||
+  if [ -z "$updated" ]; then
+    $sudo apt-get update -qq || { echo "apt-get update failed"; exit 1; }
+    updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${opts[@]}" $missing >/dev/null ||
     { echo "apt-get install$missing failed"; exit 1; }
-fi
+}
+install_missing -- $PACKAGES
+install_missing --no-install-recommends -- $LIBVIRT_PACKAGES
 
 if command -v deno >/dev/null 2>&1 && deno --version | grep -q '^deno 2\.'; then
   DENO=$(command -v deno)

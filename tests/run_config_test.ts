@@ -52,7 +52,7 @@ Deno.test("run --config: each mistake is one line naming the field, exit 2", asy
       [
         "bad metrics address",
         { metrics: "localhost", devices: [good] },
-        /^metrics: must be HOST:PORT like 127\.0\.0\.1:9101, not "localhost"$/,
+        /^metrics: must be HOST:PORT like 127\.0\.0\.1:61910, not "localhost"$/,
       ],
       ["no devices", { devices: [] }, /^devices: must list at least one device$/],
       [
@@ -98,6 +98,7 @@ Deno.test("run --check accepts the example's shape and prints the QEMU arguments
       Deno.readTextFileSync(new URL("../examples/config/vm1.json", import.meta.url)),
     );
     for (const d of example.devices) {
+      if (d.image === undefined) continue;
       d.image = `${dir}/${d.image.split("/").pop()}`;
       sparseFile(d.image, 8 * MiB);
     }
@@ -114,7 +115,11 @@ Deno.test("run --check accepts the example's shape and prints the QEMU arguments
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /^vm1: configuration OK/);
     assert.match(r.stdout, new RegExp(`-chardev socket,id=root,path=${dir}/root.sock,reconnect=1`));
-    assert.match(r.stdout, /-device vhost-user-blk-pci,chardev=data/);
+    // Every device line names its queues: the root disk's 2, the default 16 for the data disk
+    // (as `vhostd blk`), the NIC's 1 pair.
+    assert.match(r.stdout, /-device vhost-user-blk-pci,chardev=root,num-queues=2 /);
+    assert.match(r.stdout, /-device vhost-user-blk-pci,chardev=data,num-queues=16 /);
+    assert.match(r.stdout, /-netdev vhost-user,id=net0,chardev=net0c,queues=1 /);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

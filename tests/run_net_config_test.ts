@@ -27,7 +27,7 @@ Deno.test("run: a config with blk and net devices serves both from one process",
       assert.ok(Deno.lstatSync(`${dir}/disk.sock`).isSocket);
       assert.ok(Deno.lstatSync(`${dir}/nic.sock`).isSocket);
       assert.ok(await linkExists(TAP), "the TAP exists while the daemon runs");
-      assert.match(d.stdout, /-netdev vhost-user,id=nic,chardev=nicc/);
+      assert.match(d.stdout, /-netdev vhost-user,id=nic,chardev=nicc,queues=1 /);
     } finally {
       assert.equal(await d.stop(), 0, d.stderr);
     }

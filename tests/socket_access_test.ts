@@ -129,7 +129,7 @@ Deno.test("--metrics: a non-loopback address is refused unless allowed; allowed,
   try {
     sparseFile(`${dir}/disk.img`, 1 << 20);
     const blk = ["blk", "--socket", `${dir}/disk.sock`, "--image", `${dir}/disk.img`];
-    for (const addr of ["0.0.0.0:0", "[::]:0", "192.0.2.1:9101", "metrics.example:9101"]) {
+    for (const addr of ["0.0.0.0:0", "[::]:0", "192.0.2.1:61910", "metrics.example:61910"]) {
       // A daemon that starts instead is stopped after 30 s and fails the test.
       const r = await runVhostd([...blk, "--metrics", addr], 30_000);
       assert.equal(r.code, 2, `${addr}: ${r.stderr}`);
@@ -150,11 +150,11 @@ Deno.test("--metrics: a non-loopback address is refused unless allowed; allowed,
           ...extra,
         }),
       );
-    vm({ metrics: "0.0.0.0:9101" });
+    vm({ metrics: "0.0.0.0:61910" });
     const r = await runVhostd(["run", "--config", config, "--check"], 30_000);
     assert.equal(r.code, 2, r.stderr);
-    assert.match(r.stderr, /^vhostd run: metrics: 0\.0\.0\.0:9101 .*"metricsAnyAddress": true/);
-    vm({ metrics: "0.0.0.0:9101", metricsAnyAddress: true });
+    assert.match(r.stderr, /^vhostd run: metrics: 0\.0\.0\.0:61910 .*"metricsAnyAddress": true/);
+    vm({ metrics: "0.0.0.0:61910", metricsAnyAddress: true });
     assert.equal((await runVhostd(["run", "--config", config, "--check"], 30_000)).code, 0);
 
     // Allowed: served (the test only scrapes it over loopback), with a warning.
@@ -169,7 +169,7 @@ Deno.test("--metrics: a non-loopback address is refused unless allowed; allowed,
       assert.match(d.stderr, /metrics on 0\.0\.0\.0 are served to every host that reaches it/);
       const port = Number(/metrics on http:\/\/0\.0\.0\.0:(\d+)\/metrics/.exec(d.stderr)?.[1]);
       const res = await fetch(`http://127.0.0.1:${port}/metrics`);
-      assert.match(await res.text(), /vhostd_device_up\{device="blk"/);
+      assert.match(await res.text(), /vhostd_device_up\{vm="blk",device="blk"/);
     } finally {
       assert.equal(await d.stop(), 0, d.stderr);
     }

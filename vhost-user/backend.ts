@@ -67,6 +67,8 @@ export interface BackendOptions {
   maxMemSlots?: number;
   /** Where each queue keeps its counters (shared memory the main thread reads); default private. */
   queueStats?: (queue: number) => Float64Array;
+  /** Where the device's reads and writes are counted, all queues together (see `IoStat`). */
+  ioStats?: Float64Array;
   /**
    * Mark written pages in the dirty log during a migration (default true). Only tests turn it
    * off, to show that a migration test catches a back-end that does not log.
@@ -176,6 +178,8 @@ export class VhostUserBackend {
     this.#dirtyLogging = options.dirtyLogging ?? true;
     const stats = options.queueStats;
     if (stats) { for (const q of this.queues) q.stats = stats(q.index); }
+    const io = options.ioStats;
+    if (io) { for (const q of this.queues) q.ioStats = io; }
     this.features = device.features | BASE_FEATURES;
     this.protocolFeatures = BASE_PROTOCOL_FEATURES | (device.protocolFeatures ?? 0n) |
       (device.getConfig ? bit(ProtocolFeature.CONFIG) : 0n) |

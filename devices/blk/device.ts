@@ -8,7 +8,13 @@
  */
 
 import { getLogger, type Logger } from "../../log/mod.ts";
-import type { DescriptorChain, DeviceEventLoop, VirtioDevice, Virtqueue } from "../device.ts";
+import {
+  type DescriptorChain,
+  type DeviceEventLoop,
+  IoDirection,
+  type VirtioDevice,
+  type Virtqueue,
+} from "../device.ts";
 import { bit, ProtocolFeature } from "../../vhost-user/message.ts";
 import { IoVec } from "../../sys/io.ts";
 import { Errno, libc, O } from "../../sys/libc.ts";
@@ -496,6 +502,10 @@ export class BlkDevice implements VirtioDevice {
     const queue = slot.queue!;
     if (status !== BlkStatus.OK) queue.countError?.();
     if (slot.op === IoUringOp.WRITEV) queue.countBytes?.(slot.expected);
+    if (slot.op !== IoUringOp.FSYNC) {
+      const direction = slot.op === IoUringOp.READV ? IoDirection.READ : IoDirection.WRITE;
+      queue.countIo?.(slot.head, direction, status === BlkStatus.OK ? slot.expected : 0);
+    }
     queue.pushHead(slot.head, status === BlkStatus.OK ? slot.writtenOnSuccess : 1);
   }
 
@@ -523,10 +533,14 @@ export class BlkDevice implements VirtioDevice {
       case BlkRequestType.IN:
         status = this.#read(chain, sector, statusAt);
         if (status === BlkStatus.OK) written = statusAt + 1;
+        queue.countIo?.(chain.head, IoDirection.READ, status === BlkStatus.OK ? statusAt : 0);
         break;
-      case BlkRequestType.OUT:
-        status = this.#write(chain, sector, chain.readableBytes - 16);
+      case BlkRequestType.OUT: {
+        const bytes = chain.readableBytes - 16;
+        status = this.#write(chain, sector, bytes);
+        queue.countIo?.(chain.head, IoDirection.WRITE, status === BlkStatus.OK ? bytes : 0);
         break;
+      }
       case BlkRequestType.FLUSH:
         status = this.#status(this.#flush(), "flush");
         break;

@@ -34,7 +34,7 @@
  */
 
 import { getLogger } from "../../log/mod.ts";
-import type { DeviceEventLoop, VirtioDevice, Virtqueue } from "../device.ts";
+import type { DeviceEventLoop, DeviceMetrics, VirtioDevice, Virtqueue } from "../device.ts";
 import type { SplitQueue } from "../../ring/split_queue.ts";
 import { signalEventFd } from "../../sys/event.ts";
 import { closeQuietly } from "../../sys/libc.ts";
@@ -62,6 +62,8 @@ import { writeRarpAnnouncement } from "./rarp.ts";
 import { TX_BUDGET } from "./tap_device.ts";
 import { ThrottledLog } from "./throttled_log.ts";
 import { TokenBucket } from "./token_bucket.ts";
+import { newPortCounters, type PortCounters, switchPortSeries } from "./net_metrics.ts";
+import { blockMetrics } from "../counter_block.ts";
 
 /** Default ageing time of addresses learned on the uplink, in seconds (`--mac-age`). */
 export const DEFAULT_MAC_AGE_S = 300;
@@ -118,30 +120,7 @@ const UPLINK_BUDGET = 64;
 /** Largest queue size a port accepts. */
 const MAX_QUEUE_SIZE = 1024;
 
-/** Per-port counters. */
-export interface PortCounters {
-  /** Frames the port's guest sent. */
-  txFrames: number;
-  /** Frames from the guest that were dropped (malformed, or an offload it did not negotiate). */
-  txDropped: number;
-  /** Frames delivered to the guest. */
-  rxFrames: number;
-  /** Frames for the guest dropped because it had no buffers (or no driver). */
-  rxDropped: number;
-  /** Partial checksums the daemon completed for this guest. */
-  csumCompleted: number;
-  /**
-   * Frames dropped for their source address: another port holds it, it is configured for
-   * another port, it is not one of this port's configured addresses, or it is a group address.
-   */
-  spoofDropped: number;
-  /** Frames dropped because their source was new and the port was at its learning limit. */
-  limitDropped: number;
-  /** Broadcast, multicast and unknown-unicast frames dropped by the flood rate limit. */
-  floodDropped: number;
-  /** Announcements (SEND_RARP) sent on the port's behalf. */
-  announces: number;
-}
+export type { PortCounters };
 
 /** The switch: forwarding table, ports, uplink, and the one staging buffer they share. */
 export class L2Switch {
@@ -154,7 +133,7 @@ export class L2Switch {
   /** The addresses guest ports are configured with. */
   readonly portMacs: PortMacs;
   /** Uplink counters (tx = from the TAP, rx = to the TAP). */
-  readonly uplinkCounters: PortCounters = newCounters();
+  readonly uplinkCounters: PortCounters = newPortCounters();
   readonly #uplinkFd: number;
   readonly #uplinkName: string;
   readonly #staging = new Uint8Array(STAGING_SIZE);
@@ -194,6 +173,11 @@ export class L2Switch {
   /** The writer ports use to fill receive queues. */
   get rxWriter(): RxWriter {
     return this.#rx;
+  }
+
+  /** Whether the switch has an uplink TAP. */
+  get hasUplink(): boolean {
+    return this.#uplinkFd >= 0;
   }
 
   /** Starts reading the uplink TAP, once, in the loop the ports share. */
@@ -451,20 +435,6 @@ export class L2Switch {
   }
 }
 
-function newCounters(): PortCounters {
-  return {
-    txFrames: 0,
-    txDropped: 0,
-    rxFrames: 0,
-    rxDropped: 0,
-    csumCompleted: 0,
-    spoofDropped: 0,
-    limitDropped: 0,
-    floodDropped: 0,
-    announces: 0,
-  };
-}
-
 /** One guest port of an {@link L2Switch}: a single-pair virtio-net device. */
 export class SwitchPort implements VirtioDevice {
   /** virtio device id of a network card. */
@@ -480,7 +450,7 @@ export class SwitchPort implements VirtioDevice {
   /** This port's number. */
   readonly port: number;
   /** Counters. */
-  readonly counters: PortCounters = newCounters();
+  readonly counters: PortCounters = newPortCounters();
   /** Whether the guest acked GUEST_CSUM (takes partial checksums). */
   guestCsum = false;
   /** Whether the guest acked CSUM (may send partial checksums). */
@@ -498,6 +468,15 @@ export class SwitchPort implements VirtioDevice {
     this.#switch = sw;
     this.port = port;
     this.name = `switch.port${port}`;
+  }
+
+  /** The port's counters as metrics; port 0's also carry the uplink's (as `<switch>.uplink`). */
+  get metrics(): DeviceMetrics {
+    const blocks = [{ block: this.counters, series: switchPortSeries() }];
+    if (this.port === 0 && this.#switch.hasUplink) {
+      blocks.push({ block: this.#switch.uplinkCounters, series: switchPortSeries("uplink") });
+    }
+    return blockMetrics(blocks);
   }
 
   /** Whether the front-end has rings running (between {@link resumed} and {@link suspended}). */

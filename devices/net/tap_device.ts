@@ -18,8 +18,8 @@
  * @module
  */
 
-import { getLogger } from "../../log/mod.ts";
-import type { DeviceEventLoop, VirtioDevice, Virtqueue } from "../device.ts";
+import { getLogger, type Logger } from "../../log/mod.ts";
+import type { DeviceEventLoop, DeviceMetrics, VirtioDevice, Virtqueue } from "../device.ts";
 import type { SplitQueue } from "../../ring/split_queue.ts";
 import { signalEventFd } from "../../sys/event.ts";
 import { IoVec } from "../../sys/io.ts";
@@ -37,6 +37,8 @@ import { Delivery, RxWriter } from "./frame_io.ts";
 import { RARP_FRAME_LEN, writeRarpAnnouncement } from "./rarp.ts";
 import { setQueueAttached, writeFrame } from "../../sys/tap.ts";
 import { featureBit, headerSize, NET_HDR_SIZE, NetFeature, STAGING_SIZE } from "./header.ts";
+import { type NetCounters, newNetCounters, tapPairSeries } from "./net_metrics.ts";
+import { blockMetrics } from "../counter_block.ts";
 
 /** Options of a TAP-backed net device (structured-clonable: the fds were opened by the CLI). */
 export interface NetTapOptions {
@@ -48,6 +50,8 @@ export interface NetTapOptions {
   fds: number[];
   /** Whether the TAP is multi-queue (its queues can be detached while the guest is stopped). */
   multiQueue?: boolean;
+  /** Device name in logs (the config's id); default `net`. */
+  name?: string;
 }
 
 /** Chains taken from a transmit queue before other fds get a turn. */
@@ -72,19 +76,7 @@ export const TAP_FEATURES = [
   NetFeature.GUEST_ANNOUNCE,
 ].reduce((acc, b) => acc | featureBit(b), 0n);
 
-/** Per-pair counters. */
-export interface NetCounters {
-  /** Frames sent by the guest. */
-  txFrames: number;
-  /** Guest frames that could not be passed on. */
-  txDropped: number;
-  /** Frames given to the guest. */
-  rxFrames: number;
-  /** Frames dropped on the way to the guest (no guest, or a frame that cannot fit). */
-  rxDropped: number;
-  /** Times receive stopped because the guest had posted no buffers. */
-  rxStalls: number;
-}
+export type { NetCounters };
 
 /** One queue pair and its TAP queue. */
 class QueuePair {
@@ -98,13 +90,7 @@ class QueuePair {
   pending = 0;
   /** Whether the TAP fd is in the event loop (it is left out while the guest has no buffers). */
   watching = false;
-  readonly counters: NetCounters = {
-    txFrames: 0,
-    txDropped: 0,
-    rxFrames: 0,
-    rxDropped: 0,
-    rxStalls: 0,
-  };
+  readonly counters: NetCounters = newNetCounters();
 
   constructor(fd: number, pair: number) {
     this.fd = fd;
@@ -116,8 +102,8 @@ class QueuePair {
 export class NetTapDevice implements VirtioDevice {
   /** virtio device id of a network card. */
   readonly deviceId = 1;
-  /** Name in logs. */
-  readonly name = "net";
+  /** Name in logs (the config's id, or `net`). */
+  readonly name: string;
   /** Two queues per pair. */
   readonly numQueues: number;
   /** Largest queue size accepted. */
@@ -131,7 +117,7 @@ export class NetTapDevice implements VirtioDevice {
   readonly #pairs: QueuePair[];
   readonly #iov = new IoVec(1024);
   readonly #yielded: boolean[];
-  readonly #log = getLogger(["vhostd", "net"]);
+  readonly #log: Logger;
   #loop: DeviceEventLoop | null = null;
   #hdrLen = NET_HDR_SIZE;
   #mergeable = false;
@@ -139,6 +125,8 @@ export class NetTapDevice implements VirtioDevice {
 
   /** Serves the TAP queues `options.fds` (closed by {@link close}). */
   constructor(options: NetTapOptions) {
+    this.name = options.name ?? "net";
+    this.#log = getLogger(["vhostd", this.name]);
     this.tap = options.tap;
     this.#multiQueue = options.multiQueue ?? false;
     this.#pairs = options.fds.map((fd, i) => new QueuePair(fd, i));
@@ -150,6 +138,13 @@ export class NetTapDevice implements VirtioDevice {
   /** Counters of every pair. */
   get counters(): NetCounters[] {
     return this.#pairs.map((p) => p.counters);
+  }
+
+  /** Every pair's counters, as metrics (frames and drops by direction). */
+  get metrics(): DeviceMetrics {
+    return blockMetrics(
+      this.#pairs.map((p, i) => ({ block: p.counters, series: tapPairSeries(i) })),
+    );
   }
 
   /** Starts reading the TAP queues; they stay detached until a guest runs. */

@@ -23,15 +23,23 @@ done
 args=(
   -machine q35,accel="$ACCEL",memory-backend=mem -cpu max -smp "$CPUS" -m "$MEM"
   -object memory-backend-memfd,id=mem,size="$MEM",share=on
+  # num-queues as "vhostd run --check" prints them: the config's 2 for root, the default 16 for
+  # data. Without num-queues QEMU asks for one queue per vCPU and refuses a device with fewer.
   -chardev socket,id=root,path="$SOCKETS/root.sock",reconnect=1
-  -device vhost-user-blk-pci,chardev=root,num-queues="$CPUS",bootindex=1
+  -device vhost-user-blk-pci,chardev=root,num-queues=2,bootindex=1
   -chardev socket,id=data,path="$SOCKETS/data.sock",reconnect=1
-  -device vhost-user-blk-pci,chardev=data,num-queues=1
+  -device vhost-user-blk-pci,chardev=data,num-queues=16
   -nographic -serial mon:stdio
 )
-# A net device served by "vhostd net" or a "net" entry in the config would add:
-#   -chardev socket,id=net0,path=$SOCKETS/net0.sock,reconnect=1
-#   -netdev vhost-user,id=n0,chardev=net0 -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56
+# The config's "net0" (a TAP on the host), when served. vectors=0: QEMU 7.2 under TCG needs it;
+# with KVM, drop it.
+if [ -S "$SOCKETS/net0.sock" ]; then
+  args+=(
+    -chardev socket,id=net0c,path="$SOCKETS/net0.sock",reconnect=1
+    -netdev vhost-user,id=net0,chardev=net0c,queues=1
+    -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0
+  )
+fi
 if [ -n "$kernel" ]; then
   args+=(-kernel "$kernel" -append "console=ttyS0 root=/dev/vda rw")
   [ -n "$initrd" ] && args+=(-initrd "$initrd")

@@ -29,9 +29,28 @@ SCRIPT_DIR=$(dirname "$SCRIPT_PATH")
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 OUTDIR=${1:-$REPO_ROOT/.cache/qemu11}
 ROOT=$OUTDIR/root
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+
+# The Debian mirror is the one this machine's apt already uses (its sources, never a host named
+# here): the first configured archive of a main suite (not -security, -updates or -backports).
+# DEBIAN_MIRROR overrides it.
+# apt lists only the archives it has fetched indexes of, hence the update when it lists none.
+archive_of_sources() {
+  apt-get indextargets --format '$(TARGET_OF) $(RELEASE) $(REPO_URI)' 2>/dev/null |
+    awk '$1 == "deb" && $2 !~ /-/ { sub(/\/$/, "", $3); print $3; exit }'
+}
+host_mirror() {
+  local m
+  m=$(archive_of_sources)
+  if [ -z "$m" ] && [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq >/dev/null 2>&1
+    m=$(archive_of_sources)
+  fi
+  echo "$m"
+}
+MIRROR=${DEBIAN_MIRROR:-$(host_mirror)}
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap and chroot need it)"
+[ -n "$MIRROR" ] || die "no Debian archive in this machine's apt sources; set DEBIAN_MIRROR=URL"
 
 want=$(cat "$SCRIPT_PATH" "$SCRIPT_DIR/qemu11-wrapper.sh" | sha256sum | cut -d' ' -f1)
 if [ -f "$OUTDIR/stamp" ] && [ "$(cat "$OUTDIR/stamp")" = "$want" ] &&
