@@ -57,16 +57,11 @@ export function adoptPassedSockets(
   for (let i = 0; i < n; i++) {
     const fd = FIRST_FD + i;
     const name = nameList[i] ?? "";
-    let path: string | null;
-    try {
-      path = listeningUnixSocketPath(fd);
-      setCloseOnExec(fd);
-    } catch (e) {
-      throw new UsageError(
-        `socket activation: passed fd ${fd}${name ? ` (${name})` : ""} is not a listening ` +
-          `Unix stream socket (ListenStream= with a path): ${(e as Error).message}`,
-      );
-    }
+    const path = checkListening(
+      fd,
+      `socket activation: passed fd ${fd}${name ? ` (${name})` : ""}`,
+      " (ListenStream= with a path)",
+    );
     found.push({ fd, name, path, inUse: false });
   }
   // A socket given with --fd as well is already adopted.
@@ -81,18 +76,27 @@ export function adoptPassedSockets(
  * {@link UsageError}.
  */
 export function adoptInheritedSocket(fd: number): string {
-  let path: string | null;
-  try {
-    path = listeningUnixSocketPath(fd);
-    setCloseOnExec(fd);
-  } catch (e) {
-    throw new UsageError(
-      `--fd ${fd} is not a listening Unix stream socket: ${(e as Error).message}`,
-    );
-  }
+  const path = checkListening(fd, `--fd ${fd}`);
   const label = path ?? `fd:${fd}`;
   passed.push({ fd, name: "", path: label, inUse: false });
   return label;
+}
+
+/**
+ * The path an inherited `fd` is bound to (null: unnamed or abstract), once it is known to be a
+ * listening Unix stream socket, which is then kept from programs this one might execute; anything
+ * else is a {@link UsageError} naming the fd as `what`, with `hint` on what it should have been.
+ */
+function checkListening(fd: number, what: string, hint = ""): string | null {
+  try {
+    const path = listeningUnixSocketPath(fd);
+    setCloseOnExec(fd);
+    return path;
+  } catch (e) {
+    throw new UsageError(
+      `${what} is not a listening Unix stream socket${hint}: ${(e as Error).message}`,
+    );
+  }
 }
 
 /** The sockets passed at start (empty without socket activation). */

@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { DaemonProcess, runVhostd, sparseFile } from "./helpers/daemon.ts";
+import { DaemonProcess, exists, runVhostd, sparseFile } from "./helpers/daemon.ts";
 import {
   AttachClient,
   PtyClient,
@@ -54,15 +54,6 @@ async function connectGuest(sock: string, chardev: boolean, ports: number): Prom
     readUntil: (text) => Promise.resolve(void driver.readUntil(0, text, 10_000)),
     close: () => Promise.resolve(driver.close()),
   };
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.lstatSync(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 for (const chardev of [false, true]) {

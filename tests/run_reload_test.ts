@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { DaemonProcess, sparseFile, withDir } from "./helpers/daemon.ts";
+import { DaemonProcess, exists, sparseFile, withDir } from "./helpers/daemon.ts";
 import { NotifySocket } from "./helpers/notify_socket.ts";
 import { FrontendConnection } from "../vhost-user/frontend/connection.ts";
 import { requestStatus } from "../daemon/control.ts";
@@ -40,15 +40,6 @@ const blk = (dir: string, id: string, queues = 1): Device => ({
 function queueNum(fe: FrontendConnection): number {
   if (fe.protocolFeatures === 0n) fe.setProtocolFeatures(fe.getProtocolFeatures());
   return fe.getQueueNum();
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.lstatSync(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /**

@@ -159,6 +159,16 @@ export class DaemonProcess {
   }
 }
 
+/** Whether anything (a file, a socket, a dangling link) is at `path`. */
+export function exists(path: string): boolean {
+  try {
+    Deno.lstatSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Runs `vhostd ...args` to completion; returns code and output. With `killAfterMs`, a daemon
  * still running by then (one that should have refused to start) is stopped with SIGTERM, and its

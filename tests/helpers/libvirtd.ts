@@ -15,6 +15,7 @@
  * @module
  */
 
+import { exists } from "./daemon.ts";
 /** How long one virsh command may take (QEMU's capabilities are probed on first use). */
 const VIRSH_TIMEOUT_MS = 180_000;
 
@@ -188,14 +189,5 @@ export class PrivateLibvirtd {
     } catch {
       // no domain ever started
     }
-  }
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
   }
 }
