@@ -37,16 +37,16 @@ class TestGuest {
     );
     this.view = region.view;
     const q = this.queue;
-    q.size = QSIZE;
-    q.addresses = {
+    q.configure(QSIZE);
+    q.setAddresses({
       desc: UVA + (DESC - GPA),
       avail: UVA + (AVAIL - GPA),
       used: UVA + (USED - GPA),
-    };
+    });
     assert.equal(q.attach(this.memory), null);
-    q.started = true;
-    q.enabled = true;
-    q.indirect = true;
+    q.start();
+    q.enable(true);
+    q.setFeatures(false, true);
   }
 
   desc(i: number, addr: number, len: number, flags: number, next = 0, table = DESC): void {
@@ -268,7 +268,7 @@ for (const [what, build, message] of hostile) {
 Deno.test(
   "indirect descriptors are refused unless negotiated",
   withGuest((g) => {
-    g.queue.indirect = false;
+    g.queue.setFeatures(false, false);
     g.desc(0, DATA, 32, VIRTQ_DESC_F_INDIRECT);
     g.makeAvailable(0);
     assert.equal(g.queue.pop(), null);
@@ -287,10 +287,11 @@ Deno.test(
     );
     const q = new SplitQueue(0, 256);
     try {
-      q.size = 4;
-      q.addresses = { desc: UVA, avail: UVA + 0x1000, used: UVA + 0x2000 };
+      q.configure(4);
+      q.setAddresses({ desc: UVA, avail: UVA + 0x1000, used: UVA + 0x2000 });
       assert.equal(q.attach(memory), null);
-      q.started = q.enabled = true;
+      q.start();
+      q.enable(true);
       const v = memory.regions[0].view;
       const desc = (i: number, addr: number, len: number, flags: number, next: number) => {
         v.setBigUint64(i * 16, BigInt(addr), true);
@@ -317,11 +318,11 @@ Deno.test(
     const call = createEventFd();
     try {
       g.queue.setCallFd(call);
-      g.queue.setNotification(false);
+      g.queue.disableNotification();
       assert.equal(g.view.getUint16(USED - GPA, true), VRING_USED_F_NO_NOTIFY);
       g.desc(0, DATA, 8, VIRTQ_DESC_F_WRITE);
       g.makeAvailable(0);
-      assert.equal(g.queue.setNotification(true), true, "reports the chain that arrived");
+      assert.equal(g.queue.enableNotification(), true, "reports the chain that arrived");
       assert.equal(g.view.getUint16(USED - GPA, true), 0);
       g.queue.push(g.queue.pop()!, 0);
       g.queue.notify();
@@ -342,7 +343,7 @@ Deno.test(
   withGuest((g) => {
     const call = createEventFd();
     try {
-      g.queue.eventIdx = true;
+      g.queue.setFeatures(true, true);
       g.queue.setCallFd(call);
       const usedEvent = (v: number) => g.view.setUint16(AVAIL - GPA + 4 + 2 * QSIZE, v, true);
       const complete = () => {
@@ -360,7 +361,7 @@ Deno.test(
       complete(); // used idx 3
       g.queue.notify();
       assert.equal(drainEventFd(call), 1);
-      g.queue.setNotification(true);
+      g.queue.enableNotification();
       assert.equal(g.view.getUint16(USED - GPA + 4 + 8 * QSIZE, true), 3, "avail_event published");
     } finally {
       g.queue.setCallFd(-1);
@@ -376,10 +377,10 @@ Deno.test("ring parts outside guest memory are refused at attach", () => {
   );
   const q = new SplitQueue(1, 256);
   try {
-    q.size = 256;
-    q.addresses = { desc: UVA + 65536 - 16, avail: UVA, used: UVA + 0x1000 };
+    q.configure(256);
+    q.setAddresses({ desc: UVA + 65536 - 16, avail: UVA, used: UVA + 0x1000 });
     assert.match(q.attach(memory) ?? "", /descriptor table .* outside guest memory/);
-    q.addresses = { desc: UVA, avail: UVA + 0x1001, used: UVA + 0x2000 };
+    q.setAddresses({ desc: UVA, avail: UVA + 0x1001, used: UVA + 0x2000 });
     assert.match(q.attach(memory) ?? "", /misaligned/);
     const empty = new GuestMemory();
     assert.match(q.attach(empty) ?? "", /memory-backend-memfd,id=mem,size=<RAM>,share=on/);
@@ -392,7 +393,7 @@ Deno.test(
   "inflight tracking: a restarted back-end resubmits what the dead one took, oldest first",
   withGuest((g) => {
     const buf = new DataView(new ArrayBuffer(inflightQueueSize(QSIZE)));
-    g.queue.inflight = new InflightRegion(buf, 0, QSIZE);
+    g.queue.trackInflight(new InflightRegion(buf, 0, QSIZE));
     assert.equal(g.queue.start(), 0, "a fresh buffer has nothing pending");
     for (const head of [4, 1, 6]) {
       g.desc(head, DATA + head * 64, 8, VIRTQ_DESC_F_WRITE);
@@ -404,13 +405,13 @@ Deno.test(
 
     // A new back-end process: fresh queue state, same guest memory and inflight buffer.
     const q = new SplitQueue(0, 256);
-    q.size = QSIZE;
-    q.addresses = g.queue.addresses;
+    q.configure(QSIZE);
+    q.setAddresses(g.queue.addresses!);
     assert.equal(q.attach(g.memory), null);
-    q.enabled = true;
-    q.indirect = true;
-    q.lastAvailIdx = 1; // what QEMU restores: the used index
-    q.inflight = new InflightRegion(buf, 0, QSIZE);
+    q.enable(true);
+    q.setFeatures(false, true);
+    q.setBase(1); // what QEMU restores: the used index
+    q.trackInflight(new InflightRegion(buf, 0, QSIZE));
     assert.equal(q.start(), 2);
     assert.equal(q.lastAvailIdx, 3, "new requests start after the three taken ones");
     assert.deepEqual([q.pop()!.head, q.pop()!.head], [4, 6]);
@@ -418,10 +419,10 @@ Deno.test(
     q.pushHead(6, 8);
     q.pushHead(4, 8);
     const again = new SplitQueue(0, 256);
-    again.size = QSIZE;
-    again.addresses = g.queue.addresses;
+    again.configure(QSIZE);
+    again.setAddresses(g.queue.addresses!);
     again.attach(g.memory);
-    again.inflight = new InflightRegion(buf, 0, QSIZE);
+    again.trackInflight(new InflightRegion(buf, 0, QSIZE));
     assert.equal(again.start(), 0, "nothing pending once all were completed");
   }),
 );

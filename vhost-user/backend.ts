@@ -177,9 +177,8 @@ export class VhostUserBackend {
     );
     this.#dirtyLogging = options.dirtyLogging ?? true;
     const stats = options.queueStats;
-    if (stats) { for (const q of this.queues) q.stats = stats(q.index); }
-    const io = options.ioStats;
-    if (io) { for (const q of this.queues) q.ioStats = io; }
+    const io = options.ioStats ?? null;
+    for (const q of this.queues) q.countInto(stats ? stats(q.index) : null, io);
     this.features = device.features | BASE_FEATURES;
     this.protocolFeatures = BASE_PROTOCOL_FEATURES | (device.protocolFeatures ?? 0n) |
       (device.getConfig ? bit(ProtocolFeature.CONFIG) : 0n) |
@@ -263,16 +262,12 @@ export class VhostUserBackend {
         return this.#setMemTable(m);
       case Request.SET_VRING_NUM: {
         const q = this.#queue(p.getUint32(0, true), "SET_VRING_NUM");
-        const num = p.getUint32(4, true);
-        if (num === 0 || num > q.maxSize || (num & (num - 1)) !== 0) {
-          throw new ProtocolError(`SET_VRING_NUM: bad queue size ${num} (max ${q.maxSize})`);
+        try {
+          q.configure(p.getUint32(4, true));
+        } catch (e) {
+          if (e instanceof RangeError) throw new ProtocolError(`SET_VRING_NUM: ${e.message}`);
+          throw e;
         }
-        if (q.inflight !== null && num > q.inflight.size) {
-          throw new ProtocolError(
-            `SET_VRING_NUM: queue size ${num} is larger than the inflight buffer's ${q.inflight.size}`,
-          );
-        }
-        q.size = num;
         this.#attach(q);
         return true;
       }
@@ -284,7 +279,7 @@ export class VhostUserBackend {
         }
         // With VHOST_VRING_F_LOG, used-ring writes are logged at the guest address QEMU gives.
         q.logUsedRingAt(a.flags & VRING_F_LOG ? a.log : -1);
-        q.addresses = { desc: a.desc, avail: a.avail, used: a.used };
+        q.setAddresses(a);
         this.#attach(q);
         // The used index lives in guest memory; after a back-end restart it is the truth.
         q.syncUsedIdx();
@@ -292,7 +287,7 @@ export class VhostUserBackend {
       }
       case Request.SET_VRING_BASE: {
         const q = this.#queue(p.getUint32(0, true), "SET_VRING_BASE");
-        q.lastAvailIdx = p.getUint32(4, true) & 0xffff;
+        q.setBase(p.getUint32(4, true));
         return true;
       }
       case Request.GET_VRING_BASE: {
@@ -377,7 +372,7 @@ export class VhostUserBackend {
         const q = this.#queue(p.getUint32(0, true), "SET_VRING_ENABLE");
         const num = p.getUint32(4, true);
         if (num > 1) throw new ProtocolError(`SET_VRING_ENABLE: bad value ${num}`);
-        q.enabled = num === 1;
+        q.enable(num === 1);
         if (q.enabled) this.serviceQueue(q.index);
         return true;
       }
@@ -432,7 +427,7 @@ export class VhostUserBackend {
           // anything: firmware (SeaBIOS) drives a disk at boot, the OS reuses that memory, and only
           // later resets the device. No ring may be read, polled or armed until the front-end
           // enables it again. The indices stay: QEMU 7.2 sends this before GET_VRING_BASE.
-          for (const q of this.queues) q.enabled = false;
+          for (const q of this.queues) q.enable(false);
         }
         this.status = status;
         return true;
@@ -521,12 +516,12 @@ export class VhostUserBackend {
     }
     const view = new DataView(this.#inflight.buffer);
     for (let i = 0; i < info.numQueues; i++) {
-      this.queues[i].inflight = new InflightRegion(view, skew + i * per, info.queueSize);
+      this.queues[i].trackInflight(new InflightRegion(view, skew + i * per, info.queueSize));
     }
   }
 
   #dropInflight(): void {
-    for (const q of this.queues) q.inflight = null;
+    for (const q of this.queues) q.trackInflight(null);
     this.#inflight?.unmap();
     this.#inflight = null;
   }
@@ -540,10 +535,9 @@ export class VhostUserBackend {
     const indirect = (v & bit(VirtioFeature.RING_INDIRECT_DESC)) !== 0n;
     const noProtocol = (v & bit(VirtioFeature.PROTOCOL_FEATURES)) === 0n;
     for (const q of this.queues) {
-      q.eventIdx = eventIdx;
-      q.indirect = indirect;
+      q.setFeatures(eventIdx, indirect);
       // Without bit 30 there is no SET_VRING_ENABLE: rings are enabled from the start.
-      if (noProtocol) q.enabled = true;
+      if (noProtocol) q.enable(true);
     }
     this.#updateLogging();
     this.device.setFeatures?.(v);
@@ -756,8 +750,7 @@ export class VhostUserBackend {
 
   #stop(q: SplitQueue): void {
     if (q.kickFd >= 0) this.#watcher.unwatchKick(q.kickFd);
-    q.setKickFd(-1);
-    q.started = false;
+    q.stop();
   }
 
   /** The last running ring stopped: tell the device (after its in-flight requests completed). */
@@ -780,13 +773,13 @@ export class VhostUserBackend {
     const q = this.queues[index];
     if (!q.ready) return;
     for (;;) {
-      q.setNotification(false);
+      q.disableNotification();
       const before = q.lastAvailIdx;
       this.device.processQueue(q);
       if (q.broken || polling) break;
       // A device may leave chains available (a receive queue with nothing to send yet): when it
       // took none, stop with notifications back on instead of spinning on the same chains.
-      if (!q.setNotification(true) || q.lastAvailIdx === before) break;
+      if (!q.enableNotification() || q.lastAvailIdx === before) break;
     }
     q.notify();
     this.stopIfBroken(q.index);
@@ -828,7 +821,7 @@ export class VhostUserBackend {
   armQueues(): boolean {
     let pending = false;
     for (const q of this.queues) {
-      if (q.ready && this.polled[q.index] && q.setNotification(true)) pending = true;
+      if (q.ready && this.polled[q.index] && q.enableNotification()) pending = true;
     }
     return pending;
   }

@@ -10,8 +10,7 @@
  * @module
  */
 
-import type { DescriptorChain } from "../../ring/descriptor_chain.ts";
-import type { SplitQueue } from "../../ring/split_queue.ts";
+import type { DescriptorChain, Virtqueue } from "../device.ts";
 import { HDR_NUM_BUFFERS, NET_HDR_SIZE } from "./header.ts";
 
 /** Copies `n` bytes of `src` from `srcOff` into guest segment memory `dst` at `dstOff`. */
@@ -104,7 +103,7 @@ export class RxWriter {
    * looked). Either way NO_BUFFERS is returned.
    */
   deliver(
-    q: SplitQueue,
+    q: Virtqueue,
     staging: Uint8Array,
     frameLen: number,
     hdrLen: number,

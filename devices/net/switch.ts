@@ -35,8 +35,6 @@
 
 import { getLogger } from "../../log/mod.ts";
 import type { DeviceEventLoop, DeviceMetrics, VirtioDevice, Virtqueue } from "../device.ts";
-import type { SplitQueue } from "../../ring/split_queue.ts";
-import { signalEventFd } from "../../sys/event.ts";
 import { closeQuietly } from "../../sys/libc.ts";
 import { readFrame, writeFrame } from "../../sys/tap.ts";
 import { Delivery, gatherTx, RxWriter } from "./frame_io.ts";
@@ -499,8 +497,7 @@ export class SwitchPort implements VirtioDevice {
   }
 
   /** TX: forward what the guest sent. RX kicks need nothing: frames are pushed when they come. */
-  processQueue(queue: Virtqueue): void {
-    const q = queue as SplitQueue;
+  processQueue(q: Virtqueue): void {
     if (q.index !== 1) return;
     if (this.#yielded) {
       this.#yielded = false;
@@ -522,16 +519,13 @@ export class SwitchPort implements VirtioDevice {
       sw.forward(this.port, frameLen, now);
     }
     sw.flushNotifications();
-    if (q.hasAvailable() && q.kickFd >= 0) {
-      // Budget spent: let the loop serve other ports, then come back through our kick fd.
-      this.#yielded = true;
-      signalEventFd(q.kickFd);
-    }
+    // Budget spent: let the loop serve other ports, then come back as if kicked.
+    if (q.hasAvailable() && q.kickSelf()) this.#yielded = true;
   }
 
   /** Puts a staged frame on this guest's receive queue, or drops and counts it. */
   receive(staging: Uint8Array, frameLen: number, rx: RxWriter): void {
-    const q = this.#loop?.queue(0) as SplitQueue | null | undefined;
+    const q = this.#loop?.queue(0);
     if (!q) {
       this.counters.rxDropped++;
       return;

@@ -20,8 +20,6 @@
 
 import { getLogger, type Logger } from "../../log/mod.ts";
 import type { DeviceEventLoop, DeviceMetrics, VirtioDevice, Virtqueue } from "../device.ts";
-import type { SplitQueue } from "../../ring/split_queue.ts";
-import { signalEventFd } from "../../sys/event.ts";
 import { IoVec } from "../../sys/io.ts";
 import { closeQuietly, Errno, errno, libc } from "../../sys/libc.ts";
 import {
@@ -218,8 +216,7 @@ export class NetTapDevice implements VirtioDevice {
   }
 
   /** RX queue kicked: the guest posted buffers. TX queue kicked: frames to send. */
-  processQueue(queue: Virtqueue): void {
-    const q = queue as SplitQueue;
+  processQueue(q: Virtqueue): void {
     const pair = this.#pairs[q.index >> 1];
     if (pair === undefined) return;
     if ((q.index & 1) === 0) {
@@ -234,7 +231,7 @@ export class NetTapDevice implements VirtioDevice {
     this.#transmit(pair, q);
   }
 
-  #transmit(pair: QueuePair, q: SplitQueue): void {
+  #transmit(pair: QueuePair, q: Virtqueue): void {
     const iov = this.#iov;
     for (let n = 0; n < TX_BUDGET; n++) {
       const chain = q.pop();
@@ -253,17 +250,14 @@ export class NetTapDevice implements VirtioDevice {
       q.push(chain, 0);
     }
     // Budget spent with chains left: come back through the kick fd after the other ready fds.
-    if (q.hasAvailable() && q.kickFd >= 0) {
-      this.#yielded[q.index] = true;
-      signalEventFd(q.kickFd);
-    }
+    if (q.hasAvailable() && q.kickSelf()) this.#yielded[q.index] = true;
   }
 
   /** Moves frames from the TAP to the guest until either runs out or the budget is spent. */
-  #receive(pair: QueuePair, q: SplitQueue | null): void {
+  #receive(pair: QueuePair, q: Virtqueue | null): void {
     const loop = this.#loop!;
     const rxIndex = pair.rxIndex;
-    q ??= loop.queue(rxIndex) as SplitQueue | null;
+    q ??= loop.queue(rxIndex);
     let delivered = 0;
     for (let n = 0; n < RX_BUDGET; n++) {
       if (pair.pending === 0) {
@@ -303,7 +297,7 @@ export class NetTapDevice implements VirtioDevice {
         // Ask for a kick when the guest posts more (the used event is then where we stopped);
         // if it already did meanwhile, carry on at once: that kick would never come. (A ring
         // that claims more chains than it has is broken by now, caught above: no spinning.)
-        if (q.setNotification(true)) {
+        if (q.enableNotification()) {
           n--;
           continue;
         }

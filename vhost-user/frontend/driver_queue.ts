@@ -15,11 +15,29 @@ import { createEventFd, drainEventFd, Epoll, signalEventFd } from "../../sys/eve
 import { closeQuietly } from "../../sys/libc.ts";
 import type { VringAddr } from "../message.ts";
 import type { GuestBuffer, GuestRam } from "./memory.ts";
-
-const F_NEXT = 1;
-const F_WRITE = 2;
-const F_INDIRECT = 4;
-const USED_F_NO_NOTIFY = 1;
+import {
+  AVAIL_ALIGN,
+  availEntry,
+  availEventOffset,
+  availRingSize,
+  DESC_ADDR,
+  DESC_ALIGN,
+  DESC_FLAGS,
+  DESC_LEN,
+  DESC_SIZE,
+  descTableSize,
+  MAX_QUEUE_SIZE,
+  RING_FLAGS,
+  RING_IDX,
+  USED_ELEM_LEN,
+  usedElem,
+  usedEventOffset,
+  usedRingSize,
+  VIRTQ_DESC_F_INDIRECT as F_INDIRECT,
+  VIRTQ_DESC_F_NEXT as F_NEXT,
+  VIRTQ_DESC_F_WRITE as F_WRITE,
+  VRING_USED_F_NO_NOTIFY as USED_F_NO_NOTIFY,
+} from "../../ring/layout.ts";
 
 /** One buffer of a chain. */
 export interface Segment {
@@ -122,7 +140,7 @@ export class DriverQueue {
     this.#descOff = layout.desc.offset;
     this.#availOff = layout.avail.offset;
     this.#usedOff = layout.used.offset;
-    this.#usedEventSlot = (layout.avail.offset + 4 + 2 * layout.size) >> 1;
+    this.#usedEventSlot = (layout.avail.offset + usedEventOffset(layout.size)) >> 1;
     this.#free = new Uint16Array(layout.size);
     this.#chainLen = new Uint16Array(layout.size);
     this.#writable = new Uint32Array(layout.size);
@@ -130,9 +148,9 @@ export class DriverQueue {
     this.#epoll = new Epoll(4);
     this.#epoll.add(layout.callFd, 0);
     this.#initFree();
-    this.availIdx = this.#u16[(this.#availOff + 2) >> 1];
+    this.availIdx = this.#u16[(this.#availOff + RING_IDX) >> 1];
     this.#publishedIdx = this.availIdx;
-    this.lastUsedIdx = this.#u16[(this.#usedOff + 2) >> 1];
+    this.lastUsedIdx = this.#u16[(this.#usedOff + RING_IDX) >> 1];
   }
 
   /** Allocates the rings of queue `index` (size a power of two) in `ram`, and its eventfds. */
@@ -142,8 +160,8 @@ export class DriverQueue {
     size: number,
     options: DriverQueueOptions = {},
   ): DriverQueue {
-    if (size < 1 || size > 32768 || (size & (size - 1)) !== 0) {
-      throw new RangeError(`queue size ${size} is not a power of two up to 32768`);
+    if (size < 1 || size > MAX_QUEUE_SIZE || (size & (size - 1)) !== 0) {
+      throw new RangeError(`queue size ${size} is not a power of two up to ${MAX_QUEUE_SIZE}`);
     }
     const entries = options.indirectEntries ?? 0;
     const layout: QueueLayout = {
@@ -151,10 +169,10 @@ export class DriverQueue {
       size,
       // Alignments from virtio 1.x §2.7: 16 for the table, 2 for avail, 4 for used. Page-align the
       // table anyway, as guests do.
-      desc: ram.alloc(16 * size, 4096),
-      avail: ram.alloc(6 + 2 * size, 2),
-      used: ram.alloc(6 + 8 * size, 4096),
-      indirect: entries > 0 ? ram.alloc(16 * entries * size, 16) : null,
+      desc: ram.alloc(descTableSize(size), 4096),
+      avail: ram.alloc(availRingSize(size), AVAIL_ALIGN),
+      used: ram.alloc(usedRingSize(size), 4096),
+      indirect: entries > 0 ? ram.alloc(descTableSize(entries * size), DESC_ALIGN) : null,
       indirectEntries: entries,
       kickFd: createEventFd(),
       callFd: createEventFd(),
@@ -206,12 +224,12 @@ export class DriverQueue {
   presetIndices(idx: number): void {
     if (this.outstanding !== 0) throw new Error("requests are outstanding");
     this.availIdx = this.#publishedIdx = this.lastUsedIdx = idx & 0xffff;
-    Atomics.store(this.#u16, (this.#availOff + 2) >> 1, this.availIdx);
-    Atomics.store(this.#u16, (this.#usedOff + 2) >> 1, this.availIdx);
+    Atomics.store(this.#u16, (this.#availOff + RING_IDX) >> 1, this.availIdx);
+    Atomics.store(this.#u16, (this.#usedOff + RING_IDX) >> 1, this.availIdx);
     // used_event and avail_event as a ring that went round would have them (a fresh ring has 0
     // for both, matching index 0): otherwise the first kick decision compares with a stale 0.
     this.#u16[this.#usedEventSlot] = this.availIdx;
-    Atomics.store(this.#u16, (this.#usedOff + 4 + 8 * this.size) >> 1, this.availIdx);
+    Atomics.store(this.#u16, (this.#usedOff + availEventOffset(this.size)) >> 1, this.availIdx);
   }
 
   /** Free descriptors. */
@@ -221,45 +239,47 @@ export class DriverQueue {
 
   /** The device's used->idx as it is in memory now. */
   get usedIdx(): number {
-    return Atomics.load(this.#u16, (this.#usedOff + 2) >> 1);
+    return Atomics.load(this.#u16, (this.#usedOff + RING_IDX) >> 1);
   }
 
   /** avail->idx as published in guest memory (possibly by another thread driving this ring). */
   get publishedAvailIdx(): number {
-    return Atomics.load(this.#u16, (this.#availOff + 2) >> 1);
+    return Atomics.load(this.#u16, (this.#availOff + RING_IDX) >> 1);
   }
 
   /** used->flags (VRING_USED_F_NO_NOTIFY is bit 0). */
   get usedFlags(): number {
-    return Atomics.load(this.#u16, this.#usedOff >> 1);
+    return Atomics.load(this.#u16, (this.#usedOff + RING_FLAGS) >> 1);
   }
 
   /** avail_event, which the device writes after the used ring when EVENT_IDX is on. */
   get availEvent(): number {
-    return Atomics.load(this.#u16, (this.#usedOff + 4 + 8 * this.size) >> 1);
+    return Atomics.load(this.#u16, (this.#usedOff + availEventOffset(this.size)) >> 1);
   }
 
   #writeDesc(i: number, gpa: number, len: number, flags: number, next: number): void {
-    const w = (this.#descOff + 16 * i) >> 2;
-    this.#u32[w] = gpa >>> 0;
-    this.#u32[w + 1] = Math.floor(gpa / 4294967296);
-    this.#u32[w + 2] = len;
-    this.#u32[w + 3] = flags | (next << 16);
+    this.#writeEntry(this.#descOff + DESC_SIZE * i, gpa, len, flags, next);
   }
 
   #writeIndirect(head: number, k: number, gpa: number, len: number, flags: number, next: number) {
     const l = this.layout;
-    const w = (l.indirect!.offset + 16 * (head * l.indirectEntries + k)) >> 2;
+    const at = l.indirect!.offset + DESC_SIZE * (head * l.indirectEntries + k);
+    this.#writeEntry(at, gpa, len, flags, next);
+  }
+
+  /** Writes the descriptor at byte offset `at` of guest RAM (flags and next in one store). */
+  #writeEntry(at: number, gpa: number, len: number, flags: number, next: number): void {
+    const w = (at + DESC_ADDR) >> 2;
     this.#u32[w] = gpa >>> 0;
     this.#u32[w + 1] = Math.floor(gpa / 4294967296);
-    this.#u32[w + 2] = len;
-    this.#u32[w + 3] = flags | (next << 16);
+    this.#u32[(at + DESC_LEN) >> 2] = len;
+    this.#u32[(at + DESC_FLAGS) >> 2] = flags | (next << 16);
   }
 
   #put(head: number, count: number, writable: number): void {
     this.#chainLen[head] = count;
     this.#writable[head] = writable;
-    this.#u16[(this.#availOff + 4 + 2 * (this.availIdx & (this.size - 1))) >> 1] = head;
+    this.#u16[(this.#availOff + availEntry(this.availIdx & (this.size - 1))) >> 1] = head;
     this.availIdx = (this.availIdx + 1) & 0xffff;
     this.outstanding++;
   }
@@ -289,8 +309,8 @@ export class DriverQueue {
           last ? 0 : k + 1,
         );
       });
-      const table = l.indirect.gpa + 16 * head * l.indirectEntries;
-      this.#writeDesc(head, table, 16 * segments.length, F_INDIRECT, 0);
+      const table = l.indirect.gpa + DESC_SIZE * head * l.indirectEntries;
+      this.#writeDesc(head, table, DESC_SIZE * segments.length, F_INDIRECT, 0);
       this.#next[head] = head;
       this.#put(head, 1, writable);
       return head;
@@ -350,7 +370,7 @@ export class DriverQueue {
    */
   publish(): void {
     if (this.eventIdx) this.#u16[this.#usedEventSlot] = this.lastUsedIdx;
-    Atomics.store(this.#u16, (this.#availOff + 2) >> 1, this.availIdx);
+    Atomics.store(this.#u16, (this.#availOff + RING_IDX) >> 1, this.availIdx);
   }
 
   /**
@@ -386,9 +406,9 @@ export class DriverQueue {
    */
   poll(): number {
     if (this.usedIdx === this.lastUsedIdx) return -1;
-    const e = (this.#usedOff + 4 + 8 * (this.lastUsedIdx & (this.size - 1))) >> 2;
+    const e = (this.#usedOff + usedElem(this.lastUsedIdx & (this.size - 1))) >> 2;
     const id = this.#u32[e];
-    const len = this.#u32[e + 1];
+    const len = this.#u32[e + (USED_ELEM_LEN >> 2)];
     if (id >= this.size || this.#chainLen[id] === 0) {
       throw new UsedRingError(
         `queue ${this.index}: used element ${this.lastUsedIdx} names head ${id}, not outstanding`,
