@@ -1,7 +1,8 @@
 /**
  * The byte layout of a split virtqueue (virtio 1.x §2.7), shared by the device side
- * ({@link ../split_queue.ts}) and the front-end library's driver side, so that both read and
- * write the same offsets and neither spells them as bare numbers.
+ * (`ring/split_queue.ts`) and the front-end library's driver side
+ * (`vhost-user/frontend/driver_queue.ts`), so that both use the same offsets and neither spells
+ * them as bare numbers.
  *
  * All three parts are little-endian. The descriptor table holds `size` entries of
  * {@link DESC_SIZE} bytes; the available ring is `flags`, `idx`, `size` 16-bit heads and then

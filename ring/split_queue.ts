@@ -59,6 +59,7 @@ export {
   VRING_AVAIL_F_NO_INTERRUPT,
   VRING_USED_F_NO_NOTIFY,
 } from "./layout.ts";
+
 /**
  * Fewest descriptors a chain may use in total, direct and indirect, whatever the queue size. The
  * rule is the queue size (virtio 1.2 §2.7.5.3.1), but Linux sizes indirect tables by the device's
