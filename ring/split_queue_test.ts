@@ -499,3 +499,69 @@ Deno.test(
     }
   }),
 );
+
+Deno.test(
+  "a chain given back (unpop) is popped again; a count beyond the chains out is refused",
+  withGuest((g) => {
+    for (const head of [2, 5]) {
+      g.desc(head, DATA + head * 64, 8, VIRTQ_DESC_F_WRITE);
+      g.makeAvailable(head);
+    }
+    assert.equal(g.queue.pop()!.head, 2);
+    assert.equal(g.queue.pop()!.head, 5);
+    g.queue.unpop(1);
+    assert.equal(g.queue.pop()!.head, 5, "the chain given back comes first");
+    g.queue.pushHead(2, 8);
+    assert.throws(() => g.queue.unpop(2), RangeError, "only one chain is still out");
+    assert.throws(() => g.queue.unpop(-1), RangeError);
+    assert.throws(() => g.queue.unpop(0.5), RangeError);
+    assert.equal(g.queue.inFlight, 1, "a refused give-back changes nothing");
+    g.queue.trackInflight(
+      new InflightRegion(new DataView(new ArrayBuffer(inflightQueueSize(QSIZE))), 0, QSIZE),
+    );
+    assert.throws(() => g.queue.unpop(1), /inflight/, "inflight tracking already records it");
+  }),
+);
+
+Deno.test(
+  "used elements pushed without publishing become visible together at publishUsed",
+  withGuest((g) => {
+    for (const head of [0, 1, 2]) {
+      g.desc(head, DATA + head * 64, 8, VIRTQ_DESC_F_WRITE);
+      g.makeAvailable(head);
+    }
+    const heads = [g.queue.pop()!.head, g.queue.pop()!.head, g.queue.pop()!.head];
+    for (const head of heads) g.queue.pushHead(head, 4, false);
+    assert.equal(g.usedIdx(), 0, "the driver sees none yet");
+    g.queue.publishUsed();
+    assert.equal(g.usedIdx(), 3);
+    assert.deepEqual([0, 1, 2].map((i) => g.usedElem(i)), [[0, 4], [1, 4], [2, 4]]);
+  }),
+);
+
+Deno.test(
+  "kickSelf signals the queue's own kick fd, and reports a stopped queue",
+  withGuest((g) => {
+    assert.equal(g.queue.kickSelf(), false, "no kick fd yet");
+    const kick = createEventFd();
+    g.queue.setKickFd(kick);
+    assert.equal(g.queue.kickSelf(), true);
+    assert.equal(drainEventFd(kick), 1);
+    g.queue.stop();
+    assert.equal(g.queue.started, false);
+    assert.equal(g.queue.kickFd, -1, "stopping closes the kick fd");
+    assert.equal(g.queue.kickSelf(), false);
+  }),
+);
+
+Deno.test("configure refuses sizes the ring or the inflight region cannot hold", () => {
+  const q = new SplitQueue(0, 256);
+  for (const bad of [0, 3, 512, 2 ** 32 - 1]) {
+    assert.throws(() => q.configure(bad), RangeError, `size ${bad}`);
+  }
+  assert.equal(q.size, 0, "a refused size changes nothing");
+  q.trackInflight(new InflightRegion(new DataView(new ArrayBuffer(inflightQueueSize(64))), 0, 64));
+  assert.throws(() => q.configure(128), /larger than the inflight buffer's 64/);
+  q.configure(64);
+  assert.equal(q.size, 64);
+});
