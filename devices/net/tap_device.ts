@@ -249,7 +249,7 @@ export class NetTapDevice implements VirtioDevice {
       }
       q.push(chain, 0);
     }
-    // Budget spent with chains left: come back through the kick fd after the other ready fds.
+    // Budget spent with chains left: come back, as if kicked, after the other ready fds.
     if (q.hasAvailable() && q.kickSelf()) this.#yielded[q.index] = true;
   }
 
