@@ -360,13 +360,12 @@ export class BlkDevice implements VirtioDevice {
       const request = slot?.request ?? this.#request;
       request.parse(chain);
       const invalid = this.#check(request);
-      if (slot !== null) {
-        if (invalid === BlkStatus.OK && this.#submit(chain, request, slot)) continue;
-        uring!.release(slot);
-      }
+      if (slot !== null && invalid === BlkStatus.OK && this.#submit(chain, request, slot)) continue;
       const status = invalid !== BlkStatus.OK ? invalid : this.#execute(chain, request, queue);
+      if (status !== DEFERRED) this.#completeRequest(queue, request, status, chain);
+      // A slot whose request the synchronous engine served is free only once that is done.
+      if (slot !== null) uring!.release(slot);
       if (status === DEFERRED) break;
-      this.#completeRequest(queue, request, status, chain);
     }
     uring?.flush();
     if (this.#migrating && this.#writesSinceSync > 0) this.#syncAhead(uring);
