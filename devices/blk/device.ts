@@ -1,7 +1,8 @@
 /**
  * virtio-blk (virtio 1.x §5.2) on a raw image file or block device.
  *
- * Requests are served synchronously in the data-plane worker with `preadv`/`pwritev` whose iovecs
+ * Each request is decoded once ({@link BlkRequest}) and then executed by one of two engines: the
+ * synchronous one (`preadv`/`pwritev` in the data-plane worker) or io_uring. Either way the iovecs
  * point straight into guest memory: no copies and no allocation per request.
  *
  * @module
@@ -24,7 +25,9 @@ import { ioUringAvailable, IoUringOp } from "../../sys/io_uring.ts";
 import { monotonicMs } from "../../sys/clock.ts";
 import { diskPermissions, ImageLock } from "./image_lock.ts";
 import { type ZeroJob, ZeroJobs, type ZeroRange } from "./zero_jobs.ts";
+import { BLK_HEADER_BYTES, BlkRequest, BlkRequestType, BlkStatus } from "./request.ts";
 import type { ByteRef } from "../../ring/descriptor_chain.ts";
+import { killAfterRequests, popRequest, type TakeRequest } from "./fault.ts";
 
 /** virtio device id of a block device. */
 export const VIRTIO_ID_BLOCK = 2;
@@ -44,18 +47,7 @@ export const BlkFeature = {
   WRITE_ZEROES: 14,
 } as const;
 
-/** Request types. */
-export const BlkRequestType = {
-  IN: 0,
-  OUT: 1,
-  FLUSH: 4,
-  GET_ID: 8,
-  DISCARD: 11,
-  WRITE_ZEROES: 13,
-} as const;
-
-/** Status byte values. */
-export const BlkStatus = { OK: 0, IOERR: 1, UNSUPP: 2 } as const;
+export { BlkRequestType, BlkStatus } from "./request.ts";
 
 /** Config space layout: field offsets and the size of `struct virtio_blk_config`. */
 export const BlkConfig = {
@@ -121,7 +113,8 @@ export interface BlkOptions {
   locking?: boolean;
   /**
    * Fault injection for restart tests: SIGKILL this process right after taking the Nth request,
-   * before completing it (set from the environment variable VHOSTD_FAULT_KILL_AFTER).
+   * before completing it (set from the environment variable VHOSTD_FAULT_KILL_AFTER). It picks
+   * how requests are taken (fault.ts) when the device is built: the request path never checks it.
    */
   faultKillAfter?: number;
 }
@@ -165,16 +158,16 @@ export class BlkDevice implements VirtioDevice {
   readonly #blockSize: number;
   readonly #serial: Uint8Array;
   readonly #iov = new IoVec(1024);
-  readonly #header = new Uint8Array(16);
-  readonly #headerView = new DataView(this.#header.buffer);
+  /** The request the synchronous engine serves (io_uring slots have their own). */
+  readonly #request = new BlkRequest();
+  /** The GET_ID answer: the serial, zero-padded. */
+  readonly #id = new Uint8Array(BLK_ID_BYTES);
+  /** How requests are taken from a queue: a plain pop, unless fault injection was asked for. */
+  readonly #take: TakeRequest;
   readonly #segments = new Uint8Array(16 * MAX_DISCARD_SEGMENTS);
   readonly #segmentView = new DataView(this.#segments.buffer);
-  readonly #statusRef: ByteRef = { u8: new Uint8Array(0), offset: 0 };
   readonly #log: Logger;
   #errors = 0;
-  /** Status of the request {@link #handle} just served, for the error counter. */
-  #lastStatus: number = BlkStatus.OK;
-  #killAfter: number;
   readonly #path: string;
   readonly #lock: ImageLock | null;
   /** Why the image cannot be written now (another holder has its lock), or null. */
@@ -205,8 +198,9 @@ export class BlkDevice implements VirtioDevice {
     this.numQueues = options.queues;
     this.#capacity = Math.floor(options.sizeBytes / SECTOR);
     this.#serial = new TextEncoder().encode(options.serial).subarray(0, BLK_ID_BYTES);
+    this.#id.set(this.#serial);
     this.#log = getLogger(["vhostd", this.name]);
-    this.#killAfter = options.faultKillAfter ?? 0;
+    this.#take = options.faultKillAfter ? killAfterRequests(options.faultKillAfter) : popRequest;
     this.#path = options.path;
     this.#lock = options.null || options.locking === false
       ? null
@@ -353,23 +347,25 @@ export class BlkDevice implements VirtioDevice {
       return;
     }
     const uring = this.#uring;
+    const take = this.#take;
     for (;;) {
       const slot = uring?.take(queue) ?? null;
       if (uring !== null && slot === null) break; // throttled: resumed when a slot frees up
-      const chain = queue.pop();
+      const chain = take(queue);
       if (chain === null) {
         if (slot !== null) uring!.release(slot);
         break;
       }
-      if (this.#killAfter > 0 && --this.#killAfter === 0) Deno.kill(Deno.pid, "SIGKILL");
-      if (slot !== null) {
-        if (this.#submit(chain, slot)) continue;
-        uring!.release(slot);
-      }
-      const written = this.#handle(chain, queue);
-      if (written === DEFERRED) break;
-      if (this.#lastStatus !== BlkStatus.OK) queue.countError?.();
-      queue.push(chain, written);
+      // Decoded once, into the slot's request when io_uring may take it.
+      const request = slot?.request ?? this.#request;
+      request.parse(chain);
+      const invalid = this.#check(request);
+      if (slot !== null && invalid === BlkStatus.OK && this.#submit(chain, request, slot)) continue;
+      const status = invalid !== BlkStatus.OK ? invalid : this.#execute(chain, request, queue);
+      if (status !== DEFERRED) this.#completeRequest(queue, request, status, chain);
+      // A slot whose request the synchronous engine served is free only once that is done.
+      if (slot !== null) uring!.release(slot);
+      if (status === DEFERRED) break;
     }
     uring?.flush();
     if (this.#migrating && this.#writesSinceSync > 0) this.#syncAhead(uring);
@@ -424,59 +420,66 @@ export class BlkDevice implements VirtioDevice {
 
   /** Completes every available request with an I/O error (the image is not ours to touch). */
   #failAll(queue: Virtqueue): void {
+    const request = this.#request;
     for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
-      if (chain.writableBytes > 0) chain.writeByte(chain.writableBytes - 1, BlkStatus.IOERR);
-      queue.countError?.();
-      queue.push(chain, chain.writableBytes > 0 ? 1 : 0);
+      request.parse(chain);
+      this.#completeRequest(queue, request, BlkStatus.IOERR, chain);
     }
   }
 
   /**
-   * Prepares a read, write or flush for io_uring; false sends the request down the synchronous
-   * path instead (other types, and anything malformed, which that path reports).
+   * What a decoded request gets without being executed: an I/O error when it has no status byte or
+   * no whole header, or when a read or write falls outside the disk (or writes a read-only one);
+   * OK when an engine should execute it.
    */
-  #submit(chain: DescriptorChain, slot: RequestSlot): boolean {
-    if (chain.writableBytes < 1 || chain.read(this.#header) < 16) return false;
-    const statusAt = chain.writableBytes - 1;
-    const hv = this.#headerView;
-    const type = hv.getUint32(0, true);
-    const sector = hv.getUint32(8, true) + hv.getUint32(12, true) * 4294967296;
-    switch (type) {
+  #check(request: BlkRequest): number {
+    if (!request.hasStatus) {
+      return this.#ioError("request without room for a status byte", -Errno.EINVAL);
+    }
+    if (!request.hasHeader) return BlkStatus.IOERR;
+    switch (request.type) {
       case BlkRequestType.IN:
-        if (!this.#inRange(sector, statusAt) || !chain.writableIoVec(slot.iov, 0, statusAt)) {
-          return false;
-        }
+        return this.#inRange(request.sector, request.dataBytes) ? BlkStatus.OK : BlkStatus.IOERR;
+      case BlkRequestType.OUT:
+        return this.#readOnly || !this.#inRange(request.sector, request.dataBytes)
+          ? BlkStatus.IOERR
+          : BlkStatus.OK;
+      default:
+        return BlkStatus.OK;
+    }
+  }
+
+  /**
+   * The io_uring engine: queues a checked read, write or flush; false sends the request to the
+   * synchronous engine instead (other types, and buffers with more segments than a slot holds).
+   */
+  #submit(chain: DescriptorChain, request: BlkRequest, slot: RequestSlot): boolean {
+    const bytes = request.dataBytes;
+    switch (request.type) {
+      case BlkRequestType.IN:
+        if (!chain.writableIoVec(slot.iov, 0, bytes)) return false;
         slot.op = IoUringOp.READV;
-        slot.expected = statusAt;
-        slot.writtenOnSuccess = statusAt + 1;
+        request.writtenOnSuccess = bytes + 1;
         break;
-      case BlkRequestType.OUT: {
-        const bytes = chain.readableBytes - 16;
-        if (this.#readOnly || !this.#inRange(sector, bytes)) return false;
-        if (!chain.readableIoVec(slot.iov, 16, bytes)) return false;
+      case BlkRequestType.OUT:
+        if (!chain.readableIoVec(slot.iov, BLK_HEADER_BYTES, bytes)) return false;
         slot.op = IoUringOp.WRITEV;
         this.#writesSinceSync++;
-        slot.expected = bytes;
-        slot.writtenOnSuccess = 1;
         slot.syncAfter = !this.writeCache;
         break;
-      }
       case BlkRequestType.FLUSH:
         slot.op = IoUringOp.FSYNC;
-        slot.expected = 0;
-        slot.writtenOnSuccess = 1;
         break;
       default:
         return false;
     }
-    if (!chain.writableByte(statusAt, slot.status)) return false;
-    slot.head = chain.head;
-    slot.offset = sector * SECTOR;
+    slot.expected = request.type === BlkRequestType.FLUSH ? 0 : bytes;
+    slot.offset = request.sector * SECTOR;
     this.#uring!.queue(slot);
     return true;
   }
 
-  /** Completes an io_uring request: status byte, used ring (the engine interrupts the guest). */
+  /** Completes an io_uring request (the engine then interrupts the guest). */
   #finish(slot: RequestSlot, result: number): void {
     let status: number;
     if (slot.op === IoUringOp.FSYNC) {
@@ -498,94 +501,107 @@ export class BlkDevice implements VirtioDevice {
     } else {
       status = this.#ioError(slot.op === IoUringOp.READV ? "read" : "write", result);
     }
-    slot.status.u8[slot.status.offset] = status;
     const queue = slot.queue!;
-    if (status !== BlkStatus.OK) queue.countError?.();
+    const request = slot.request;
     if (slot.op === IoUringOp.WRITEV) queue.countBytes?.(slot.expected);
     if (slot.op !== IoUringOp.FSYNC) {
       const direction = slot.op === IoUringOp.READV ? IoDirection.READ : IoDirection.WRITE;
-      queue.countIo?.(slot.head, direction, status === BlkStatus.OK ? slot.expected : 0);
+      queue.countIo?.(request.head, direction, status === BlkStatus.OK ? slot.expected : 0);
     }
-    queue.pushHead(slot.head, status === BlkStatus.OK ? slot.writtenOnSuccess : 1);
+    this.#completeRequest(queue, request, status, null);
   }
 
   /**
-   * Handles one request; returns the number of bytes written into the chain, or DEFERRED when a
+   * The synchronous engine: executes a checked request; returns its status, or DEFERRED when a
    * zeroing job completes it later.
    */
-  #handle(chain: DescriptorChain, queue: Virtqueue): number {
-    this.#lastStatus = BlkStatus.IOERR;
-    if (chain.writableBytes < 1) {
-      this.#ioError("request without room for a status byte", -Errno.EINVAL);
-      return 0;
-    }
-    const statusAt = chain.writableBytes - 1;
-    if (chain.read(this.#header) < 16) {
-      chain.writeByte(statusAt, BlkStatus.IOERR);
-      return 1;
-    }
-    const hv = this.#headerView;
-    const type = hv.getUint32(0, true);
-    const sector = hv.getUint32(8, true) + hv.getUint32(12, true) * 4294967296;
-    let status: number = BlkStatus.OK;
-    let written = 1;
-    switch (type) {
-      case BlkRequestType.IN:
-        status = this.#read(chain, sector, statusAt);
-        if (status === BlkStatus.OK) written = statusAt + 1;
-        queue.countIo?.(chain.head, IoDirection.READ, status === BlkStatus.OK ? statusAt : 0);
-        break;
+  #execute(chain: DescriptorChain, request: BlkRequest, queue: Virtqueue): number {
+    const bytes = request.dataBytes;
+    switch (request.type) {
+      case BlkRequestType.IN: {
+        const status = this.#read(chain, request);
+        if (status === BlkStatus.OK) request.writtenOnSuccess = bytes + 1;
+        queue.countIo?.(chain.head, IoDirection.READ, status === BlkStatus.OK ? bytes : 0);
+        return status;
+      }
       case BlkRequestType.OUT: {
-        const bytes = chain.readableBytes - 16;
-        status = this.#write(chain, sector, bytes);
+        const status = this.#write(chain, request);
         queue.countIo?.(chain.head, IoDirection.WRITE, status === BlkStatus.OK ? bytes : 0);
-        break;
+        return status;
       }
       case BlkRequestType.FLUSH:
-        status = this.#status(this.#flush(), "flush");
-        break;
+        return this.#status(this.#flush(), "flush");
       case BlkRequestType.GET_ID: {
-        const id = new Uint8Array(BLK_ID_BYTES);
-        id.set(this.#serial);
-        written = chain.write(id.subarray(0, Math.min(BLK_ID_BYTES, statusAt))) + 1;
-        break;
+        // A buffer shorter than the ID gets its start (the one view made, for a rare request).
+        const id = bytes >= BLK_ID_BYTES ? this.#id : this.#id.subarray(0, bytes);
+        request.writtenOnSuccess = chain.write(id) + 1;
+        return BlkStatus.OK;
       }
       case BlkRequestType.DISCARD:
-        status = this.#discard(chain);
-        break;
-      case BlkRequestType.WRITE_ZEROES: {
-        const st = this.#writeZeroes(chain, queue, statusAt);
-        if (st === DEFERRED) return DEFERRED;
-        status = st;
-        break;
-      }
+        return this.#discard(chain, request);
+      case BlkRequestType.WRITE_ZEROES:
+        return this.#writeZeroes(chain, request, queue);
       default:
-        status = BlkStatus.UNSUPP;
+        return BlkStatus.UNSUPP;
     }
-    chain.writeByte(statusAt, status);
-    this.#lastStatus = status;
-    return written;
+  }
+
+  /**
+   * Where every request ends, whichever engine served it: the status byte, the error counter and
+   * the used ring. `chain` is the request's chain while the queue has not popped another (the
+   * synchronous engine); requests completed later (io_uring, zeroing jobs) give only the head.
+   */
+  #complete(
+    queue: Virtqueue,
+    status: number,
+    statusByte: ByteRef | null,
+    written: number,
+    chain: DescriptorChain | null,
+    head: number,
+  ): void {
+    if (statusByte !== null) statusByte.u8[statusByte.offset] = status;
+    if (status !== BlkStatus.OK) queue.countError?.();
+    if (chain !== null) queue.push(chain, written);
+    else queue.pushHead(head, written);
+  }
+
+  /** {@link #complete} for a decoded request: a failed one reports its status byte alone. */
+  #completeRequest(
+    queue: Virtqueue,
+    request: BlkRequest,
+    status: number,
+    chain: DescriptorChain | null,
+  ): void {
+    const written = !request.hasStatus ? 0 : status === BlkStatus.OK ? request.writtenOnSuccess : 1;
+    this.#complete(
+      queue,
+      status,
+      request.hasStatus ? request.status : null,
+      written,
+      chain,
+      request.head,
+    );
   }
 
   #inRange(sector: number, bytes: number): boolean {
     return bytes % SECTOR === 0 && sector + bytes / SECTOR <= this.#capacity;
   }
 
-  #read(chain: DescriptorChain, sector: number, bytes: number): number {
-    if (!this.#inRange(sector, bytes)) return BlkStatus.IOERR;
+  #read(chain: DescriptorChain, request: BlkRequest): number {
+    const bytes = request.dataBytes;
     const iov = this.#iov;
     iov.clear();
     if (!chain.writableIoVec(iov, 0, bytes)) return BlkStatus.IOERR;
-    const n = this.#storage.readv(iov, sector * SECTOR);
+    const n = this.#storage.readv(iov, request.sector * SECTOR);
     return n === bytes ? BlkStatus.OK : this.#ioError("read", n < 0 ? n : -Errno.EIO);
   }
 
-  #write(chain: DescriptorChain, sector: number, bytes: number): number {
-    if (this.#readOnly || !this.#inRange(sector, bytes)) return BlkStatus.IOERR;
+  #write(chain: DescriptorChain, request: BlkRequest): number {
+    const bytes = request.dataBytes;
     const iov = this.#iov;
     iov.clear();
-    if (!chain.readableIoVec(iov, 16, bytes)) return BlkStatus.IOERR;
-    const n = this.#storage.writev(iov, sector * SECTOR);
+    if (!chain.readableIoVec(iov, BLK_HEADER_BYTES, bytes)) return BlkStatus.IOERR;
+    const n = this.#storage.writev(iov, request.sector * SECTOR);
     this.#writesSinceSync++;
     if (n !== bytes) return this.#ioError("write", n < 0 ? n : -Errno.EIO);
     return this.writeCache
@@ -597,12 +613,12 @@ export class BlkDevice implements VirtioDevice {
    * Reads and checks the segments of a DISCARD or WRITE_ZEROES request (all of them, before any is
    * acted on); returns them, or the status that refuses the request.
    */
-  #ranges(chain: DescriptorChain, zeroes: boolean): ZeroRange[] | number {
+  #ranges(chain: DescriptorChain, request: BlkRequest, zeroes: boolean): ZeroRange[] | number {
     if (this.#readOnly) return BlkStatus.IOERR;
-    const bytes = chain.readableBytes - 16;
+    const bytes = request.dataBytes;
     const count = bytes / 16;
     if (bytes <= 0 || bytes % 16 !== 0 || count > MAX_DISCARD_SEGMENTS) return BlkStatus.UNSUPP;
-    chain.read(this.#segments.subarray(0, bytes), 16);
+    chain.read(this.#segments.subarray(0, bytes), BLK_HEADER_BYTES);
     const sv = this.#segmentView;
     const ranges: ZeroRange[] = [];
     for (let i = 0; i < count; i++) {
@@ -619,8 +635,8 @@ export class BlkDevice implements VirtioDevice {
     return ranges;
   }
 
-  #discard(chain: DescriptorChain): number {
-    const ranges = this.#ranges(chain, false);
+  #discard(chain: DescriptorChain, request: BlkRequest): number {
+    const ranges = this.#ranges(chain, request, false);
     if (typeof ranges === "number") return ranges;
     for (const r of ranges) {
       const st = this.#status(this.#storage.discard(r.offset, r.length), "discard");
@@ -630,22 +646,18 @@ export class BlkDevice implements VirtioDevice {
   }
 
   /** Zeroes the ranges in bounded steps (see zero_jobs.ts); a status, or DEFERRED. */
-  #writeZeroes(chain: DescriptorChain, queue: Virtqueue, statusAt: number): number {
-    const ranges = this.#ranges(chain, true);
+  #writeZeroes(chain: DescriptorChain, request: BlkRequest, queue: Virtqueue): number {
+    const ranges = this.#ranges(chain, request, true);
     if (typeof ranges === "number") return ranges;
     const nonEmpty = ranges.filter((r) => r.length > 0);
     if (nonEmpty.length === 0) return BlkStatus.OK;
-    if (!chain.writableByte(statusAt, this.#statusRef)) return BlkStatus.IOERR;
-    const rc = this.#zeroes.run(queue, chain.head, this.#statusRef, nonEmpty);
+    const rc = this.#zeroes.run(queue, chain.head, request.status, nonEmpty);
     return rc === null ? DEFERRED : this.#status(rc, "write zeroes");
   }
 
-  /** A zeroing job is done: its status byte, the used ring, and its queue served again. */
+  /** A zeroing job is done: its completion, and its queue served again. */
   #finishZeroes(job: ZeroJob, rc: number, resume: boolean): void {
-    const status = this.#status(rc, "write zeroes");
-    job.status.u8[job.status.offset] = status;
-    if (status !== BlkStatus.OK) job.queue.countError?.();
-    job.queue.pushHead(job.head, 1);
+    this.#complete(job.queue, this.#status(rc, "write zeroes"), job.status, 1, null, job.head);
     const loop = this.#loop;
     if (loop === null) return;
     const queue = resume ? loop.queue(job.queue.index) : null;

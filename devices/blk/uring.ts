@@ -3,8 +3,8 @@
  * queue, which is what a real disk (O_DIRECT) needs to reach its IOPS. The synchronous engine
  * serves one request at a time and is faster only when data comes from the page cache.
  *
- * Each request in flight owns a slot: the queue and head to complete, where its status byte is, and
- * its iovec array (the kernel may read it until the completion arrives). Completions arrive on an
+ * Each request in flight owns a slot: the queue to complete on, the decoded request, and its iovec
+ * array (the kernel may read it until the completion arrives). Completions arrive on an
  * eventfd in the worker's epoll loop.
  *
  * @module
@@ -15,7 +15,7 @@ import { IoVec } from "../../sys/io.ts";
 import { closeQuietly } from "../../sys/libc.ts";
 import { IoUring, IoUringOp } from "../../sys/io_uring.ts";
 import type { DeviceEventLoop, Virtqueue } from "../device.ts";
-import type { ByteRef } from "../../ring/descriptor_chain.ts";
+import { BlkRequest } from "./request.ts";
 
 /** One request in flight. */
 export class RequestSlot {
@@ -23,12 +23,8 @@ export class RequestSlot {
   readonly tag: number;
   /** The queue to complete on. */
   queue: Virtqueue | null = null;
-  /** Head of the chain. */
-  head = 0;
-  /** Where the status byte goes. */
-  readonly status: ByteRef = { u8: new Uint8Array(0), offset: 0 };
-  /** Bytes to report written into the chain when the request succeeds. */
-  writtenOnSuccess = 0;
+  /** The request it serves, decoded into this slot's own object (the device completes it). */
+  readonly request: BlkRequest = new BlkRequest();
   /** Bytes the operation must transfer (0 for a flush). */
   expected = 0;
   /** The operation (IoUringOp). */
