@@ -1,6 +1,7 @@
 /**
  * The public API: what `mod.ts` (the package's one export) offers, and what it keeps to itself.
- * Imports nothing of vhostd but `mod.ts`, as a user of the package would.
+ * Imports nothing of vhostd but `mod.ts`, as a user of the package would (and the test helper
+ * that runs a device written that way).
  *
  * @module
  */
@@ -8,6 +9,7 @@
 import assert from "node:assert/strict";
 import * as vhostd from "../mod.ts";
 import type { DescriptorChain, Virtqueue } from "../mod.ts";
+import { daemonFile, DaemonProcess, withDir } from "./helpers/daemon.ts";
 
 /** Every value `mod.ts` exports; types are checked by the compiler below. */
 const PUBLIC_VALUES = [
@@ -109,4 +111,31 @@ Deno.test("the rng example is written against mod.ts alone", async () => {
   const source = await Deno.readTextFile(new URL("../examples/rng/main.ts", import.meta.url));
   const imports = [...source.matchAll(/^import .* from "([^"]+)";$/gm)].map((m) => m[1]);
   assert.deepEqual(imports.filter((i) => !i.startsWith("node:")), ["../../mod.ts"]);
+});
+
+Deno.test("a device logs through mod.ts's getLogger in vhostd's format", async () => {
+  await withDir("vhostd-api-", async (dir) => {
+    const d = DaemonProcess.spawn(
+      [`${dir}/dev.sock`],
+      undefined,
+      false,
+      daemonFile("tests/helpers/logging_device.ts"),
+    );
+    try {
+      // The device is built in the data-plane worker, which set up logging as serveDevice asked.
+      await d.waitFor(
+        () => d.stderr.includes("hello from a device"),
+        60_000,
+        "the device's record",
+      );
+      const line = d.stderr.split("\n").find((l) => l.includes("hello from a device"))!;
+      const record = JSON.parse(line);
+      assert.equal(record.logger, "vhostd.logging-device");
+      assert.equal(record.level, "WARNING");
+      assert.equal(record.message, "built: hello from a device");
+      assert.equal(record.properties.greeting, "hello from a device");
+    } finally {
+      assert.equal(await d.stop(), 0);
+    }
+  });
 });
