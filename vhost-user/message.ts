@@ -8,6 +8,9 @@
  * @module
  */
 
+// Each member of these tables is `as const` besides the table: deno doc types a member by its own
+// initializer, and shows `number` instead of the member's value without it.
+
 /** Front-end → back-end request ids, named as in the specification. */
 export const Request = {
   GET_FEATURES: 1 as const,
