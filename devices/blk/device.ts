@@ -31,47 +31,47 @@ export const VIRTIO_ID_BLOCK = 2;
 
 /** virtio-blk feature bits. */
 export const BlkFeature = {
-  SIZE_MAX: 1 as const,
-  SEG_MAX: 2 as const,
-  GEOMETRY: 4 as const,
-  RO: 5 as const,
-  BLK_SIZE: 6 as const,
-  FLUSH: 9 as const,
-  TOPOLOGY: 10 as const,
-  CONFIG_WCE: 11 as const,
-  MQ: 12 as const,
-  DISCARD: 13 as const,
-  WRITE_ZEROES: 14 as const,
+  SIZE_MAX: 1,
+  SEG_MAX: 2,
+  GEOMETRY: 4,
+  RO: 5,
+  BLK_SIZE: 6,
+  FLUSH: 9,
+  TOPOLOGY: 10,
+  CONFIG_WCE: 11,
+  MQ: 12,
+  DISCARD: 13,
+  WRITE_ZEROES: 14,
 } as const;
 
 /** Request types. */
 export const BlkRequestType = {
-  IN: 0 as const,
-  OUT: 1 as const,
-  FLUSH: 4 as const,
-  GET_ID: 8 as const,
-  DISCARD: 11 as const,
-  WRITE_ZEROES: 13 as const,
+  IN: 0,
+  OUT: 1,
+  FLUSH: 4,
+  GET_ID: 8,
+  DISCARD: 11,
+  WRITE_ZEROES: 13,
 } as const;
 
 /** Status byte values. */
-export const BlkStatus = { OK: 0 as const, IOERR: 1 as const, UNSUPP: 2 as const } as const;
+export const BlkStatus = { OK: 0, IOERR: 1, UNSUPP: 2 } as const;
 
 /** Config space layout: field offsets and the size of `struct virtio_blk_config`. */
 export const BlkConfig = {
-  CAPACITY: 0 as const,
-  SIZE_MAX: 8 as const,
-  SEG_MAX: 12 as const,
-  BLK_SIZE: 20 as const,
-  WCE: 32 as const,
-  NUM_QUEUES: 34 as const,
-  MAX_DISCARD_SECTORS: 36 as const,
-  MAX_DISCARD_SEG: 40 as const,
-  DISCARD_SECTOR_ALIGNMENT: 44 as const,
-  MAX_WRITE_ZEROES_SECTORS: 48 as const,
-  MAX_WRITE_ZEROES_SEG: 52 as const,
-  WRITE_ZEROES_MAY_UNMAP: 56 as const,
-  SIZE: 60 as const,
+  CAPACITY: 0,
+  SIZE_MAX: 8,
+  SEG_MAX: 12,
+  BLK_SIZE: 20,
+  WCE: 32,
+  NUM_QUEUES: 34,
+  MAX_DISCARD_SECTORS: 36,
+  MAX_DISCARD_SEG: 40,
+  DISCARD_SECTOR_ALIGNMENT: 44,
+  MAX_WRITE_ZEROES_SECTORS: 48,
+  MAX_WRITE_ZEROES_SEG: 52,
+  WRITE_ZEROES_MAY_UNMAP: 56,
+  SIZE: 60,
 } as const;
 
 /** `VIRTIO_BLK_ID_BYTES`: length of the GET_ID answer. */

@@ -10,23 +10,23 @@ export const VIRTIO_ID_CONSOLE = 3;
 /** Device feature bits. */
 export const ConsoleFeature = {
   /** cols/rows in the config space are valid. */
-  SIZE: 0 as const,
+  SIZE: 0,
   /** Several ports and the control queues. */
-  MULTIPORT: 1 as const,
+  MULTIPORT: 1,
   /** The driver may write single characters to `emerg_wr` before the queues work. */
-  EMERG_WRITE: 2 as const,
+  EMERG_WRITE: 2,
 } as const;
 
 /** Control message events (`struct virtio_console_control.event`). */
 export const ControlEvent = {
-  DEVICE_READY: 0 as const,
-  PORT_ADD: 1 as const,
-  PORT_REMOVE: 2 as const,
-  PORT_READY: 3 as const,
-  CONSOLE_PORT: 4 as const,
-  RESIZE: 5 as const,
-  PORT_OPEN: 6 as const,
-  PORT_NAME: 7 as const,
+  DEVICE_READY: 0,
+  PORT_ADD: 1,
+  PORT_REMOVE: 2,
+  PORT_READY: 3,
+  CONSOLE_PORT: 4,
+  RESIZE: 5,
+  PORT_OPEN: 6,
+  PORT_NAME: 7,
 } as const;
 
 /** Size of `struct virtio_console_control` (le32 id, le16 event, le16 value). */

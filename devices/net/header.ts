@@ -12,34 +12,34 @@
 /** virtio-net feature bits (virtio 1.x §5.1.3). */
 export const NetFeature = {
   /** The device accepts frames with a partial checksum (guest → device). */
-  CSUM: 0 as const,
+  CSUM: 0,
   /** The driver accepts frames with a partial checksum (device → guest). */
-  GUEST_CSUM: 1 as const,
+  GUEST_CSUM: 1,
   /** The config space has an MTU. */
-  MTU: 3 as const,
+  MTU: 3,
   /** The driver accepts TCPv4 segmentation offload frames. */
-  GUEST_TSO4: 7 as const,
+  GUEST_TSO4: 7,
   /** The driver accepts TCPv6 segmentation offload frames. */
-  GUEST_TSO6: 8 as const,
+  GUEST_TSO6: 8,
   /** The driver accepts TSO frames with ECN. */
-  GUEST_ECN: 9 as const,
+  GUEST_ECN: 9,
   /** The device accepts TCPv4 segmentation offload frames. */
-  HOST_TSO4: 11 as const,
+  HOST_TSO4: 11,
   /** The device accepts TCPv6 segmentation offload frames. */
-  HOST_TSO6: 12 as const,
+  HOST_TSO6: 12,
   /** The device accepts TSO frames with ECN. */
-  HOST_ECN: 13 as const,
+  HOST_ECN: 13,
   /** The driver can merge receive buffers (one packet over several chains). */
-  MRG_RXBUF: 15 as const,
+  MRG_RXBUF: 15,
   /**
    * The driver can announce itself (a gratuitous ARP through its own transmit queue) when the
    * device asks, after a migration. Needs the control queue, which QEMU emulates for a
    * vhost-user device: the back-end only offers the bit, and then sees the guest's
    * announcement as an ordinary frame.
    */
-  GUEST_ANNOUNCE: 21 as const,
+  GUEST_ANNOUNCE: 21,
   /** Several queue pairs. */
-  MQ: 22 as const,
+  MQ: 22,
 } as const;
 
 /** Size of `virtio_net_hdr_v1` (and of the legacy header with MRG_RXBUF). */
