@@ -16,7 +16,9 @@
 
 import { DEFAULT_POLL_US } from "../daemon/blk.ts";
 import { parseArgs } from "node:util";
-import { type BlkOptions, runServices, type ServiceOptions } from "../mod.ts";
+import type { BlkOptions } from "../mod.ts";
+import { runServices } from "../daemon/serve.ts";
+import type { ServiceOptions } from "../daemon/service.ts";
 import { openImage } from "../devices/blk/image.ts";
 
 /** What {@link targetPlans} builds services from. */

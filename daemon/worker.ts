@@ -5,8 +5,6 @@
  * @module
  */
 
-/// <reference lib="deno.worker" />
-
 import { getLogger } from "../log/mod.ts";
 import { drainEventFd } from "../sys/event.ts";
 import type { DeviceModule, MetricSeries, VirtioDevice } from "../devices/device.ts";
@@ -62,20 +60,33 @@ export type WorkerReport =
   /** The devices refreshed, answering `requests` signals of the refresh eventfd. */
   | { type: "refreshed"; requests: number; results: RefreshResult[] };
 
-const report = (r: WorkerReport) => self.postMessage(r);
+/**
+ * The worker's global scope, as far as this module uses it. Declared here instead of by a
+ * `deno.worker` lib directive: a published package may not change its users' globals.
+ */
+interface WorkerScope {
+  postMessage(message: WorkerReport): void;
+  onmessage: ((event: MessageEvent<WorkerInit>) => void) | null;
+  close(): void;
+}
+const scope = self as unknown as WorkerScope;
 
-self.onmessage = async (event: MessageEvent<WorkerInit>) => {
+const report = (r: WorkerReport) => scope.postMessage(r);
+
+scope.onmessage = async (event: MessageEvent<WorkerInit>) => {
   const init = event.data;
   setupLogging(init.log);
   const devices: VirtioDevice[] = [];
   try {
+    // The device's module is the user's, known only at run time (deno publish warns that it
+    // cannot analyze this import; a URL needs no import map to resolve).
     const mod = (await import(init.moduleUrl)) as DeviceModule;
     for (let port = 0; port < init.listenFds.length; port++) {
       devices.push(await mod.createDevice(init.options, port));
     }
   } catch (e) {
     report({ type: "failed", message: (e as Error).message ?? String(e) });
-    self.close();
+    scope.close();
     return;
   }
   const loop = new EventLoop({ pollUs: init.pollUs });
@@ -115,7 +126,7 @@ self.onmessage = async (event: MessageEvent<WorkerInit>) => {
     } finally {
       loop.close();
       report({ type: "stopped" });
-      self.close();
+      scope.close();
     }
   }
 };

@@ -22,8 +22,58 @@ export interface ByteRef {
   offset: number;
 }
 
-/** A parsed descriptor chain: the device's view of one request. */
-export class DescriptorChain {
+/**
+ * A parsed descriptor chain: the device's view of one request. Read-only: only the queue that
+ * parsed the chain fills it, so every segment stays one the queue bounds-checked.
+ *
+ * Segment `i` is `region[i].u8[offset[i] .. offset[i] + length[i]]` (host address `address[i]`);
+ * the readable segments come first. Most devices need only the copying and iovec methods.
+ */
+export interface DescriptorChain {
+  /** Index of the head descriptor, reported back in the used ring. */
+  readonly head: number;
+  /** Number of device-readable segments (they come first). */
+  readonly readableCount: number;
+  /** Number of device-writable segments. */
+  readonly writableCount: number;
+  /** Total number of segments. */
+  readonly segmentCount: number;
+  /** Total bytes the device may read. */
+  readonly readableBytes: number;
+  /** Total bytes the device may write. */
+  readonly writableBytes: number;
+  /** Host virtual address of each segment. */
+  readonly address: ArrayLike<number>;
+  /** Length of each segment. */
+  readonly length: ArrayLike<number>;
+  /** Index of each segment's first byte in its region's views. */
+  readonly offset: ArrayLike<number>;
+  /** Guest memory region of each segment. */
+  readonly region: readonly (MemoryRegion | null)[];
+  /** Copies readable bytes starting at byte `from` into `dst`; returns how many were copied. */
+  read(dst: Uint8Array, from?: number): number;
+  /** Copies `src` into the writable space starting at byte `at`; returns how many were copied. */
+  write(src: Uint8Array, at?: number): number;
+  /** Writes one byte at offset `at` of the writable space; false if out of range. */
+  writeByte(at: number, value: number): boolean;
+  /** Points `ref` at byte `at` of the writable space (for completing later); false if none. */
+  writableByte(at: number, ref: ByteRef): boolean;
+  /** Appends the readable range [from, from+length) to `iov`; false if it does not fit. */
+  readableIoVec(iov: IoVec, from: number, length: number): boolean;
+  /** Appends the writable range [from, from+length) to `iov`; false if it does not fit. */
+  writableIoVec(iov: IoVec, from: number, length: number): boolean;
+  /** Views of the readable segments (allocates: a convenience for simple devices). */
+  readableViews(): Uint8Array[];
+  /** Views of the writable segments (allocates: a convenience for simple devices). */
+  writableViews(): Uint8Array[];
+}
+
+/**
+ * The queue's side of a {@link DescriptorChain}: one per queue, emptied and refilled by each pop
+ * while the queue bounds-checks every descriptor (so the hot path allocates nothing). Devices
+ * see it only as the read-only {@link DescriptorChain}.
+ */
+export class ParsedChain implements DescriptorChain {
   /** Index of the head descriptor, reported back in the used ring. */
   head = 0;
   /** Number of device-readable segments (they come first). */

@@ -56,7 +56,7 @@ export function latencyBucket(ms: number): number {
  * What a device's request was, for the read/write split of its metrics ({@link IoStat}): set by
  * the device when it completes a request, 0 for anything else (flushes, discards, frames).
  */
-export const IoDirection = { READ: 1, WRITE: 2 } as const;
+export const IoDirection = { READ: 1 as const, WRITE: 2 as const } as const;
 
 /**
  * Slot of each counter of one direction in a device's read/write accounting. All queues of a

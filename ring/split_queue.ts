@@ -11,7 +11,7 @@
 
 import { signalEventFd } from "../sys/event.ts";
 import { closeQuietly } from "../sys/libc.ts";
-import { DescriptorChain, MAX_SEGMENTS } from "./descriptor_chain.ts";
+import { type DescriptorChain, MAX_SEGMENTS, ParsedChain } from "./descriptor_chain.ts";
 import type { GuestMemory, MemoryRegion } from "./guest_memory.ts";
 import type { InflightRegion } from "./inflight.ts";
 import type { DirtyLog } from "./dirty_log.ts";
@@ -70,14 +70,6 @@ export {
 export const MIN_CHAIN_BUDGET = 128;
 /** Addresses from 2^53 up do not fit a number exactly; no guest memory is there. */
 const MAX_GUEST_ADDRESS_HIGH = 2 ** 21;
-
-/** A chain the guest built wrongly; the queue is stopped until the front-end resets it. */
-export class QueueError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "QueueError";
-  }
-}
 
 /** Front-end virtual addresses of the three ring parts (SET_VRING_ADDR). */
 export interface RingAddresses {
@@ -178,7 +170,7 @@ export class SplitQueue implements Virtqueue {
   #inflight: InflightRegion | null = null;
   #stats: Float64Array = new Float64Array(QUEUE_STAT_SLOTS);
   #ioStats: Float64Array = new Float64Array(IO_STAT_SLOTS);
-  readonly #chain = new DescriptorChain();
+  readonly #chain = new ParsedChain();
   #memory: GuestMemory | null = null;
   /** Where written buffers are logged during a migration (null: not logging). */
   #log: DirtyLog | null = null;
@@ -591,7 +583,7 @@ export class SplitQueue implements Virtqueue {
     if (head < this.#directionOf.length) this.#directionOf[head] = direction;
   }
 
-  #parse(head: number, chain: DescriptorChain): string | null {
+  #parse(head: number, chain: ParsedChain): string | null {
     const memory = this.#memory!;
     chain.reset(head);
     if (head >= this.#size) return `head descriptor ${head} out of range`;
@@ -714,7 +706,7 @@ export class SplitQueue implements Virtqueue {
    * A driver that rewrote them meanwhile only mislogs its own memory.
    */
   #logHead(head: number): void {
-    scratchChain ??= new DescriptorChain();
+    scratchChain ??= new ParsedChain();
     if (this.#parse(head, scratchChain) === null) this.#logChain(scratchChain);
   }
 
@@ -851,4 +843,4 @@ export class SplitQueue implements Virtqueue {
 }
 
 /** Where completions by head index are walked again for the dirty log (one per worker). */
-let scratchChain: DescriptorChain | null = null;
+let scratchChain: ParsedChain | null = null;

@@ -7,7 +7,7 @@
  */
 
 import assert from "node:assert/strict";
-import { frontend, vhostUser } from "../mod.ts";
+import { frontend } from "../mod.ts";
 
 const DEVICE = new URL("./helpers/loopback_device.ts", import.meta.url).pathname;
 const RX = 0;
@@ -38,7 +38,7 @@ async function withDevice(fn: (d: Driver) => void): Promise<void> {
   try {
     conn = await frontend.FrontendConnection.connect(sock, { retryMs: 30_000 });
     ram = frontend.GuestRam.create();
-    const { bit, ProtocolFeature, VirtioFeature } = vhostUser;
+    const { bit, ProtocolFeature, VirtioFeature } = frontend;
     const offered = conn.getFeatures();
     assert.notEqual(offered & bit(VirtioFeature.RING_EVENT_IDX), 0n, "EVENT_IDX offered");
     conn.setProtocolFeatures(conn.getProtocolFeatures() & bit(ProtocolFeature.REPLY_ACK));

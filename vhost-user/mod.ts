@@ -1,6 +1,6 @@
 /**
  * The vhost-user protocol: message codecs, one connection, the back-end state machine and its
- * server loop.
+ * server loop. Internal to vhostd (not a package export); the front-end is `./frontend/mod.ts`.
  *
  * @module
  */
@@ -9,4 +9,3 @@ export * from "./message.ts";
 export * from "./connection.ts";
 export * from "./backend.ts";
 export * from "./server.ts";
-export * as frontend from "./frontend/mod.ts";

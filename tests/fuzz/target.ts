@@ -10,7 +10,8 @@
  * @module
  */
 
-import { runServices, type ServiceOptions } from "../../mod.ts";
+import { runServices } from "../../daemon/serve.ts";
+import type { ServiceOptions } from "../../daemon/service.ts";
 import { openImage } from "../../devices/blk/image.ts";
 import type { BlkOptions } from "../../devices/blk/device.ts";
 import type { NetSwitchOptions } from "../../devices/net/switch.ts";

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { runServices } from "../../mod.ts";
+import { runServices } from "../../daemon/serve.ts";
 import { blkService } from "./target.ts";
 
 const log = { level: "info", format: "text" } as const;

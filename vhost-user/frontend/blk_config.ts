@@ -4,8 +4,7 @@
  * @module
  */
 
-import { BlkConfig, BlkFeature } from "../../devices/blk/device.ts";
-import { bit } from "../message.ts";
+import { BlkConfig } from "../../devices/blk/device.ts";
 
 /** Size QEMU 7.2's vhost-user-blk asks for: up to `write_zeroes_may_unmap` (discard and
  * write-zeroes are on by default). */
@@ -63,9 +62,4 @@ export function decodeBlkConfig(bytes: Uint8Array): BlkConfigInfo {
     maxWriteZeroesSeg: dv.getUint32(BlkConfig.MAX_WRITE_ZEROES_SEG, true),
     writeZeroesMayUnmap: dv.getUint8(BlkConfig.WRITE_ZEROES_MAY_UNMAP),
   };
-}
-
-/** Whether the feature word offers (or acks) virtio-blk feature `name`. */
-export function hasBlkFeature(features: bigint, name: keyof typeof BlkFeature): boolean {
-  return (features & bit(BlkFeature[name])) !== 0n;
 }

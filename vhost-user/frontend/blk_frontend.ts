@@ -35,10 +35,10 @@ import { DEFAULT_LAYOUT, GuestRam, type RegionLayout } from "./memory.ts";
 
 /** virtio status bits. */
 export const DeviceStatus = {
-  ACKNOWLEDGE: 1,
-  DRIVER: 2,
-  DRIVER_OK: 4,
-  FEATURES_OK: 8,
+  ACKNOWLEDGE: 1 as const,
+  DRIVER: 2 as const,
+  DRIVER_OK: 4 as const,
+  FEATURES_OK: 8 as const,
 } as const;
 
 /** The virtio-blk feature bits this driver understands (QEMU 7.2's `user_feature_bits`, in part). */

@@ -19,7 +19,6 @@ import {
   decodeInflight,
   encodeMessage,
   Flags,
-  HEADER_SIZE,
   type InflightInfo,
   inflightPayload,
   type MemRegion,
@@ -447,6 +446,3 @@ export class FrontendConnection {
     this.#conn.close();
   }
 }
-
-/** Size of the message header, re-exported for tests that build headers by hand. */
-export const MESSAGE_HEADER_SIZE: number = HEADER_SIZE;

@@ -24,3 +24,22 @@ export * from "./blk_config.ts";
 export * from "./blk_driver.ts";
 export * from "./blk_frontend.ts";
 export * from "./dirty_log.ts";
+export * from "./net_driver.ts";
+export * from "./console_driver.ts";
+// The protocol's vocabulary, for speaking it by hand (FrontendConnection.query, sendBytes).
+export {
+  BackendRequest,
+  bit,
+  type ConfigAccess,
+  encodeMessage,
+  featureNames,
+  Flags,
+  type InflightInfo,
+  type MemRegion,
+  ProtocolFeature,
+  Request,
+  requestName,
+  VirtioFeature,
+  type VringAddr,
+  type VringState,
+} from "../message.ts";
