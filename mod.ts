@@ -34,7 +34,8 @@ export {
   type ServeDeviceOptions,
   type ServiceReload,
 } from "./daemon/serve.ts";
-export type { LogLevel, LogSettings } from "./daemon/log.ts";
+export type { LogLevel } from "./log/mod.ts";
+export type { LogSettings } from "./log/setup.ts";
 export type { ServiceOptions } from "./daemon/service.ts";
 export type { ServeExtras } from "./daemon/cli.ts";
 export type { MetricsAddress } from "./daemon/metrics.ts";

@@ -9,7 +9,7 @@
 
 import { parseArgs } from "node:util";
 import { getLogger } from "../log/mod.ts";
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import type { ConsoleOptions } from "../devices/console/device.ts";
 import {
   type AttachAccess,
@@ -39,7 +39,7 @@ import {
   type SocketFileMode,
 } from "../sys/socket.ts";
 import { isTerminal, makeRaw, openPty, restoreTerminal } from "../sys/pty.ts";
-import { type LogSettings, setupLogging } from "./log.ts";
+import { type LogSettings, setupLogging } from "../log/setup.ts";
 import { runServices } from "./serve.ts";
 import { bindSocket, type ServiceOptions } from "./service.ts";
 import {

@@ -6,8 +6,8 @@
  */
 
 import { parseArgs } from "node:util";
-import { UsageError } from "../devices/blk/image.ts";
-import type { LogSettings } from "./log.ts";
+import { UsageError } from "../sys/errors.ts";
+import type { LogSettings } from "../log/setup.ts";
 import { runServices, type ServiceReload } from "./serve.ts";
 import { logSettings, SERVE_OPTIONS_HELP, serveOptions, usage } from "./cli.ts";
 import {
