@@ -20,7 +20,7 @@ import {
 } from "./config.ts";
 import { parseMetricsAddress } from "./metrics.ts";
 import { planBlkDevice } from "./blk.ts";
-import { planConsoleDevice } from "./console.ts";
+import { planConsoleDevice } from "./console_config.ts";
 import { planNetDevice } from "./net.ts";
 
 // The device types a config file may use, one planner per type. A device kind plugs in here:
