@@ -70,7 +70,7 @@ export {
 
 // Serving a device.
 export { serveDevice, type ServeDeviceOptions } from "./daemon/serve.ts";
-export type { LogSettings } from "./daemon/log.ts";
+export type { LogSettings } from "./log/setup.ts";
 
 // Logging in vhostd's format.
 export { getLogger, type Logger, type LogLevel } from "./log/mod.ts";

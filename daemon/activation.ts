@@ -12,7 +12,7 @@
  * @module
  */
 
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { duplicateFd, listeningUnixSocketPath, setCloseOnExec } from "../sys/socket.ts";
 
 /** The first fd systemd passes (SD_LISTEN_FDS_START). */

@@ -5,9 +5,10 @@
  */
 
 import { parseArgs } from "node:util";
-import { openImage, UsageError } from "../devices/blk/image.ts";
+import { openImage } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import type { BlkOptions } from "../devices/blk/device.ts";
-import type { LogSettings } from "./log.ts";
+import type { LogSettings } from "../log/setup.ts";
 import type { ServiceOptions } from "./service.ts";
 import { runServices } from "./serve.ts";
 import {

@@ -20,9 +20,10 @@
  */
 
 import type { ServiceReload } from "./serve.ts";
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { adoptInheritedSocket } from "./activation.ts";
-import { defaultLogSettings, LOG_LEVELS, type LogSettings } from "./log.ts";
+import { LOG_LEVELS } from "../log/mod.ts";
+import { defaultLogSettings, type LogSettings } from "../log/setup.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
 import { ID_RE } from "./config.ts";
 

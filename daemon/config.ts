@@ -9,12 +9,12 @@
  * @module
  */
 
-import { UsageError } from "../devices/blk/image.ts";
-import type { LogSettings } from "./log.ts";
+import { UsageError } from "../sys/errors.ts";
+import type { LogSettings } from "../log/setup.ts";
 import { type ServiceOptions, socketPaths } from "./service.ts";
 import { type Access, parseGroup, parseMode } from "./cli.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
-import { LOG_LEVELS } from "./log.ts";
+import { LOG_LEVELS } from "../log/mod.ts";
 
 /** A config mistake; its message starts with the field's path. */
 export class ConfigError extends UsageError {

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { bindSocketFile } from "../sys/socket.ts";
 import { clearSocketPath } from "./service.ts";
 import { QueueFlag } from "./stats.ts";

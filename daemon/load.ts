@@ -12,7 +12,7 @@
 
 import { parseArgs } from "node:util";
 import { usage } from "./cli.ts";
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { BlkFrontend } from "../vhost-user/frontend/blk_frontend.ts";
 import {
   HIST_BUCKETS,

@@ -4,8 +4,8 @@
  * @module
  */
 
-import { UsageError } from "../devices/blk/image.ts";
-import { errorLine } from "./log.ts";
+import { UsageError } from "../sys/errors.ts";
+import { errorLine } from "../log/setup.ts";
 
 const HELP = `vhostd: virtio devices for QEMU over vhost-user
 

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import {
   IoDirection,
   ioSlotBase,

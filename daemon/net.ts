@@ -9,7 +9,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { formatMac, parseMac } from "../devices/net/header.ts";
 import {
   DEFAULT_FLOOD_RATE,
@@ -39,7 +39,7 @@ import {
   vmOptions,
 } from "./cli.ts";
 import { ConfigError, type DevicePlan, type PlanContext } from "./config.ts";
-import type { LogSettings } from "./log.ts";
+import type { LogSettings } from "../log/setup.ts";
 import { runServices } from "./serve.ts";
 import type { ServiceOptions } from "./service.ts";
 

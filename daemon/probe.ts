@@ -10,7 +10,7 @@
 import { parseArgs } from "node:util";
 import { usage } from "./cli.ts";
 import { BlkFeature } from "../devices/blk/device.ts";
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { SysError } from "../sys/libc.ts";
 import { FrontendConnection } from "../vhost-user/frontend/connection.ts";
 import { type BlkConfigInfo, decodeBlkConfig } from "../vhost-user/frontend/blk_config.ts";

@@ -6,8 +6,8 @@
  */
 
 import { parseArgs } from "node:util";
-import { UsageError } from "../devices/blk/image.ts";
-import type { LogSettings } from "./log.ts";
+import { UsageError } from "../sys/errors.ts";
+import type { LogSettings } from "../log/setup.ts";
 import { runServices, type ServiceReload } from "./serve.ts";
 import { logSettings, SERVE_OPTIONS_HELP, serveOptions, usage } from "./cli.ts";
 import {
@@ -20,7 +20,7 @@ import {
 } from "./config.ts";
 import { parseMetricsAddress } from "./metrics.ts";
 import { planBlkDevice } from "./blk.ts";
-import { planConsoleDevice } from "./console.ts";
+import { planConsoleDevice } from "./console_config.ts";
 import { planNetDevice } from "./net.ts";
 
 // The device types a config file may use, one planner per type. A device kind plugs in here:

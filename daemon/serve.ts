@@ -6,7 +6,7 @@
  */
 
 import { getLogger } from "../log/mod.ts";
-import { defaultLogSettings, type LogSettings, setupLogging } from "./log.ts";
+import { defaultLogSettings, type LogSettings, setupLogging } from "../log/setup.ts";
 import {
   deviceName,
   type DeviceRefresh,
@@ -23,7 +23,7 @@ import {
 } from "./metrics.ts";
 import { type ControlServer, startControlServer, statusReport } from "./control.ts";
 import { SdNotifier } from "./notify.ts";
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { adoptPassedSockets, describePassed } from "./activation.ts";
 
 /** The devices of running services, one per socket, as metrics and status see them. */

@@ -8,8 +8,8 @@
 import { createEventFd, signalEventFd } from "../sys/event.ts";
 import { closeQuietly } from "../sys/libc.ts";
 import { listenUnix, probeSocketPath } from "../sys/socket.ts";
-import { UsageError } from "../devices/blk/image.ts";
-import type { LogSettings } from "./log.ts";
+import { UsageError } from "../sys/errors.ts";
+import type { LogSettings } from "../log/setup.ts";
 import type { RefreshResult, WorkerInit, WorkerReport } from "./worker.ts";
 import type { MetricSeries } from "../devices/device.ts";
 import { allocateStats, ServiceStats } from "./stats.ts";

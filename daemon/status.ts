@@ -6,7 +6,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { usage } from "./cli.ts";
 import { CONTROL_SOCKET, controlSocketOf, readConfigFile } from "./config.ts";
 import { requestStatus, type StatusReport } from "./control.ts";

@@ -10,7 +10,7 @@ import { drainEventFd } from "../sys/event.ts";
 import type { DeviceModule, MetricSeries, VirtioDevice } from "../devices/device.ts";
 import { EventLoop } from "../vhost-user/event_loop.ts";
 import { VhostUserServer } from "../vhost-user/server.ts";
-import { type LogSettings, setupLogging } from "./log.ts";
+import { type LogSettings, setupLogging } from "../log/setup.ts";
 import { MAX_DEVICE_STATS, PortStatsWriter } from "./stats.ts";
 
 /** The first message a worker receives. */

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { configureLogging, getLogger, type LogRecord, renderMessage } from "./mod.ts";
-import { jsonLine, textLine } from "../daemon/log.ts";
+import { jsonLine, textLine } from "./setup.ts";
 
 function capture(level: "debug" | "info" | "warning"): LogRecord[] {
   const records: LogRecord[] = [];

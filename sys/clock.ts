@@ -9,7 +9,8 @@
 
 import { libc } from "./libc.ts";
 
-const CLOCK_MONOTONIC = 1;
+/** clock_gettime's and timerfd_create's monotonic clock (time since boot, never set back). */
+export const CLOCK_MONOTONIC = 1;
 /** struct timespec: tv_sec (i64) then tv_nsec (i64), read as i32 halves: both fit. */
 const ts = new Int32Array(4);
 

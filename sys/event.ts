@@ -7,11 +7,14 @@
  * @module
  */
 
-import { check, closeQuietly, Errno, errno, libc, SysError } from "./libc.ts";
+import { check, closeQuietly, Errno, errno, libc, O, SysError } from "./libc.ts";
+import { CLOCK_MONOTONIC } from "./clock.ts";
 
-const EFD_CLOEXEC = 0o2000000;
-const EFD_NONBLOCK = 0o4000;
-const EPOLL_CLOEXEC = 0o2000000;
+// The kernel defines the CLOEXEC and NONBLOCK flags of eventfd, epoll and timerfd as O_CLOEXEC
+// and O_NONBLOCK.
+const EFD_CLOEXEC = O.CLOEXEC;
+const EFD_NONBLOCK = O.NONBLOCK;
+const EPOLL_CLOEXEC = O.CLOEXEC;
 const EPOLL_CTL_ADD = 1;
 const EPOLL_CTL_DEL = 2;
 
@@ -49,9 +52,8 @@ export function drainEventFd(fd: number): number {
   return Number(scratch[0]);
 }
 
-const CLOCK_MONOTONIC = 1;
-const TFD_CLOEXEC = 0o2000000;
-const TFD_NONBLOCK = 0o4000;
+const TFD_CLOEXEC = O.CLOEXEC;
+const TFD_NONBLOCK = O.NONBLOCK;
 const timerSpec = new BigInt64Array(4);
 
 /**

@@ -6,14 +6,11 @@
  * @module
  */
 
-import { errno, libc, SysError } from "./libc.ts";
+import { errno, F, libc, SEEK, SysError } from "./libc.ts";
 
-const F_OFD_GETLK = 36;
-const F_OFD_SETLK = 37;
 const F_RDLCK = 0;
 const F_WRLCK = 1;
 const F_UNLCK = 2;
-const SEEK_SET = 0;
 
 // struct flock on x86-64: short l_type, short l_whence, (pad), off_t l_start, off_t l_len,
 // pid_t l_pid, (pad): 32 bytes.
@@ -23,7 +20,7 @@ const view = new DataView(flock.buffer);
 function setFlock(type: number, start: number, length: number): void {
   flock.fill(0);
   view.setInt16(0, type, true);
-  view.setInt16(2, SEEK_SET, true);
+  view.setInt16(2, SEEK.SET, true);
   view.setBigInt64(8, BigInt(start), true);
   view.setBigInt64(16, BigInt(length), true);
 }
@@ -31,7 +28,7 @@ function setFlock(type: number, start: number, length: number): void {
 /** Takes a shared (read) lock on `length` bytes at `start`; false if another holder prevents it. */
 export function sharedLock(fd: number, start: number, length = 1): boolean {
   setFlock(F_RDLCK, start, length);
-  if (libc.fcntl_lock(fd, F_OFD_SETLK, flock) === 0) return true;
+  if (libc.fcntl_lock(fd, F.OFD_SETLK, flock) === 0) return true;
   const err = errno();
   if (err === 11 /* EAGAIN */ || err === 13 /* EACCES */) return false;
   throw new SysError("fcntl(F_OFD_SETLK)", err);
@@ -40,7 +37,7 @@ export function sharedLock(fd: number, start: number, length = 1): boolean {
 /** Releases the lock on `length` bytes at `start` (held or not). */
 export function unlock(fd: number, start: number, length = 1): void {
   setFlock(F_UNLCK, start, length);
-  libc.fcntl_lock(fd, F_OFD_SETLK, flock);
+  libc.fcntl_lock(fd, F.OFD_SETLK, flock);
 }
 
 /**
@@ -49,7 +46,7 @@ export function unlock(fd: number, start: number, length = 1): void {
  */
 export function lockedByOthers(fd: number, start: number, length = 1): boolean {
   setFlock(F_WRLCK, start, length);
-  if (libc.fcntl_lock(fd, F_OFD_GETLK, flock) !== 0) {
+  if (libc.fcntl_lock(fd, F.OFD_GETLK, flock) !== 0) {
     throw new SysError("fcntl(F_OFD_GETLK)", errno());
   }
   return view.getInt16(0, true) !== F_UNLCK;

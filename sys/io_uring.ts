@@ -6,7 +6,7 @@
  * @module
  */
 
-import { closeQuietly, errno, SysError } from "./libc.ts";
+import { closeQuietly, errno, libc, SysError } from "./libc.ts";
 import { Mapping } from "./mman.ts";
 import type { IoVec } from "./io.ts";
 
@@ -23,20 +23,6 @@ const IORING_FSYNC_DATASYNC = 1;
 
 /** io_uring operation codes used here. */
 export const IoUringOp = { READV: 1, WRITEV: 2, FSYNC: 3 } as const;
-
-const sys = Deno.dlopen("libc.so.6", {
-  setup: { name: "syscall", parameters: ["i64", "u32", "buffer"], result: "i64" },
-  enter: {
-    name: "syscall",
-    parameters: ["i64", "i32", "u32", "u32", "u32", "pointer", "usize"],
-    result: "i64",
-  },
-  register: {
-    name: "syscall",
-    parameters: ["i64", "i32", "u32", "buffer", "u32"],
-    result: "i64",
-  },
-}).symbols;
 
 /** One completion. */
 export interface Completion {
@@ -74,7 +60,7 @@ export class IoUring {
   constructor(entries: number) {
     const p = new Uint8Array(120);
     const pv = new DataView(p.buffer);
-    const fd = Number(sys.setup(SYS_IO_URING_SETUP, entries, p));
+    const fd = Number(libc.io_uring_setup(SYS_IO_URING_SETUP, entries, p));
     if (fd < 0) throw new SysError("io_uring_setup", errno());
     this.fd = fd;
     this.entries = pv.getUint32(0, true);
@@ -114,7 +100,7 @@ export class IoUring {
   /** Signals `eventFd` whenever completions are posted. */
   registerEventFd(eventFd: number): void {
     const rc = Number(
-      sys.register(
+      libc.io_uring_register(
         SYS_IO_URING_REGISTER,
         this.fd,
         IORING_REGISTER_EVENTFD,
@@ -167,7 +153,7 @@ export class IoUring {
     this.#pending = 0;
     let done = 0;
     while (done < n) {
-      const rc = Number(sys.enter(SYS_IO_URING_ENTER, this.fd, n - done, 0, 0, null, 0n));
+      const rc = Number(libc.io_uring_enter(SYS_IO_URING_ENTER, this.fd, n - done, 0, 0, null, 0n));
       if (rc < 0) {
         const err = errno();
         if (err === 4 || err === 11 || err === 16) continue; // EINTR, EAGAIN, EBUSY
@@ -181,7 +167,7 @@ export class IoUring {
   wait(min: number): void {
     for (;;) {
       const rc = Number(
-        sys.enter(SYS_IO_URING_ENTER, this.fd, 0, min, IORING_ENTER_GETEVENTS, null, 0n),
+        libc.io_uring_enter(SYS_IO_URING_ENTER, this.fd, 0, min, IORING_ENTER_GETEVENTS, null, 0n),
       );
       if (rc >= 0) return;
       const err = errno();

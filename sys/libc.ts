@@ -44,6 +44,8 @@ const symbols = {
   fstat: { parameters: ["i32", "buffer"], result: "i32" },
   fcntl_lock: { name: "fcntl", parameters: ["i32", "i32", "buffer"], result: "i32" },
   ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+  // ioctl with its argument by value (TUNSETOFFLOAD), which the pointer form above cannot pass.
+  ioctl_value: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32" },
   mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "pointer" },
   munmap: { parameters: ["pointer", "usize"], result: "i32" },
   memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
@@ -70,9 +72,28 @@ const symbols = {
   tcgetattr: { parameters: ["i32", "buffer"], result: "i32" },
   tcsetattr: { parameters: ["i32", "i32", "buffer"], result: "i32" },
   cfmakeraw: { parameters: ["buffer"], result: "void" },
+  // glibc has no io_uring wrappers: syscall(2) with each call's argument list, the system call
+  // number first (see io_uring.ts).
+  io_uring_setup: { name: "syscall", parameters: ["i64", "u32", "buffer"], result: "i64" },
+  io_uring_enter: {
+    name: "syscall",
+    parameters: ["i64", "i32", "u32", "u32", "u32", "pointer", "usize"],
+    result: "i64",
+  },
+  io_uring_register: {
+    name: "syscall",
+    parameters: ["i64", "i32", "u32", "buffer", "u32"],
+    result: "i64",
+  },
+  // Only the tests make pipes and socket pairs (tests/helpers/fds.ts); two symbols cost less than
+  // a second binding.
+  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
+// The one binding of libc: every `sys/` module (and every test that needs a raw call) uses these
+// symbols rather than opening libc again.
 const lib = Deno.dlopen("libc.so.6", symbols);
 
 /** The raw libc symbols. Prefer the checked wrappers in the other `sys/` modules. */
@@ -190,14 +211,30 @@ export function openFile(path: string, flags: number, mode = 0o644): number {
   return check(libc.open(cstring(path), flags | O.CLOEXEC, mode), "open", path);
 }
 
+/** fcntl commands from the Linux x86-64 ABI. */
+export const F = {
+  SETFD: 2,
+  GETFL: 3,
+  SETFL: 4,
+  OFD_GETLK: 36,
+  OFD_SETLK: 37,
+  DUPFD_CLOEXEC: 1030,
+} as const;
+
+/** lseek's `whence`. */
+export const SEEK = { SET: 0, END: 2 } as const;
+
 /** Size in bytes of a regular file or block device, found with lseek(SEEK_END). */
 export function fdSize(fd: number): number {
-  return check(libc.lseek(fd, 0n, 2), "lseek");
+  return check(libc.lseek(fd, 0n, SEEK.END), "lseek");
+}
+
+/** The file status flags of an fd (fcntl F_GETFL): {@link O} bits such as `O.DIRECT`. */
+export function statusFlags(fd: number): number {
+  return check(libc.fcntl(fd, F.GETFL, 0), "fcntl(F_GETFL)");
 }
 
 /** Sets O_NONBLOCK on an fd. */
 export function setNonBlocking(fd: number): void {
-  const F_GETFL = 3, F_SETFL = 4;
-  const flags = check(libc.fcntl(fd, F_GETFL, 0), "fcntl(F_GETFL)");
-  check(libc.fcntl(fd, F_SETFL, flags | O.NONBLOCK), "fcntl(F_SETFL)");
+  check(libc.fcntl(fd, F.SETFL, statusFlags(fd) | O.NONBLOCK), "fcntl(F_SETFL)");
 }

@@ -8,7 +8,6 @@
 
 import { check, closeQuietly, libc, O, openFile, SysError } from "./libc.ts";
 
-const O_NOCTTY = 0o400;
 const TCSANOW = 0;
 const TIOCGWINSZ = 0x5413n;
 const TIOCSWINSZ = 0x5414n;
@@ -38,7 +37,7 @@ export interface Pty {
  */
 export function openPty(): Pty {
   const master = check(
-    libc.posix_openpt(O.RDWR | O_NOCTTY | O.CLOEXEC | O.NONBLOCK),
+    libc.posix_openpt(O.RDWR | O.NOCTTY | O.CLOEXEC | O.NONBLOCK),
     "posix_openpt",
   );
   let slave = -1;
@@ -49,7 +48,7 @@ export function openPty(): Pty {
     const rc = libc.ptsname_r(master, name, BigInt(name.length));
     if (rc !== 0) throw new SysError("ptsname_r", rc);
     const path = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
-    slave = openFile(path, O.RDWR | O_NOCTTY);
+    slave = openFile(path, O.RDWR | O.NOCTTY);
     // grantpt leaves the slave writable by group tty (for write(1) and wall); nobody but the
     // daemon's user is meant to type into a guest's console through it.
     check(libc.fchmod(slave, 0o600), "fchmod", path);

@@ -7,19 +7,39 @@
  * @module
  */
 
-import { check, closeQuietly, cstring, Errno, errno, libc, O, openFile, SysError } from "./libc.ts";
+import {
+  check,
+  closeQuietly,
+  cstring,
+  Errno,
+  errno,
+  F,
+  libc,
+  O,
+  openFile,
+  SysError,
+} from "./libc.ts";
 
-const AF_UNIX = 1;
-const SOCK_STREAM = 1;
-const SOCK_DGRAM = 2;
-const SOCK_CLOEXEC = 0o2000000;
+/** Address family of Unix sockets. */
+export const AF_UNIX = 1;
+/** Socket type: a byte stream. */
+export const SOCK_STREAM = 1;
+/** Socket type: datagrams. */
+export const SOCK_DGRAM = 2;
+/** Socket type: datagrams in order over a connection (one frame per read, as a TAP fd gives). */
+export const SOCK_SEQPACKET = 5;
+/** Socket type flag: the socket is nonblocking from the start (O_NONBLOCK). */
+export const SOCK_NONBLOCK = O.NONBLOCK;
+/** Socket type flag: the socket is close-on-exec from the start (O_CLOEXEC). */
+export const SOCK_CLOEXEC = O.CLOEXEC;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
 const SO_PEERCRED = 17;
 const SO_RCVTIMEO = 20;
 const SO_SNDTIMEO = 21;
 const MSG_PEEK = 0x2;
-const MSG_DONTWAIT = 0x40;
+/** Send or receive flag: do not block, whatever the socket's own mode. */
+export const MSG_DONTWAIT = 0x40;
 const MSG_CTRUNC = 0x8;
 const MSG_WAITALL = 0x100;
 const MSG_NOSIGNAL = 0x4000;
@@ -553,16 +573,14 @@ export function listeningUnixSocketPath(fd: number): string | null {
   return new TextDecoder().decode(end < 0 ? path : path.subarray(0, end));
 }
 
-const F_DUPFD_CLOEXEC = 1030;
-const F_SETFD = 2;
 const FD_CLOEXEC = 1;
 
 /** A close-on-exec copy of `fd` (numbered 3 or above). */
 export function duplicateFd(fd: number): number {
-  return check(libc.fcntl(fd, F_DUPFD_CLOEXEC, 3), "fcntl(F_DUPFD_CLOEXEC)");
+  return check(libc.fcntl(fd, F.DUPFD_CLOEXEC, 3), "fcntl(F_DUPFD_CLOEXEC)");
 }
 
 /** Marks `fd` close-on-exec: an inherited fd must not leak on into processes we start. */
 export function setCloseOnExec(fd: number): void {
-  check(libc.fcntl(fd, F_SETFD, FD_CLOEXEC), "fcntl(F_SETFD)");
+  check(libc.fcntl(fd, F.SETFD, FD_CLOEXEC), "fcntl(F_SETFD)");
 }

@@ -42,15 +42,6 @@ export const TUN_F_TSO_ECN = 0x08;
 /** Longest interface name the kernel accepts (IFNAMSIZ - 1). */
 export const MAX_IFNAME = 15;
 
-// TUNSETOFFLOAD takes its argument by value, which the shared `ioctl(int, u64, buffer)` binding
-// cannot express; this one passes it as an integer.
-const tapLib = Deno.dlopen(
-  "libc.so.6",
-  {
-    ioctl: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32" },
-  } as const,
-);
-
 /** An open TAP interface: one nonblocking fd per queue. */
 export class TapDevice {
   /** The interface name. */
@@ -154,7 +145,7 @@ export function setVnetHeaderSize(fd: number, size: number): void {
 
 /** TUNSETOFFLOAD on one fd. */
 export function setOffload(fd: number, flags: number): void {
-  if (tapLib.symbols.ioctl(fd, TUNSETOFFLOAD, BigInt(flags)) < 0) {
+  if (libc.ioctl_value(fd, TUNSETOFFLOAD, BigInt(flags)) < 0) {
     throw new SysError("ioctl(TUNSETOFFLOAD)", errno());
   }
 }

@@ -16,7 +16,7 @@ import {
 } from "./helpers/attach.ts";
 import { ConsoleDriver } from "../vhost-user/frontend/console_driver.ts";
 import { ControlEvent } from "../devices/console/mod.ts";
-import { parseAttach } from "../daemon/console.ts";
+import { parseAttach } from "../daemon/console_plan.ts";
 import { setWindowSize } from "../sys/pty.ts";
 
 const enc = new TextEncoder();

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { openFdCount } from "./helpers/daemon.ts";
 import { BlkStatus } from "../devices/blk/device.ts";
-import { UsageError } from "../devices/blk/image.ts";
+import { UsageError } from "../sys/errors.ts";
 import { Flags, Request, u64Payload } from "../vhost-user/message.ts";
 import {
   BlkFrontend,

@@ -27,6 +27,8 @@ import type { NetSwitchOptions } from "../devices/net/switch.ts";
 import { DATA_VALID, NEEDS_CSUM, NET_HDR_SIZE } from "../devices/net/header.ts";
 import { Epoll } from "../sys/event.ts";
 import { closeQuietly } from "../sys/libc.ts";
+import { SOCK_NONBLOCK, SOCK_SEQPACKET } from "../sys/socket.ts";
+import { createSocketPair } from "./helpers/fds.ts";
 import { readFrame, writeFrame } from "../sys/tap.ts";
 import {
   decodeNetHeader,
@@ -34,18 +36,6 @@ import {
   NetDriver,
   type NetHeader,
 } from "../vhost-user/frontend/net_driver.ts";
-
-const AF_UNIX = 1;
-const SOCK_SEQPACKET = 5;
-const SOCK_NONBLOCK = 0x800;
-const SOCK_CLOEXEC = 0x80000;
-
-const pairLib = Deno.dlopen(
-  "libc.so.6",
-  {
-    socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
-  } as const,
-);
 
 /** The wire end of the uplink: frames in and out with their 12-byte headers. */
 class Wire {
@@ -97,14 +87,7 @@ async function withUplinkSwitch(
   fn: (a: NetDriver, b: NetDriver, wire: Wire) => void,
 ): Promise<void> {
   await withDir("vhostd-uplink-", async (dir) => {
-    const fds = new Int32Array(2);
-    const rc = pairLib.symbols.socketpair(
-      AF_UNIX,
-      SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC,
-      0,
-      new Uint8Array(fds.buffer),
-    );
-    assert.equal(rc, 0, "socketpair");
+    const fds = createSocketPair(SOCK_SEQPACKET | SOCK_NONBLOCK);
     const wire = new Wire(fds[0]);
     const options: NetSwitchOptions = {
       kind: "switch",

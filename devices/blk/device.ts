@@ -18,7 +18,7 @@ import {
 } from "../device.ts";
 import { bit, ProtocolFeature } from "../../vhost-user/message.ts";
 import { IoVec } from "../../sys/io.ts";
-import { Errno, libc, O } from "../../sys/libc.ts";
+import { Errno, O, statusFlags } from "../../sys/libc.ts";
 import { type BlockBackend, FileBackend, NullBackend } from "./backend.ts";
 import { type RequestSlot, UringEngine, type UringOwner } from "./uring.ts";
 import { ioUringAvailable, IoUringOp } from "../../sys/io_uring.ts";
@@ -127,8 +127,7 @@ const URING_DEPTH = 256;
  * synchronous engine otherwise (from the page cache a preadv is about a microsecond).
  */
 function defaultEngine(fd: number): "sync" | "uring" {
-  const F_GETFL = 3;
-  const direct = (libc.fcntl(fd, F_GETFL, 0) & O.DIRECT) !== 0;
+  const direct = (statusFlags(fd) & O.DIRECT) !== 0;
   return direct && ioUringAvailable() ? "uring" : "sync";
 }
 

@@ -6,14 +6,7 @@
  */
 
 import { closeQuietly, fdSize, O, openFile, SysError } from "../../sys/libc.ts";
-
-/** A problem with the user's input: reported as one line, exit code 2. */
-export class UsageError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "UsageError";
-  }
-}
+import { UsageError } from "../../sys/errors.ts";
 
 /** An opened image. */
 export interface OpenImage {

@@ -12,7 +12,7 @@
 import { getLogger, type Logger } from "../../log/mod.ts";
 import { rateLimited } from "../../log/rate_limit.ts";
 import { closeQuietly, Errno, errno, libc, setNonBlocking } from "../../sys/libc.ts";
-import { type LogSettings, setupLogging } from "../../daemon/log.ts";
+import { type LogSettings, setupLogging } from "../../log/setup.ts";
 import { EventLoop } from "../../vhost-user/event_loop.ts";
 import { Acceptor, refuse } from "./acceptor.ts";
 import { PeerPolicy } from "./peer_policy.ts";

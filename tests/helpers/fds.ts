@@ -6,30 +6,25 @@
  * @module
  */
 
-import { check } from "../../sys/libc.ts";
+import { check, libc, O } from "../../sys/libc.ts";
 import { createEventFd } from "../../sys/event.ts";
 import { createMemfd } from "../../sys/mman.ts";
-
-const lib = Deno.dlopen("libc.so.6", {
-  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
-  socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
-});
-
-const O_CLOEXEC = 0o2000000;
-const AF_UNIX = 1;
-const SOCK_STREAM = 1;
+import { AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM } from "../../sys/socket.ts";
 
 /** A pipe: `[read end, write end]`, both close-on-exec. */
 export function createPipe(): [number, number] {
   const fds = new Int32Array(2);
-  check(lib.symbols.pipe2(fds, O_CLOEXEC), "pipe2");
+  check(libc.pipe2(fds, O.CLOEXEC), "pipe2");
   return [fds[0], fds[1]];
 }
 
-/** A connected pair of Unix stream sockets. */
-export function createSocketPair(): [number, number] {
+/**
+ * A connected pair of close-on-exec Unix sockets of `type` (a stream unless told otherwise;
+ * `SOCK_NONBLOCK` may be or'ed in).
+ */
+export function createSocketPair(type: number = SOCK_STREAM): [number, number] {
   const fds = new Int32Array(2);
-  check(lib.symbols.socketpair(AF_UNIX, SOCK_STREAM | O_CLOEXEC, 0, fds), "socketpair");
+  check(libc.socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, fds), "socketpair");
   return [fds[0], fds[1]];
 }
 

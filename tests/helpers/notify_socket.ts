@@ -7,11 +7,7 @@
  */
 
 import { check, closeQuietly, cstring, Errno, errno, libc, SysError } from "../../sys/libc.ts";
-
-const AF_UNIX = 1;
-const SOCK_DGRAM = 2;
-const SOCK_CLOEXEC = 0o2000000;
-const MSG_DONTWAIT = 0x40;
+import { AF_UNIX, MSG_DONTWAIT, SOCK_CLOEXEC, SOCK_DGRAM } from "../../sys/socket.ts";
 
 /** A bound datagram socket collecting notifications. */
 export class NotifySocket {

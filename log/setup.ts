@@ -1,20 +1,19 @@
 /**
- * Logging setup, shared by the main thread and the data-plane workers so that every line looks
- * the same whichever thread wrote it.
+ * vhostd's sink for the logger: stderr, as text or JSON lines, with journald's priorities when
+ * stderr is the journal. Every thread (the main thread, each data-plane worker, the chardev
+ * console worker) calls {@link setupLogging} with the same settings, so that every line looks the
+ * same whichever thread wrote it.
  *
  * @module
  */
 
 import {
   configureLogging,
-  LOG_LEVELS,
   type LogLevel,
   type LogRecord,
   renderMessage,
   showValue,
-} from "../log/mod.ts";
-
-export { LOG_LEVELS, type LogLevel };
+} from "./mod.ts";
 
 /** How to log: level and format. Plain data, so it can be posted to workers. */
 export interface LogSettings {
