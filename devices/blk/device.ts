@@ -503,10 +503,6 @@ export class BlkDevice implements VirtioDevice {
     const queue = slot.queue!;
     const request = slot.request;
     if (slot.op === IoUringOp.WRITEV) queue.countBytes?.(slot.expected);
-    if (slot.op !== IoUringOp.FSYNC) {
-      const direction = slot.op === IoUringOp.READV ? IoDirection.READ : IoDirection.WRITE;
-      queue.countIo?.(request.head, direction, status === BlkStatus.OK ? slot.expected : 0);
-    }
     this.#completeRequest(queue, request, status, null);
   }
 
@@ -520,14 +516,10 @@ export class BlkDevice implements VirtioDevice {
       case BlkRequestType.IN: {
         const status = this.#read(chain, request);
         if (status === BlkStatus.OK) request.writtenOnSuccess = bytes + 1;
-        queue.countIo?.(chain.head, IoDirection.READ, status === BlkStatus.OK ? bytes : 0);
         return status;
       }
-      case BlkRequestType.OUT: {
-        const status = this.#write(chain, request);
-        queue.countIo?.(chain.head, IoDirection.WRITE, status === BlkStatus.OK ? bytes : 0);
-        return status;
-      }
+      case BlkRequestType.OUT:
+        return this.#write(chain, request);
       case BlkRequestType.FLUSH:
         return this.#status(this.#flush(), "flush");
       case BlkRequestType.GET_ID: {
@@ -572,6 +564,23 @@ export class BlkDevice implements VirtioDevice {
     chain: DescriptorChain | null,
   ): void {
     const written = !request.hasStatus ? 0 : status === BlkStatus.OK ? request.writtenOnSuccess : 1;
+    // Reads and writes are counted by direction however they ended (a failed one with no bytes),
+    // also those refused before an engine saw them.
+    if (request.hasHeader && request.hasStatus) {
+      if (request.type === BlkRequestType.IN) {
+        queue.countIo?.(
+          request.head,
+          IoDirection.READ,
+          status === BlkStatus.OK ? request.dataBytes : 0,
+        );
+      } else if (request.type === BlkRequestType.OUT) {
+        queue.countIo?.(
+          request.head,
+          IoDirection.WRITE,
+          status === BlkStatus.OK ? request.dataBytes : 0,
+        );
+      }
+    }
     this.#complete(
       queue,
       status,

@@ -9,13 +9,13 @@
  */
 
 import assert from "node:assert/strict";
-import { bit, ProtocolFeature, Request, VirtioFeature } from "./message.ts";
+import { bit, ProtocolFeature, Request, VirtioFeature } from "../vhost-user/message.ts";
 import { BlkStatus } from "../devices/blk/device.ts";
 import { QueueFlag } from "../daemon/stats.ts";
 import { QueueStat } from "../ring/queue_stats.ts";
-import { DeviceStatus } from "./frontend/mod.ts";
-import type { BlkFrontend } from "./frontend/mod.ts";
-import { type InProcessBlk, waitUntil, withInProcessBlk } from "../tests/helpers/in_process.ts";
+import { DeviceStatus } from "../vhost-user/frontend/mod.ts";
+import type { BlkFrontend } from "../vhost-user/frontend/mod.ts";
+import { type InProcessBlk, waitUntil, withInProcessBlk } from "./helpers/in_process.ts";
 
 const READY = QueueFlag.ENABLED | QueueFlag.STARTED | QueueFlag.READY;
 

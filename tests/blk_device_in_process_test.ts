@@ -9,11 +9,11 @@
  */
 
 import assert from "node:assert/strict";
-import { BLK_ID_BYTES, BlkFeature, BlkRequestType, BlkStatus } from "./device.ts";
-import { bit } from "../../vhost-user/message.ts";
-import { QueueStat } from "../../ring/queue_stats.ts";
-import type { BlkFrontend, Segment } from "../../vhost-user/frontend/mod.ts";
-import { type InProcessBlk, withInProcessBlk } from "../../tests/helpers/in_process.ts";
+import { BLK_ID_BYTES, BlkFeature, BlkRequestType, BlkStatus } from "../devices/blk/device.ts";
+import { bit } from "../vhost-user/message.ts";
+import { QueueStat } from "../ring/queue_stats.ts";
+import type { BlkFrontend, Segment } from "../vhost-user/frontend/mod.ts";
+import { type InProcessBlk, withInProcessBlk } from "./helpers/in_process.ts";
 
 const SECTOR = 512;
 
