@@ -5,7 +5,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { openImage } from "../devices/blk/image.ts";
+import { openImage, sizeText } from "../devices/blk/image.ts";
 import { UsageError } from "../sys/errors.ts";
 import type { BlkOptions } from "../devices/blk/device.ts";
 import type { LogSettings } from "../log/setup.ts";
@@ -177,10 +177,6 @@ function qemuLine(socket: string, queues: number): string {
     `  ${c} ${chardev} \\`,
     `  ${d} ${device} ...`,
   ].join("\n");
-}
-
-function sizeText(bytes: number): string {
-  return `${(bytes / 1048576).toFixed(bytes % 1048576 ? 1 : 0)} MiB`;
 }
 
 function describe(plan: BlkPlan): string {

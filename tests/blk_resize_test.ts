@@ -11,7 +11,7 @@
 
 import assert from "node:assert/strict";
 import { DaemonProcess, runVhostd, sparseFile, withDir } from "./helpers/daemon.ts";
-import { WRONG_KINDS, wrongFd, type WrongKind } from "./helpers/fds.ts";
+import { WRONG_KIND_SHOWN, WRONG_KINDS, wrongFd } from "./helpers/fds.ts";
 import { BlkStatus } from "../devices/blk/device.ts";
 import {
   BlkFrontend,
@@ -303,12 +303,6 @@ Deno.test("resize: a front-end that never reads its back-end channel gets one me
 
 Deno.test("resize: SET_BACKEND_REQ_FD with anything but a socket drops the front-end with one clear line; without BACKEND_REQ it is refused", async () => {
   await withDisk(async ({ d, socket }) => {
-    const shown: Record<WrongKind, string> = {
-      pipe: "pipe",
-      socket: "socket",
-      memfd: "file",
-      eventfd: "eventfd",
-    };
     let drops = 0;
     for (const kind of WRONG_KINDS.filter((k) => k !== "socket")) {
       const conn = await FrontendConnection.connect(socket, { retryMs: 5000 });
@@ -326,7 +320,7 @@ Deno.test("resize: SET_BACKEND_REQ_FD with anything but a socket drops the front
       }
       drops++;
       const line = `${requestName(Request.SET_BACKEND_REQ_FD)}: the fd is a ${
-        shown[kind]
+        WRONG_KIND_SHOWN[kind]
       }, not a socket`;
       await d.waitFor(
         () =>

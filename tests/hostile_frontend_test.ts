@@ -11,7 +11,7 @@
 
 import assert from "node:assert/strict";
 import { DaemonProcess, openFdCount, sparseFile, withDir } from "./helpers/daemon.ts";
-import { WRONG_KINDS, wrongFd, type WrongKind } from "./helpers/fds.ts";
+import { WRONG_KIND_SHOWN, WRONG_KINDS, wrongFd } from "./helpers/fds.ts";
 import { mac, readUntil, tagged } from "./helpers/switch.ts";
 import { straceDuring } from "./helpers/strace.ts";
 import { type TrickleJob, TrickleState } from "./helpers/trickle_worker.ts";
@@ -215,12 +215,6 @@ Deno.test("hostile front-end: pipes, sockets and memfds where an eventfd belongs
       Request.SET_LOG_FD,
     ];
     const kinds = WRONG_KINDS.filter((k) => k !== "eventfd");
-    const shown: Record<WrongKind, string> = {
-      pipe: "pipe",
-      socket: "socket",
-      memfd: "file",
-      eventfd: "eventfd",
-    };
     let n = 0;
     for (const request of requests) {
       for (const kind of kinds) {
@@ -236,7 +230,7 @@ Deno.test("hostile front-end: pipes, sockets and memfds where an eventfd belongs
           for (const f of all) closeQuietly(f);
         }
         const reason = new RegExp(
-          `: ${requestName(request)}: the fd is a ${shown[kind]}, not an eventfd$`,
+          `: ${requestName(request)}: the fd is a ${WRONG_KIND_SHOWN[kind]}, not an eventfd$`,
         );
         await t.dropped(++n, reason);
         t.checkBystander(what);

@@ -28,6 +28,7 @@ import { type ZeroJob, ZeroJobs, type ZeroRange } from "./zero_jobs.ts";
 import { BLK_HEADER_BYTES, BlkRequest, BlkRequestType, BlkStatus } from "./request.ts";
 import type { ByteRef } from "../../ring/descriptor_chain.ts";
 import { killAfterRequests, popRequest, type TakeRequest } from "./fault.ts";
+import { sizeText } from "./image.ts";
 
 /** virtio device id of a block device. */
 export const VIRTIO_ID_BLOCK = 2;
@@ -566,20 +567,15 @@ export class BlkDevice implements VirtioDevice {
     const written = !request.hasStatus ? 0 : status === BlkStatus.OK ? request.writtenOnSuccess : 1;
     // Reads and writes are counted by direction however they ended (a failed one with no bytes),
     // also those refused before an engine saw them.
-    if (request.hasHeader && request.hasStatus) {
-      if (request.type === BlkRequestType.IN) {
-        queue.countIo?.(
-          request.head,
-          IoDirection.READ,
-          status === BlkStatus.OK ? request.dataBytes : 0,
-        );
-      } else if (request.type === BlkRequestType.OUT) {
-        queue.countIo?.(
-          request.head,
-          IoDirection.WRITE,
-          status === BlkStatus.OK ? request.dataBytes : 0,
-        );
-      }
+    const direction = !request.hasHeader || !request.hasStatus
+      ? 0
+      : request.type === BlkRequestType.IN
+      ? IoDirection.READ
+      : request.type === BlkRequestType.OUT
+      ? IoDirection.WRITE
+      : 0;
+    if (direction !== 0) {
+      queue.countIo?.(request.head, direction, status === BlkStatus.OK ? request.dataBytes : 0);
     }
     this.#complete(
       queue,
@@ -689,12 +685,4 @@ export class BlkDevice implements VirtioDevice {
     }
     return BlkStatus.IOERR;
   }
-}
-
-/** A byte count for logs, in the largest binary unit it reaches. */
-function sizeText(bytes: number): string {
-  for (const [unit, size] of [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 1024]] as const) {
-    if (bytes >= size) return `${(bytes / size).toFixed(bytes % size === 0 ? 0 : 2)} ${unit}`;
-  }
-  return `${bytes} B`;
 }

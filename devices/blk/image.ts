@@ -16,6 +16,11 @@ export interface OpenImage {
   sizeBytes: number;
 }
 
+/** An image size for people: `1024 MiB`, `64.5 MiB` (banners, logs, `vhostd resize`). */
+export function sizeText(bytes: number): string {
+  return `${(bytes / 1048576).toFixed(bytes % 1048576 ? 1 : 0)} MiB`;
+}
+
 /**
  * Opens a raw image file or block device. A missing image, a directory, an image that cannot be
  * written (a read-only file system, or mode bits without any write permission) when

@@ -34,6 +34,14 @@ export type WrongKind = "pipe" | "socket" | "eventfd" | "memfd";
 /** Every {@link WrongKind}. */
 export const WRONG_KINDS: readonly WrongKind[] = ["pipe", "socket", "eventfd", "memfd"];
 
+/** How the daemon names each {@link WrongKind} in its messages ("the fd is a pipe"). */
+export const WRONG_KIND_SHOWN: Readonly<Record<WrongKind, string>> = {
+  pipe: "pipe",
+  socket: "socket",
+  memfd: "file",
+  eventfd: "eventfd",
+};
+
 /**
  * One fd of `kind` to send (the write end of a pipe, one end of a socket pair, an eventfd, or a
  * memfd of `memfdSize` bytes), and every fd made for it, for the caller to close afterwards.
