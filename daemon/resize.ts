@@ -10,7 +10,7 @@ import { parseArgs } from "node:util";
 import { usage } from "./cli.ts";
 import { CONTROL_SOCKET } from "./config.ts";
 import { requestResize } from "./control.ts";
-import { controlPathOf } from "./status.ts";
+import { controlPathOf, controlPathOptions } from "./status.ts";
 
 /** `vhostd resize --help`. */
 export const RESIZE_HELP =
@@ -44,9 +44,7 @@ export async function cmdResize(args: string[]): Promise<number> {
       args,
       strict: true,
       options: {
-        config: { type: "string" },
-        "socket-dir": { type: "string" },
-        control: { type: "string" },
+        ...controlPathOptions,
         device: { type: "string" },
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },

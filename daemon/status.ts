@@ -136,6 +136,13 @@ export function formatStatus(r: StatusReport, allQueues = false): string {
   return out.join("\n");
 }
 
+/** `parseArgs` options naming a running daemon's control socket (see {@link controlPathOf}). */
+export const controlPathOptions = {
+  config: { type: "string" },
+  "socket-dir": { type: "string" },
+  control: { type: "string" },
+} as const;
+
 /**
  * The control socket `command` talks to, from `--control PATH`, `--config FILE` (with
  * `--socket-dir DIR`, as `run` was given) or `--socket-dir DIR` alone.
@@ -159,9 +166,7 @@ export async function cmdStatus(args: string[]): Promise<number> {
       args,
       strict: true,
       options: {
-        config: { type: "string" },
-        "socket-dir": { type: "string" },
-        control: { type: "string" },
+        ...controlPathOptions,
         "all-queues": { type: "boolean" },
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
