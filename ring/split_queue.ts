@@ -170,7 +170,11 @@ export class SplitQueue implements Virtqueue {
   #inflight: InflightRegion | null = null;
   #stats: Float64Array = new Float64Array(QUEUE_STAT_SLOTS);
   #ioStats: Float64Array = new Float64Array(IO_STAT_SLOTS);
-  readonly #chain = new ParsedChain();
+  /**
+   * The chain {@link pop} parses into (null until the queue is first configured): a driver
+   * enables only the queues it uses (Linux one per vCPU), and the others then cost no memory.
+   */
+  #chain: ParsedChain | null = null;
   #memory: GuestMemory | null = null;
   /** Where written buffers are logged during a migration (null: not logging). */
   #log: DirtyLog | null = null;
@@ -191,23 +195,19 @@ export class SplitQueue implements Virtqueue {
   #resubmit: number[] = [];
   /** When the current batch started (0: no batch); every chain popped in it is dated by it. */
   #batchStart = 0;
-  readonly #poppedAt: Float64Array;
+  #poppedAt: Float64Array = NO_TIMES;
   /** Pop times of the chains completed since the last {@link notify}, not yet timed. */
-  readonly #completedAt: Float64Array;
+  #completedAt: Float64Array = NO_TIMES;
   /** The {@link IoDirection} of each of those (0: neither). */
-  readonly #completedDirection: Uint8Array;
+  #completedDirection: Uint8Array = NO_DIRECTIONS;
   /** The direction {@link countIo} gave each head until it completes (0: none). */
-  readonly #directionOf: Uint8Array;
+  #directionOf: Uint8Array = NO_DIRECTIONS;
   #completedCount = 0;
 
   /** Creates queue `index` admitting sizes up to `maxSize`. */
   constructor(index: number, maxSize: number) {
     this.index = index;
     this.maxSize = maxSize;
-    this.#poppedAt = new Float64Array(maxSize);
-    this.#completedAt = new Float64Array(maxSize);
-    this.#completedDirection = new Uint8Array(maxSize);
-    this.#directionOf = new Uint8Array(maxSize);
   }
 
   /** Queue size, 0 until {@link configure} (SET_VRING_NUM). */
@@ -319,6 +319,29 @@ export class SplitQueue implements Virtqueue {
       );
     }
     this.#size = size;
+    this.#allocate(size);
+  }
+
+  /**
+   * Sizes the per-head bookkeeping to `size` entries and creates the chain object, the first time
+   * the queue is configured (and again only if a later size is larger): the memory follows what
+   * the driver negotiated, not {@link maxSize}. Times of chains still in flight are kept.
+   */
+  #allocate(size: number): void {
+    this.#chain ??= new ParsedChain();
+    if (size <= this.#poppedAt.length) return;
+    const poppedAt = new Float64Array(size);
+    poppedAt.set(this.#poppedAt);
+    this.#poppedAt = poppedAt;
+    const directionOf = new Uint8Array(size);
+    directionOf.set(this.#directionOf);
+    this.#directionOf = directionOf;
+    const completedAt = new Float64Array(size);
+    completedAt.set(this.#completedAt.subarray(0, this.#completedCount));
+    this.#completedAt = completedAt;
+    const completedDirection = new Uint8Array(size);
+    completedDirection.set(this.#completedDirection.subarray(0, this.#completedCount));
+    this.#completedDirection = completedDirection;
   }
 
   /**
@@ -509,13 +532,14 @@ export class SplitQueue implements Virtqueue {
 
   /** Pops the next available chain into the queue's preallocated chain object. */
   pop(): DescriptorChain | null {
-    if (this.#broken) return null;
+    const chain = this.#chain;
+    if (this.#broken || chain === null) return null;
     if (this.#resubmit.length > 0) {
       const head = this.#resubmit.shift()!;
-      const err = this.#parse(head, this.#chain);
+      const err = this.#parse(head, chain);
       if (err !== null) return this.fail(err);
       this.#taken(head);
-      return this.#chain;
+      return chain;
     }
     const avail = this.#avail!;
     const availIdx = Atomics.load(avail.u16, (this.#availOff + RING_IDX) >> 1);
@@ -526,11 +550,11 @@ export class SplitQueue implements Virtqueue {
     const slot = (this.#availOff + availEntry(this.#lastAvailIdx % this.#size)) >> 1;
     const head = avail.u16[slot];
     this.#lastAvailIdx = (this.#lastAvailIdx + 1) & 0xffff;
-    const err = this.#parse(head, this.#chain);
+    const err = this.#parse(head, chain);
     if (err !== null) return this.fail(err);
     this.#inflight?.markTaken(head);
     this.#taken(head);
-    return this.#chain;
+    return chain;
   }
 
   /** Dates a popped chain (one clock read per batch, not per chain) and counts it in flight. */
@@ -844,3 +868,7 @@ export class SplitQueue implements Virtqueue {
 
 /** Where completions by head index are walked again for the dirty log (one per worker). */
 let scratchChain: ParsedChain | null = null;
+
+/** The bookkeeping of a queue not yet configured: empty, shared (nothing is written to it). */
+const NO_TIMES = new Float64Array(0);
+const NO_DIRECTIONS = new Uint8Array(0);

@@ -565,3 +565,18 @@ Deno.test("configure refuses sizes the ring or the inflight region cannot hold",
   q.configure(64);
   assert.equal(q.size, 64);
 });
+
+Deno.test("a queue costs its per-request buffers only once configured, sized to that size", () => {
+  // Many of a device's queues are never used (a Linux guest enables one per vCPU): they must not
+  // hold buffers sized for the largest queue. ArrayBuffers count in `external`, exactly.
+  const before = Deno.memoryUsage().external;
+  const queues = Array.from({ length: 256 }, (_, i) => new SplitQueue(i, 1024));
+  const unconfigured = Deno.memoryUsage().external - before;
+  assert.ok(unconfigured < 256 * 1024, `256 unconfigured queues hold ${unconfigured} bytes`);
+  assert.equal(queues[0].pop(), null, "an unconfigured queue has nothing to pop");
+  for (const q of queues) q.configure(128);
+  const configured = Deno.memoryUsage().external - before;
+  // The chain object keeps room for the longest chain (indirect tables may exceed the queue size);
+  // the per-head bookkeeping follows the negotiated 128, not the maximum 1024.
+  assert.ok(configured < 256 * 24 * 1024, `256 queues of 128 hold ${configured} bytes`);
+});
