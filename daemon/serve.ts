@@ -39,6 +39,7 @@ export function observe(services: readonly DeviceService[]): ObservedDevice[] {
         service: s.options.name,
         socket: paths[port],
         running: s.running,
+        worker: s.worker,
         snapshot: s.stats.read(port),
         metrics: s.metrics[port] ?? [],
       });

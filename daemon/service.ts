@@ -102,6 +102,10 @@ export class DeviceService {
   readonly stats: ServiceStats;
   /** Whether the worker is still serving (false once it stopped or died). */
   running = true;
+  /** The number of the data-plane worker it runs on (devices that share one show the same). */
+  get worker(): number {
+    return this.#worker.number;
+  }
   /**
    * The series of each port's device's own counters (its `metrics`), as the worker reported them
    * when it was ready; their values are in {@link stats}.

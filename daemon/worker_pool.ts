@@ -32,6 +32,7 @@ export interface HostedServiceEvents {
 const EXIT_TIMEOUT_MS = 10_000;
 
 let nextServiceId = 1;
+let nextWorkerNumber = 1;
 
 /**
  * One data-plane worker (daemon/worker.ts) and the services it hosts. It finishes once the last
@@ -40,6 +41,8 @@ let nextServiceId = 1;
 export class DataPlaneWorker {
   /** Whether other services may be placed here (false: a device's own worker). */
   readonly shared: boolean;
+  /** Its number in this process (1, 2, ... in the order they started), shown by status. */
+  readonly number: number = nextWorkerNumber++;
   readonly #worker: Worker;
   readonly #wakeFd: number;
   readonly #services = new Map<number, HostedServiceEvents>();

@@ -8,6 +8,7 @@
 import assert from "node:assert/strict";
 import { DaemonProcess, runVhostd, sparseFile, withDir } from "./helpers/daemon.ts";
 import { BlkFrontend } from "../vhost-user/frontend/mod.ts";
+import { requestStatus } from "../daemon/control.ts";
 
 const MiB = 1 << 20;
 
@@ -73,8 +74,13 @@ Deno.test("workers: a VM's disks share one worker by default; ownWorker and --wo
     let d = DaemonProcess.spawn(["run", "--config", config]);
     try {
       await d.waitFor(() => d.stdout.includes("Attach them"), 30_000, "the banner");
-      // a, b and c on the shared worker, d on its own.
+      // a, b and c on the shared worker, d on its own; status says which.
       await expectWorkers(d, 2, "default");
+      const status = await requestStatus(`${dir}/control.sock`);
+      const worker = new Map(status.devices.map((x) => [x.name, x.worker]));
+      assert.equal(worker.get("b"), worker.get("a"), JSON.stringify([...worker]));
+      assert.equal(worker.get("c"), worker.get("a"), JSON.stringify([...worker]));
+      assert.notEqual(worker.get("d"), worker.get("a"), JSON.stringify([...worker]));
       for (const id of ["a", "b", "c", "d"]) await checkServes(dir, id);
     } finally {
       assert.equal(await d.stop(), 0, d.stderr);
