@@ -117,16 +117,16 @@ class HostedService {
   readonly init: ServiceInit;
   readonly devices: VirtioDevice[];
   readonly servers: VhostUserServer[];
+  readonly #metrics: MetricSeries[][] = [];
   readonly #loop: EventLoop;
 
   constructor(init: ServiceInit, devices: VirtioDevice[], loop: EventLoop) {
     this.init = init;
     this.devices = devices;
     this.#loop = loop;
-    const metrics: MetricSeries[][] = [];
     this.servers = devices.map((device, i) => {
       const stats = new PortStatsWriter(init.stats, i);
-      metrics.push(bindMetrics(device, init.name, stats.device));
+      this.#metrics.push(bindMetrics(device, init.name, stats.device));
       const server = new VhostUserServer(init.listenFds[i], device, loop, {
         allowUids: init.allowUids,
         dirtyLogging: !skipDirtyLogForTests,
@@ -138,42 +138,51 @@ class HostedService {
       stats.publish(server);
       return server;
     });
-    report({ type: "ready", id: init.id, metrics });
+  }
+
+  /** Starts accepting front-ends and watching the service's eventfds; then reports it ready. */
+  start(): void {
+    const { init, devices } = this;
     for (const s of this.servers) s.start();
-    loop.watch(init.refreshFd, () => {
+    this.#loop.watch(init.refreshFd, () => {
       const requests = drainEventFd(init.refreshFd);
       if (requests > 0) {
-        report({
-          type: "refreshed",
-          id: init.id,
-          requests,
-          results: refresh(devices, init.name),
-        });
+        report({ type: "refreshed", id: init.id, requests, results: refresh(devices, init.name) });
       }
     });
-    loop.watch(init.shutdownFd, () => this.stop());
+    this.#loop.watch(init.shutdownFd, () => this.stop());
+    report({ type: "ready", id: init.id, metrics: this.#metrics });
   }
 
   /** Disconnects the front-ends, closes the devices and reports the service stopped. */
   stop(): void {
-    const loop = this.#loop;
-    loop.unwatch(this.init.shutdownFd);
-    loop.unwatch(this.init.refreshFd);
     hosted.delete(this.init.id);
     try {
-      for (const s of this.servers) s.close();
-      slowShutdownForTests();
-      for (const d of this.devices) {
-        try {
-          d.close?.();
-        } catch (e) {
-          getLogger(["vhostd", this.init.name]).error("closing the device failed: {error}", {
-            error: (e as Error).message ?? String(e),
-          });
-        }
-      }
+      this.close();
     } finally {
       report({ type: "stopped", id: this.init.id });
+    }
+  }
+
+  /** Stops serving: the loop forgets the service's fds, and its devices are closed. */
+  close(): void {
+    this.#loop.unwatch(this.init.shutdownFd);
+    this.#loop.unwatch(this.init.refreshFd);
+    for (const s of this.servers) s.close();
+    slowShutdownForTests();
+    closeDevices(this.devices, this.init.name);
+  }
+}
+
+/** Closes devices; one that throws is logged and the others are still closed. */
+function closeDevices(devices: VirtioDevice[], name: string): void {
+  for (const d of devices) {
+    try {
+      d.close?.();
+    } catch (e) {
+      getLogger(["vhostd", name]).error("closing the device failed: {error}", {
+        error: (e as Error).message ?? String(e),
+      });
     }
   }
 }
@@ -181,9 +190,13 @@ class HostedService {
 /** The services this worker hosts, by id. */
 const hosted = new Map<number, HostedService>();
 
-/** Builds a service's devices (its module is imported here) and starts serving them. */
+/**
+ * Builds a service's devices (its module is imported here) and starts serving them. A service
+ * that fails to build or start is closed and reported failed; the others in the worker go on.
+ */
 async function add(init: ServiceInit, loop: EventLoop): Promise<void> {
   const devices: VirtioDevice[] = [];
+  let service: HostedService | null = null;
   try {
     // The device's module is the user's, known only at run time (deno publish warns that it
     // cannot analyze this import; a URL needs no import map to resolve).
@@ -191,12 +204,15 @@ async function add(init: ServiceInit, loop: EventLoop): Promise<void> {
     for (let port = 0; port < init.listenFds.length; port++) {
       devices.push(await mod.createDevice(init.options, port));
     }
+    service = new HostedService(init, devices, loop);
+    service.start();
   } catch (e) {
-    for (const d of devices) d.close?.();
+    if (service !== null) service.close();
+    else closeDevices(devices, init.name);
     report({ type: "failed", id: init.id, message: (e as Error).message ?? String(e) });
     return;
   }
-  hosted.set(init.id, new HostedService(init, devices, loop));
+  hosted.set(init.id, service);
 }
 
 const inbox = new Inbox();

@@ -9,6 +9,9 @@ import assert from "node:assert/strict";
 import { DaemonProcess, runVhostd, sparseFile, withDir } from "./helpers/daemon.ts";
 import { BlkFrontend } from "../vhost-user/frontend/mod.ts";
 import { requestStatus } from "../daemon/control.ts";
+import { DeviceService } from "../daemon/service.ts";
+import { WorkerPool } from "../daemon/worker_pool.ts";
+import { serveBlkInProcess } from "./helpers/in_process.ts";
 
 const MiB = 1 << 20;
 
@@ -133,3 +136,29 @@ Deno.test("workers: a reload that empties the shared worker keeps the other devi
       assert.equal(await d.stop(), 0, d.stderr);
     }
   }));
+
+Deno.test("workers: a device that fails to start on a shared worker leaves the others serving", async () => {
+  const pool = new WorkerPool({ workers: 1 });
+  const blk = await serveBlkInProcess({ queues: 1, pool });
+  const dir = await Deno.makeTempDir({ prefix: "vhostd-pool-" });
+  try {
+    const s = await blk.open({ queues: 1 });
+    const broken = DeviceService.start({
+      socket: `${dir}/broken.sock`,
+      module: new URL("./helpers/failing_device.ts", import.meta.url),
+      options: { missing: "/dev/nothing" },
+      name: "broken",
+      log: { level: "error", format: "text" },
+    }, pool);
+    await assert.rejects(broken, /broken: cannot open \/dev\/nothing/);
+    assert.equal(pool.sharedWorkers, 1);
+    // The disk on the same worker goes on: its session's I/O and a new connection.
+    const data = new Uint8Array(4096).fill(7);
+    assert.equal(s.blk.write(0, data).status, 0);
+    assert.deepEqual(s.blk.read(0, 4096).data.subarray(0, 4096), data);
+    assert.equal(blk.service.running, true);
+  } finally {
+    await blk.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
