@@ -4,7 +4,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "./args.ts";
 import { openImage, sizeText } from "../devices/blk/image.ts";
 import { UsageError } from "../sys/errors.ts";
 import type { BlkOptions } from "../devices/blk/device.ts";

@@ -8,7 +8,7 @@
  *
  * @example
  * ```ts
- * import { parseArgs } from "node:util";
+ * import { parseArgs } from "./args.ts";
  * const { values } = usage(() =>
  *   parseArgs({ args, strict: true, options: { ...serveOptions, socket: { type: "string" } } })
  * );
@@ -251,7 +251,7 @@ export function parseIntOption(
   return n;
 }
 
-/** Runs parseArgs, turning its errors (unknown flag, missing value) into a UsageError. */
+/** Runs a parse, turning its errors (unknown flag, missing value) into a UsageError. */
 export function usage<T>(parse: () => T): T {
   try {
     return parse();

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "./args.ts";
 import { UsageError } from "../sys/errors.ts";
 import { DEFAULT_MAX_CLIENTS, DEFAULT_SCROLLBACK } from "../devices/console/port_hub.ts";
 import { DEFAULT_LOG_MAX_BYTES, MIN_LOG_MAX_BYTES } from "../devices/console/console_log.ts";

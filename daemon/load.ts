@@ -10,7 +10,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "./args.ts";
 import { usage } from "./cli.ts";
 import { UsageError } from "../sys/errors.ts";
 import { BlkFrontend } from "../vhost-user/frontend/blk_frontend.ts";

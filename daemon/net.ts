@@ -8,7 +8,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "./args.ts";
 import { UsageError } from "../sys/errors.ts";
 import { formatMac, parseMac } from "../devices/net/header.ts";
 import {

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "./args.ts";
 import { usage } from "./cli.ts";
 import { BlkFeature } from "../devices/blk/device.ts";
 import { UsageError } from "../sys/errors.ts";

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "./args.ts";
 import { usage } from "./cli.ts";
 import { CONTROL_SOCKET } from "./config.ts";
 import { requestResize } from "./control.ts";

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "./args.ts";
 import { UsageError } from "../sys/errors.ts";
 import type { LogSettings } from "../log/setup.ts";
 import { runServices, type ServiceReload } from "./serve.ts";

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "./args.ts";
 import { UsageError } from "../sys/errors.ts";
 import { usage } from "./cli.ts";
 import { CONTROL_SOCKET, controlSocketOf, readConfigFile } from "./config.ts";
