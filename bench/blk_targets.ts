@@ -15,7 +15,7 @@
  */
 
 import { DEFAULT_POLL_US } from "../daemon/blk.ts";
-import { parseArgs } from "node:util";
+import { parseArgs } from "../daemon/args.ts";
 import type { BlkOptions } from "../mod.ts";
 import { runServices } from "../daemon/serve.ts";
 import type { ServiceOptions } from "../daemon/service.ts";
