@@ -13,6 +13,7 @@
 
 import { planBlk } from "../../daemon/blk.ts";
 import { DeviceService } from "../../daemon/service.ts";
+import type { WorkerPool } from "../../daemon/worker_pool.ts";
 import type { PortSnapshot } from "../../daemon/stats.ts";
 import { BlkFrontend, type BlkFrontendOptions } from "../../vhost-user/frontend/mod.ts";
 import { sparseFile } from "./daemon.ts";
@@ -29,6 +30,8 @@ export interface InProcessBlkOptions {
   ioEngine?: "sync" | "uring";
   /** Busy-poll window of the worker's loop in µs; default 0 (kicks only). */
   pollUs?: number;
+  /** Workers to place it on (default: a worker of its own). */
+  pool?: WorkerPool;
 }
 
 /** A block device served in this process. */
@@ -72,7 +75,7 @@ export async function serveBlkInProcess(options: InProcessBlkOptions = {}): Prom
   plan.blk.ioEngine = options.ioEngine ?? "sync";
   let service: DeviceService;
   try {
-    service = await DeviceService.start(plan.service);
+    service = await DeviceService.start(plan.service, options.pool);
   } catch (e) {
     await Deno.remove(dir, { recursive: true });
     throw e;
