@@ -19,6 +19,9 @@ const IORING_OFF_SQES = 0x10000000;
 const IORING_FEAT_SINGLE_MMAP = 1;
 const IORING_ENTER_GETEVENTS = 1;
 const IORING_REGISTER_EVENTFD = 4;
+const IORING_REGISTER_IOWQ_MAX_WORKERS = 19;
+/** `cq_flags` bit: completions posted while it is set do not signal the registered eventfd. */
+const IORING_CQ_EVENTFD_DISABLED = 1;
 const IORING_FSYNC_DATASYNC = 1;
 
 /** io_uring operation codes used here. */
@@ -53,6 +56,8 @@ export class IoUring {
   readonly #cqTail: number;
   readonly #cqMask: number;
   readonly #cqes: number;
+  /** Index (in u32s) of `cq_flags` in the completion ring. */
+  readonly #cqFlags: number;
   #tail = 0;
   #pending = 0;
 
@@ -94,6 +99,7 @@ export class IoUring {
     this.#cqTail = pv.getUint32(cqOff + 4, true) >> 2;
     this.#cqMask = this.#cq[pv.getUint32(cqOff + 8, true) >> 2];
     this.#cqes = pv.getUint32(cqOff + 20, true);
+    this.#cqFlags = pv.getUint32(cqOff + 24, true) >> 2;
     this.#tail = this.#sq[this.#sqTail];
   }
 
@@ -109,6 +115,37 @@ export class IoUring {
       ),
     );
     if (rc < 0) throw new SysError("io_uring_register(EVENTFD)", errno());
+  }
+
+  /**
+   * Caps the kernel's io-wq worker threads of the calling thread (shared by every ring that thread
+   * submits on) at `bounded` for regular files and block devices, and `unbounded` for other fds
+   * (IORING_REGISTER_IOWQ_MAX_WORKERS, Linux 5.15). Those threads run what cannot complete without
+   * blocking: buffered reads and writes a file system cannot do asynchronously, fdatasync.
+   * Throws SysError (EINVAL on older kernels).
+   */
+  limitWorkers(bounded: number, unbounded: number): void {
+    const counts = new Uint32Array([bounded, unbounded]);
+    const rc = Number(
+      libc.io_uring_register(
+        SYS_IO_URING_REGISTER,
+        this.fd,
+        IORING_REGISTER_IOWQ_MAX_WORKERS,
+        new Uint8Array(counts.buffer),
+        2,
+      ),
+    );
+    if (rc < 0) throw new SysError("io_uring_register(IOWQ_MAX_WORKERS)", errno());
+  }
+
+  /** Prepared submissions not yet handed to the kernel. */
+  get pending(): number {
+    return this.#pending;
+  }
+
+  /** Whether completions are waiting to be reaped. */
+  get hasCompletions(): boolean {
+    return this.#cq[this.#cqHead] !== Atomics.load(this.#cq, this.#cqTail);
   }
 
   /** Free submission slots. */
@@ -144,23 +181,38 @@ export class IoUring {
     return true;
   }
 
-  /** Hands the prepared submissions to the kernel. */
-  submit(): void {
-    if (this.#pending === 0) return;
+  /**
+   * Hands the prepared submissions to the kernel. What completes during the call (a buffered read
+   * from the page cache completes inline) does not signal the eventfd: the caller reaps right
+   * after, which saves the loop a wake-up and an eventfd read per batch. Returns whether anything
+   * was submitted.
+   */
+  submit(): boolean {
+    if (this.#pending === 0) return false;
     this.#tail += this.#pending;
     Atomics.store(this.#sq, this.#sqTail, this.#tail >>> 0);
     const n = this.#pending;
     this.#pending = 0;
     let done = 0;
-    while (done < n) {
-      const rc = Number(libc.io_uring_enter(SYS_IO_URING_ENTER, this.fd, n - done, 0, 0, null, 0n));
-      if (rc < 0) {
-        const err = errno();
-        if (err === 4 || err === 11 || err === 16) continue; // EINTR, EAGAIN, EBUSY
-        throw new SysError("io_uring_enter", err);
+    // Only this thread writes cq_flags; the kernel reads it when it posts a completion.
+    const flags = this.#cq[this.#cqFlags];
+    Atomics.store(this.#cq, this.#cqFlags, flags | IORING_CQ_EVENTFD_DISABLED);
+    try {
+      while (done < n) {
+        const rc = Number(
+          libc.io_uring_enter(SYS_IO_URING_ENTER, this.fd, n - done, 0, 0, null, 0n),
+        );
+        if (rc < 0) {
+          const err = errno();
+          if (err === 4 || err === 11 || err === 16) continue; // EINTR, EAGAIN, EBUSY
+          throw new SysError("io_uring_enter", err);
+        }
+        done += rc;
       }
-      done += rc;
+    } finally {
+      Atomics.store(this.#cq, this.#cqFlags, flags & ~IORING_CQ_EVENTFD_DISABLED);
     }
+    return true;
   }
 
   /** Blocks until at least `min` completions are waiting. */

@@ -1,18 +1,22 @@
 /**
  * Asynchronous block I/O through io_uring for the virtio-blk device: many requests in flight per
- * queue, which is what a real disk (O_DIRECT) needs to reach its IOPS. The synchronous engine
- * serves one request at a time and is faster only when data comes from the page cache.
+ * device, and none of them holds the data-plane worker, whether the image is opened with O_DIRECT
+ * or buffered. A buffered read of cached pages completes inline while it is submitted (about as
+ * cheap as a preadv, and reaped at once); a cache miss waits in the kernel (the file system's
+ * asynchronous read, or an io-wq kernel thread for one that has none, such as FUSE), and so do
+ * writes that must wait for the page cache, and fdatasync. Meanwhile the worker serves every other
+ * queue and device.
  *
  * Each request in flight owns a slot: the queue to complete on, the decoded request, and its iovec
- * array (the kernel may read it until the completion arrives). Completions arrive on an
- * eventfd in the worker's epoll loop.
+ * array (the kernel may read it until the completion arrives). Completions that arrive later
+ * signal an eventfd in the worker's epoll loop.
  *
  * @module
  */
 
 import { createEventFd, drainEventFd } from "../../sys/event.ts";
 import { IoVec } from "../../sys/io.ts";
-import { closeQuietly } from "../../sys/libc.ts";
+import { closeQuietly, Errno } from "../../sys/libc.ts";
 import { IoUring, IoUringOp } from "../../sys/io_uring.ts";
 import type { DeviceEventLoop, Virtqueue } from "../device.ts";
 import { BlkRequest } from "./request.ts";
@@ -27,6 +31,10 @@ export class RequestSlot {
   readonly request: BlkRequest = new BlkRequest();
   /** Bytes the operation must transfer (0 for a flush). */
   expected = 0;
+  /** Bytes already transferred by earlier, short, completions of this request. */
+  done = 0;
+  /** Times it was resubmitted after EAGAIN or EINTR. */
+  retries = 0;
   /** The operation (IoUringOp). */
   op = 0;
   /** Byte offset in the image. */
@@ -45,11 +53,28 @@ export class RequestSlot {
 
 /** What the engine needs from the device to finish a request. */
 export interface UringOwner {
-  /** Completes a request whose I/O ended with `result` (bytes or -errno). */
+  /**
+   * Completes a request whose I/O ended with `result`: -errno, or the bytes transferred in all
+   * (short transfers were resubmitted until done; fewer than expected means end of file).
+   */
   finish(slot: RequestSlot, result: number): void;
   /** Serves a queue again (after it was throttled for lack of slots). */
   resume(queue: Virtqueue): void;
 }
+
+/**
+ * Most io-wq kernel threads a data-plane worker's rings may use for blocking work on images
+ * (buffered I/O a file system cannot do asynchronously, such as FUSE's; fdatasync), whatever the
+ * guests send. io-wq is per submitting thread, so this bounds the threads of a worker and all the
+ * devices it serves; the kernel's default would be min(ring entries, 4 × CPUs) for files, 256 on a
+ * big host, and RLIMIT_NPROC for other fds. More requests than this simply wait in io-wq's queue.
+ * 16 keeps that many slow reads in flight (a network file system wants some parallelism), and
+ * idle io-wq threads exit after a few seconds.
+ */
+export const IOWQ_MAX_WORKERS = 16;
+
+/** Resubmissions of one request after EAGAIN or EINTR before it fails. */
+const MAX_RETRIES = 3;
 
 /** The io_uring engine of one block device. */
 export class UringEngine {
@@ -66,14 +91,44 @@ export class UringEngine {
   #syncing = false;
   /** The first error of a background sync not yet taken (-errno), or 0. */
   #syncError = 0;
+  /** Completions are being reaped: a nested {@link flush} only submits. */
+  #reaping = false;
+  /** The reap callback, made once (no closure per batch). */
+  readonly #onCompletion = (tag: number, result: number) => this.#completion(tag, result);
+  /**
+   * The io-wq thread cap in force ({@link IOWQ_MAX_WORKERS}), or null where the kernel cannot set
+   * one (before 5.15: its default bound, min(ring entries, 4 × CPUs), applies).
+   */
+  readonly workerLimit: number | null;
 
-  /** An engine on image `fd` with `depth` requests in flight at most. */
+  /**
+   * An engine on image `fd` with `depth` requests in flight at most. Throws SysError when the
+   * kernel gives no io_uring (too old, disabled by sysctl or seccomp).
+   */
   constructor(fd: number, depth: number, maxSegments: number, owner: UringOwner) {
     this.#fd = fd;
     this.#owner = owner;
     this.#ring = new IoUring(depth);
-    this.#eventFd = createEventFd();
-    this.#ring.registerEventFd(this.#eventFd);
+    let limit: number | null = IOWQ_MAX_WORKERS;
+    try {
+      this.#ring.limitWorkers(IOWQ_MAX_WORKERS, IOWQ_MAX_WORKERS);
+    } catch {
+      limit = null;
+    }
+    this.workerLimit = limit;
+    try {
+      this.#eventFd = createEventFd();
+    } catch (e) {
+      this.#ring.close();
+      throw e;
+    }
+    try {
+      this.#ring.registerEventFd(this.#eventFd);
+    } catch (e) {
+      this.#ring.close();
+      closeQuietly(this.#eventFd);
+      throw e;
+    }
     this.#slots = Array.from(
       { length: this.#ring.entries },
       (_, i) => new RequestSlot(i, maxSegments),
@@ -91,7 +146,7 @@ export class UringEngine {
     this.#loop = loop;
     loop.watch(this.#eventFd, () => {
       drainEventFd(this.#eventFd);
-      this.#reapAll();
+      this.#reapAll(true);
     });
   }
 
@@ -105,6 +160,8 @@ export class UringEngine {
     slot.queue = queue;
     slot.iov.clear();
     slot.syncAfter = false;
+    slot.done = 0;
+    slot.retries = 0;
     return slot;
   }
 
@@ -148,56 +205,85 @@ export class UringEngine {
     return e;
   }
 
-  /** Hands everything queued to the kernel. */
+  /**
+   * Hands everything queued to the kernel, and completes what finished meanwhile (reads from the
+   * page cache finish inline), so that their used entries go out with this batch.
+   */
   flush(): void {
-    this.#ring.submit();
+    if (this.#ring.submit() && !this.#reaping) this.#reapAll(true);
   }
 
-  /** Waits for every request in flight and completes them. */
+  /** Waits for every request in flight and completes them; serves no queue meanwhile. */
   drain(): void {
-    this.flush();
+    this.#ring.submit();
+    this.#reapAll(false);
     while (this.inFlight > 0) {
       this.#ring.wait(1);
-      this.#reap();
+      this.#reapAll(false);
+    }
+  }
+
+  /**
+   * Completes everything posted, submits what that queued again (the rest of a short transfer,
+   * the sync of a write-through write), and with `resume` serves the queues that waited for a
+   * slot; repeats while any of it completes inline. Then interrupts the queues it completed on.
+   */
+  #reapAll(resume: boolean): void {
+    this.#reaping = true;
+    try {
+      for (;;) {
+        const reaped = this.#ring.reap(this.#onCompletion);
+        if (resume && this.#throttled.size > 0 && this.#free.length > 0) {
+          const queues = [...this.#throttled];
+          this.#throttled.clear();
+          for (const q of queues) if (this.#loop?.queue(q.index)) this.#owner.resume(q);
+        }
+        const submitted = this.#ring.submit();
+        if (reaped === 0 && !submitted && !this.#ring.hasCompletions) break;
+      }
+    } finally {
+      this.#reaping = false;
     }
     this.#notify();
   }
 
-  #reapAll(): void {
-    this.#reap();
-    this.#notify();
-    if (this.#throttled.size > 0 && this.#free.length > 0) {
-      const queues = [...this.#throttled];
-      this.#throttled.clear();
-      for (const q of queues) if (this.#loop?.queue(q.index)) this.#owner.resume(q);
-      this.flush();
-      this.#notify();
+  /** One completion: the request goes on (queued again, submitted by the caller) or ends. */
+  #completion(tag: number, result: number): void {
+    const slot = this.#slots[tag];
+    const transfer = slot.op !== IoUringOp.FSYNC;
+    if (transfer && result > 0 && slot.done + result < slot.expected) {
+      // A short read or write (a buffered one may stop where the cached pages end): the rest is
+      // submitted again, never done synchronously in the worker. EOF ends it at 0 below.
+      slot.done += result;
+      slot.offset += result;
+      slot.iov.advance(result);
+      this.queue(slot);
+      return;
     }
-  }
-
-  #reap(): void {
-    this.#ring.reap((tag, result) => {
-      const slot = this.#slots[tag];
-      if (slot.syncAfter && result === slot.expected) {
-        // Write-through: the data is written; complete only once it is durable.
-        slot.syncAfter = false;
-        slot.op = IoUringOp.FSYNC;
-        this.queue(slot);
-        this.flush();
-        return;
-      }
-      const queue = slot.queue;
-      if (queue === null) {
-        // A background sync: no request to complete.
-        if (result < 0 && this.#syncError === 0) this.#syncError = result;
-        this.#syncing = false;
-        this.release(slot);
-        return;
-      }
-      this.#owner.finish(slot, result);
-      this.#touched.add(queue);
+    if ((result === -Errno.EAGAIN || result === -Errno.EINTR) && slot.retries < MAX_RETRIES) {
+      slot.retries++;
+      this.queue(slot);
+      return;
+    }
+    const total = transfer && result >= 0 ? slot.done + result : result;
+    if (slot.syncAfter && total === slot.expected) {
+      // Write-through: the data is written; complete only once it is durable.
+      slot.syncAfter = false;
+      slot.op = IoUringOp.FSYNC;
+      this.queue(slot);
+      return;
+    }
+    const queue = slot.queue;
+    if (queue === null) {
+      // A background sync: no request to complete.
+      if (result < 0 && this.#syncError === 0) this.#syncError = result;
+      this.#syncing = false;
       this.release(slot);
-    });
+      return;
+    }
+    this.#owner.finish(slot, total);
+    this.#touched.add(queue);
+    this.release(slot);
   }
 
   #notify(): void {

@@ -12,6 +12,7 @@
  */
 
 import { planBlk } from "../../daemon/blk.ts";
+import type { BlkIoEngine } from "../../devices/blk/device.ts";
 import { DeviceService } from "../../daemon/service.ts";
 import type { PortSnapshot } from "../../daemon/stats.ts";
 import { BlkFrontend, type BlkFrontendOptions } from "../../vhost-user/frontend/mod.ts";
@@ -21,12 +22,14 @@ import { sparseFile } from "./daemon.ts";
 export interface InProcessBlkOptions {
   /** Image size in bytes; default 16 MiB. */
   sizeBytes?: number;
+  /** Serve this existing image (left in place) instead of a fresh sparse one. */
+  image?: string;
   /** Queues offered; default 2. */
   queues?: number;
   /** Serve read-only; default false. */
   readOnly?: boolean;
   /** The I/O engine (`BlkOptions.ioEngine`); default `sync`. */
-  ioEngine?: "sync" | "uring";
+  ioEngine?: BlkIoEngine;
   /** Busy-poll window of the worker's loop in µs; default 0 (kicks only). */
   pollUs?: number;
 }
@@ -54,9 +57,9 @@ export interface InProcessBlk {
 /** Serves a fresh sparse image of `options.sizeBytes` in a worker of this process. */
 export async function serveBlkInProcess(options: InProcessBlkOptions = {}): Promise<InProcessBlk> {
   const dir = await Deno.makeTempDir({ prefix: "vhostd-inproc-" });
-  const image = `${dir}/disk.img`;
+  const image = options.image ?? `${dir}/disk.img`;
   const socket = `${dir}/blk.sock`;
-  sparseFile(image, options.sizeBytes ?? 16 << 20);
+  if (options.image === undefined) sparseFile(image, options.sizeBytes ?? 16 << 20);
   const plan = planBlk(
     socket,
     image,

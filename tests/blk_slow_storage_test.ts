@@ -1,0 +1,77 @@
+/**
+ * A slow image must not stall the rest of the data-plane worker: with io_uring (the default
+ * engine for buffered images as for O_DIRECT ones), reads waiting for slow storage wait in the
+ * kernel, and the worker goes on serving other queues. The storage is genuinely slow: a FUSE
+ * export of qemu-storage-daemon throttled to a few reads a second (tests/helpers/slow_image.ts).
+ * The device runs in this process (tests/helpers/in_process.ts) and the front-end library drives
+ * it. Completions are counted, never timed.
+ *
+ * With `ioEngine: "sync"` the same test fails: the worker sits in preadv on queue 0's reads one
+ * after the other, and queue 1 is served only once all of them are done.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { BlkRequestType, BlkStatus } from "../devices/blk/device.ts";
+import { withInProcessBlk } from "./helpers/in_process.ts";
+import { slowImageUnavailable, startSlowImage } from "./helpers/slow_image.ts";
+
+const MiB = 1 << 20;
+const SECTOR = 512;
+/** Reads kept outstanding on the slow queue. */
+const SLOW_READS = 8;
+/** Reads the other queue must complete meanwhile. */
+const FAST_READS = 32;
+const unavailable = slowImageUnavailable();
+
+Deno.test({
+  name: "blk (io_uring, buffered): reads waiting on slow storage on one queue do not stall " +
+    "another queue of the device",
+  ignore: unavailable !== null,
+  async fn() {
+    // 4 reads a second: the slow reads take about 2 s in all, far longer than the fast ones.
+    const slow = await startSlowImage(16 * MiB, 4, 0x5a);
+    try {
+      await withInProcessBlk({ image: slow.path, ioEngine: "uring", queues: 2 }, async (blk) => {
+        const s = await blk.open();
+        // Queue 1 reads one region first (one throttled read), so that later reads of it come
+        // from the page cache of the FUSE file; the slow reads, 1 MiB apart, miss it.
+        const warm = s.blk.read(15 * MiB / SECTOR, 4096, 1);
+        assert.equal(warm.status, BlkStatus.OK);
+        const q0 = s.queues[0];
+        const used0 = q0.usedIdx;
+        const pending = Array.from(
+          { length: SLOW_READS },
+          (_, i) =>
+            s.blk.submit({
+              type: BlkRequestType.IN,
+              sector: (i * MiB) / SECTOR,
+              inBytes: 4096,
+              queue: 0,
+            }),
+        );
+        for (let i = 0; i < FAST_READS; i++) {
+          const r = s.blk.read(15 * MiB / SECTOR, 4096, 1);
+          assert.equal(r.status, BlkStatus.OK, `fast read ${i}`);
+          assert.ok(r.data.every((b) => b === 0x5a), "the image's data");
+        }
+        const slowDone = (q0.usedIdx - used0) & 0xffff;
+        assert.ok(
+          slowDone < SLOW_READS,
+          `all ${SLOW_READS} slow reads of queue 0 completed before the ${FAST_READS} reads of ` +
+            "queue 1 did: the worker waited for the slow storage",
+        );
+        for (const p of pending) {
+          const r = s.blk.wait(p, 60_000);
+          assert.equal(r.status, BlkStatus.OK, "the slow reads complete too");
+          assert.ok(r.data.every((b) => b === 0x5a));
+        }
+      });
+    } finally {
+      await slow.stop();
+    }
+  },
+});
+
+if (unavailable !== null) console.warn(`blk_slow_storage_test: skipped: ${unavailable}`);
