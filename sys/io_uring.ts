@@ -25,7 +25,7 @@ const IORING_CQ_EVENTFD_DISABLED = 1;
 const IORING_FSYNC_DATASYNC = 1;
 
 /** io_uring operation codes used here. */
-export const IoUringOp = { READV: 1, WRITEV: 2, FSYNC: 3 } as const;
+export const IoUringOp = { READV: 1, WRITEV: 2, FSYNC: 3, FALLOCATE: 17 } as const;
 
 /** One completion. */
 export interface Completion {
@@ -118,13 +118,14 @@ export class IoUring {
   }
 
   /**
-   * Caps the kernel's io-wq worker threads of the calling thread (shared by every ring that thread
-   * submits on) at `bounded` for regular files and block devices, and `unbounded` for other fds
-   * (IORING_REGISTER_IOWQ_MAX_WORKERS, Linux 5.15). Those threads run what cannot complete without
-   * blocking: buffered reads and writes a file system cannot do asynchronously, fdatasync.
-   * Throws SysError (EINVAL on older kernels).
+   * Sets the most io-wq kernel threads of the calling thread (shared by every ring that thread
+   * submits on): `bounded` for work on regular files and block devices, `unbounded` for other fds;
+   * 0 leaves a value as it is (IORING_REGISTER_IOWQ_MAX_WORKERS, Linux 5.15). Returns the values
+   * in force before. Those threads run what cannot complete without blocking: buffered reads and
+   * writes a file system cannot do asynchronously, fdatasync, fallocate. Throws SysError (EINVAL
+   * on older kernels).
    */
-  limitWorkers(bounded: number, unbounded: number): void {
+  ioWqMaxWorkers(bounded: number, unbounded: number): [number, number] {
     const counts = new Uint32Array([bounded, unbounded]);
     const rc = Number(
       libc.io_uring_register(
@@ -136,6 +137,7 @@ export class IoUring {
       ),
     );
     if (rc < 0) throw new SysError("io_uring_register(IOWQ_MAX_WORKERS)", errno());
+    return [counts[0], counts[1]];
   }
 
   /** Prepared submissions not yet handed to the kernel. */
@@ -175,6 +177,30 @@ export class IoUring {
     } else {
       v.setUint32(o + 28, IORING_FSYNC_DATASYNC, true);
     }
+    v.setUint32(o + 32, tag, true);
+    this.#sq[this.#sqArray + index] = index;
+    this.#pending++;
+    return true;
+  }
+
+  /**
+   * Queues an fallocate(2) of `length` bytes at `offset` with `mode` (IORING_OP_FALLOCATE, Linux
+   * 5.6; always run by an io-wq thread). False when the ring is full.
+   */
+  prepareFallocate(fd: number, offset: number, length: number, mode: number, tag: number): boolean {
+    if (this.space <= 0) return false;
+    const index = (this.#tail + this.#pending) & this.#sqMask;
+    const o = index * 64;
+    const v = this.#sqeView;
+    for (let i = 0; i < 64; i += 8) v.setBigUint64(o + i, 0n, true);
+    v.setUint8(o, IoUringOp.FALLOCATE);
+    v.setInt32(o + 4, fd, true);
+    v.setUint32(o + 8, offset >>> 0, true);
+    v.setUint32(o + 12, Math.floor(offset / 4294967296), true);
+    // The length goes where a transfer's buffer address would, the mode in the length field.
+    v.setUint32(o + 16, length >>> 0, true);
+    v.setUint32(o + 20, Math.floor(length / 4294967296), true);
+    v.setUint32(o + 24, mode, true);
     v.setUint32(o + 32, tag, true);
     this.#sq[this.#sqArray + index] = index;
     this.#pending++;

@@ -16,6 +16,7 @@ import assert from "node:assert/strict";
 import { BlkRequestType, BlkStatus } from "../devices/blk/device.ts";
 import { withInProcessBlk } from "./helpers/in_process.ts";
 import { slowImageUnavailable, startSlowImage } from "./helpers/slow_image.ts";
+import { ioWqWorkerCap } from "../devices/blk/uring.ts";
 
 const MiB = 1 << 20;
 const SECTOR = 512;
@@ -68,6 +69,63 @@ Deno.test({
           assert.ok(r.data.every((b) => b === 0x5a));
         }
       });
+    } finally {
+      await slow.stop();
+    }
+  },
+});
+
+/** io-wq threads of this process by the thread they work for (named `iou-wrk-<its tid>`). */
+function ioWqThreads(): Map<string, number> {
+  const byOwner = new Map<string, number>();
+  for (const t of Deno.readDirSync("/proc/self/task")) {
+    let name: string;
+    try {
+      name = Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim();
+    } catch {
+      continue; // exited meanwhile
+    }
+    if (name.startsWith("iou-wrk-")) byOwner.set(name, (byOwner.get(name) ?? 0) + 1);
+  }
+  return byOwner;
+}
+
+Deno.test({
+  name: "blk (io_uring, buffered): a guest keeping every slot of every queue on slow storage " +
+    "gets at most the capped number of io-wq threads, and every read completes",
+  ignore: unavailable !== null,
+  async fn() {
+    const QUEUES = 4;
+    const PER_QUEUE = 16;
+    const slow = await startSlowImage(16 * MiB, 16, 0x3c);
+    try {
+      await withInProcessBlk(
+        { image: slow.path, ioEngine: "uring", queues: QUEUES },
+        async (blk) => {
+          const s = await blk.open();
+          // 64 reads 256 KiB apart: each misses the cache (readahead would not reach the next).
+          const pending = Array.from({ length: QUEUES * PER_QUEUE }, (_, i) =>
+            s.blk.submit({
+              type: BlkRequestType.IN,
+              sector: (i * 256 * 1024) / SECTOR,
+              inBytes: 4096,
+              queue: i % QUEUES,
+            }));
+          // Threads are counted while the throttle (16 reads a second) holds most reads back.
+          let most = 0;
+          for (let i = 0; i < 40; i++) {
+            for (const n of ioWqThreads().values()) most = Math.max(most, n);
+            await new Promise((r) => setTimeout(r, 25));
+          }
+          assert.ok(most >= 2, `the slow reads ran in parallel in io-wq threads (${most} seen)`);
+          assert.ok(most <= ioWqWorkerCap(), `${most} io-wq threads, cap ${ioWqWorkerCap()}`);
+          for (const p of pending) {
+            const r = s.blk.wait(p, 60_000);
+            assert.equal(r.status, BlkStatus.OK);
+            assert.ok(r.data.every((b) => b === 0x3c));
+          }
+        },
+      );
     } finally {
       await slow.stop();
     }

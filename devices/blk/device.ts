@@ -350,7 +350,13 @@ export class BlkDevice implements VirtioDevice {
     if (offset !== BlkConfig.WCE || data.length !== 1 || data[0] > 1) return false;
     this.writeCache = data[0] === 1;
     this.#log.info("write cache {mode}", { mode: this.writeCache ? "on (writeback)" : "off" });
-    if (!this.writeCache) this.#storage.flush();
+    if (!this.writeCache) {
+      // A head start for the writes already cached (virtio asks for none). Through io_uring it
+      // runs in the kernel, so a guest flipping the bit cannot hold the worker with fdatasync; its
+      // error is kept for the next FLUSH.
+      if (this.#uring !== null) this.#uring.syncInBackground();
+      else this.#storage.flush();
+    }
     return true;
   }
 
@@ -507,8 +513,9 @@ export class BlkDevice implements VirtioDevice {
   }
 
   /**
-   * The io_uring engine: queues a checked read, write or flush; false sends the request to the
-   * synchronous engine instead (other types, and buffers with more segments than a slot holds).
+   * The io_uring engine: queues a checked read, write, flush or discard; false sends the request to
+   * the synchronous engine instead (other types, buffers with more segments than a slot holds,
+   * discards it refuses).
    */
   #submit(chain: DescriptorChain, request: BlkRequest, slot: RequestSlot): boolean {
     const bytes = request.dataBytes;
@@ -527,10 +534,22 @@ export class BlkDevice implements VirtioDevice {
       case BlkRequestType.FLUSH:
         slot.op = IoUringOp.FSYNC;
         break;
+      case BlkRequestType.DISCARD: {
+        // Punching holes may take long (much to deallocate, slow storage): in the kernel too. A
+        // request that is refused goes to the synchronous engine, which refuses it again.
+        const ranges = this.#ranges(chain, request, false);
+        if (typeof ranges === "number") return false;
+        slot.ranges = ranges.filter((r) => r.length > 0);
+        if (slot.ranges.length === 0) return false;
+        slot.op = IoUringOp.FALLOCATE;
+        break;
+      }
       default:
         return false;
     }
-    slot.expected = request.type === BlkRequestType.FLUSH ? 0 : bytes;
+    slot.expected = request.type === BlkRequestType.IN || request.type === BlkRequestType.OUT
+      ? bytes
+      : 0;
     slot.offset = request.sector * SECTOR;
     this.#uring!.queue(slot);
     return true;
@@ -542,6 +561,8 @@ export class BlkDevice implements VirtioDevice {
     if (slot.op === IoUringOp.FSYNC) {
       const early = this.#uring!.takeSyncError();
       status = this.#status(result < 0 ? result : early, "flush");
+    } else if (slot.op === IoUringOp.FALLOCATE) {
+      status = this.#status(result, "discard");
     } else if (result === slot.expected) {
       status = BlkStatus.OK;
     } else if (result >= 0) {

@@ -18,6 +18,7 @@ import { createEventFd, drainEventFd } from "../../sys/event.ts";
 import { IoVec } from "../../sys/io.ts";
 import { closeQuietly, Errno } from "../../sys/libc.ts";
 import { IoUring, IoUringOp } from "../../sys/io_uring.ts";
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE } from "../../sys/io.ts";
 import type { DeviceEventLoop, Virtqueue } from "../device.ts";
 import { BlkRequest } from "./request.ts";
 
@@ -35,6 +36,10 @@ export class RequestSlot {
   done = 0;
   /** Times it was resubmitted after EAGAIN or EINTR. */
   retries = 0;
+  /** A discard's ranges, punched one after the other (op FALLOCATE). */
+  ranges: readonly { offset: number; length: number }[] = [];
+  /** The range of {@link ranges} in flight. */
+  range = 0;
   /** The operation (IoUringOp). */
   op = 0;
   /** Byte offset in the image. */
@@ -64,14 +69,23 @@ export interface UringOwner {
 
 /**
  * Most io-wq kernel threads a data-plane worker's rings may use for blocking work on images
- * (buffered I/O a file system cannot do asynchronously, such as FUSE's; fdatasync), whatever the
- * guests send. io-wq is per submitting thread, so this bounds the threads of a worker and all the
- * devices it serves; the kernel's default would be min(ring entries, 4 × CPUs) for files, 256 on a
- * big host, and RLIMIT_NPROC for other fds. More requests than this simply wait in io-wq's queue.
- * 16 keeps that many slow reads in flight (a network file system wants some parallelism), and
- * idle io-wq threads exit after a few seconds.
+ * (buffered I/O a file system cannot do asynchronously, such as FUSE's; fdatasync; discards),
+ * whatever the guests send. More requests than that wait in io-wq's queue. 16 keeps that many slow
+ * requests in flight (a network file system wants some parallelism); idle io-wq threads exit after
+ * a few seconds.
  */
 export const IOWQ_MAX_WORKERS = 16;
+
+/**
+ * The io-wq cap a worker's rings set: {@link IOWQ_MAX_WORKERS}, or 4 per CPU if that is fewer (the
+ * kernel's own default for files, which it takes from the first ring a thread creates, capped by
+ * that ring's size: 256 threads per worker on a 64-CPU host; RLIMIT_NPROC for other fds). io-wq is
+ * per submitting thread, so the cap bounds a worker and every device it serves; each device's ring
+ * sets the same value.
+ */
+export function ioWqWorkerCap(): number {
+  return Math.min(IOWQ_MAX_WORKERS, 4 * navigator.hardwareConcurrency);
+}
 
 /** Resubmissions of one request after EAGAIN or EINTR before it fails. */
 const MAX_RETRIES = 3;
@@ -96,8 +110,8 @@ export class UringEngine {
   /** The reap callback, made once (no closure per batch). */
   readonly #onCompletion = (tag: number, result: number) => this.#completion(tag, result);
   /**
-   * The io-wq thread cap in force ({@link IOWQ_MAX_WORKERS}), or null where the kernel cannot set
-   * one (before 5.15: its default bound, min(ring entries, 4 × CPUs), applies).
+   * The io-wq thread cap in force for files (at most {@link IOWQ_MAX_WORKERS}), or null where the
+   * kernel cannot set one (before 5.15: its default, min(ring entries, 4 × CPUs), applies).
    */
   readonly workerLimit: number | null;
 
@@ -109,9 +123,9 @@ export class UringEngine {
     this.#fd = fd;
     this.#owner = owner;
     this.#ring = new IoUring(depth);
-    let limit: number | null = IOWQ_MAX_WORKERS;
+    let limit: number | null = ioWqWorkerCap();
     try {
-      this.#ring.limitWorkers(IOWQ_MAX_WORKERS, IOWQ_MAX_WORKERS);
+      this.#ring.ioWqMaxWorkers(limit, limit);
     } catch {
       limit = null;
     }
@@ -162,6 +176,7 @@ export class UringEngine {
     slot.syncAfter = false;
     slot.done = 0;
     slot.retries = 0;
+    slot.range = 0;
     return slot;
   }
 
@@ -173,8 +188,14 @@ export class UringEngine {
 
   /** Queues the slot's operation; submitted by {@link flush}. */
   queue(slot: RequestSlot): void {
-    const iov = slot.op === IoUringOp.FSYNC ? null : slot.iov;
     // Never full: there are exactly as many slots as ring entries.
+    if (slot.op === IoUringOp.FALLOCATE) {
+      const r = slot.ranges[slot.range];
+      const mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+      this.#ring.prepareFallocate(this.#fd, r.offset, r.length, mode, slot.tag);
+      return;
+    }
+    const iov = slot.op === IoUringOp.FSYNC ? null : slot.iov;
     this.#ring.prepare(slot.op, this.#fd, iov, slot.offset, slot.tag);
   }
 
@@ -250,7 +271,7 @@ export class UringEngine {
   /** One completion: the request goes on (queued again, submitted by the caller) or ends. */
   #completion(tag: number, result: number): void {
     const slot = this.#slots[tag];
-    const transfer = slot.op !== IoUringOp.FSYNC;
+    const transfer = slot.op === IoUringOp.READV || slot.op === IoUringOp.WRITEV;
     if (transfer && result > 0 && slot.done + result < slot.expected) {
       // A short read or write (a buffered one may stop where the cached pages end): the rest is
       // submitted again, never done synchronously in the worker. EOF ends it at 0 below.
@@ -264,6 +285,15 @@ export class UringEngine {
       slot.retries++;
       this.queue(slot);
       return;
+    }
+    if (slot.op === IoUringOp.FALLOCATE) {
+      // A discard is a hint: a file system that cannot punch holes has done all it must.
+      if (result === -Errno.EOPNOTSUPP) result = 0;
+      if (result === 0 && ++slot.range < slot.ranges.length) {
+        slot.retries = 0;
+        this.queue(slot);
+        return;
+      }
     }
     const total = transfer && result >= 0 ? slot.done + result : result;
     if (slot.syncAfter && total === slot.expected) {
