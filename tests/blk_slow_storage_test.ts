@@ -6,8 +6,9 @@
  * The device runs in this process (tests/helpers/in_process.ts) and the front-end library drives
  * it. Completions are counted, never timed.
  *
- * With `ioEngine: "sync"` the same test fails: the worker sits in preadv on queue 0's reads one
- * after the other, and queue 1 is served only once all of them are done.
+ * With `ioEngine: "sync"` for the slow image the tests fail: the worker sits in preadv on the slow
+ * reads one after the other, and serves the other queue, or the other disk, only once all of them
+ * are done.
  *
  * @module
  */
@@ -15,6 +16,7 @@
 import assert from "node:assert/strict";
 import { BlkRequestType, BlkStatus } from "../devices/blk/device.ts";
 import { withInProcessBlk } from "./helpers/in_process.ts";
+import { WorkerPool } from "../daemon/worker_pool.ts";
 import { slowImageUnavailable, startSlowImage } from "./helpers/slow_image.ts";
 import { ioWqWorkerCap } from "../devices/blk/uring.ts";
 
@@ -34,7 +36,8 @@ Deno.test({
     // 4 reads a second: the slow reads take about 2 s in all, far longer than the fast ones.
     const slow = await startSlowImage(16 * MiB, 4, 0x5a);
     try {
-      await withInProcessBlk({ image: slow.path, ioEngine: "uring", queues: 2 }, async (blk) => {
+      // `auto`: the engine the daemon picks by default (io_uring, for a buffered FUSE file).
+      await withInProcessBlk({ image: slow.path, ioEngine: "auto", queues: 2 }, async (blk) => {
         const s = await blk.open();
         // Queue 1 reads one region first (one throttled read), so that later reads of it come
         // from the page cache of the FUSE file; the slow reads, 1 MiB apart, miss it.
@@ -69,6 +72,58 @@ Deno.test({
           assert.ok(r.data.every((b) => b === 0x5a));
         }
       });
+    } finally {
+      await slow.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "blk (io_uring, buffered): reads waiting on a slow disk do not stall another disk " +
+    "sharing its worker",
+  ignore: unavailable !== null,
+  async fn() {
+    const slow = await startSlowImage(16 * MiB, 4, 0x5a);
+    // One shared worker, as `vhostd run` gives a VM's devices by default.
+    const pool = new WorkerPool({ workers: 1 });
+    try {
+      await withInProcessBlk(
+        { image: slow.path, pool, ioEngine: "auto", queues: 1 },
+        async (slowBlk) => {
+          // The other disk: a fresh image on the test's file system, the default engine for it.
+          await withInProcessBlk({ pool, queues: 1, ioEngine: "auto" }, async (fastBlk) => {
+            assert.equal(pool.sharedWorkers, 1, "both disks on one worker");
+            const a = await slowBlk.open();
+            const b = await fastBlk.open();
+            const data = new Uint8Array(4096).map((_, i) => i & 0xff);
+            const q0 = a.queues[0];
+            const used0 = q0.usedIdx;
+            const pending = Array.from(
+              { length: SLOW_READS },
+              (_, i) =>
+                a.blk.submit({
+                  type: BlkRequestType.IN,
+                  sector: (i * MiB) / SECTOR,
+                  inBytes: 4096,
+                  queue: 0,
+                }),
+            );
+            for (let i = 0; i < FAST_READS; i++) {
+              assert.equal(b.blk.write(i * 8, data).status, BlkStatus.OK, `fast write ${i}`);
+              const r = b.blk.read(i * 8, 4096);
+              assert.equal(r.status, BlkStatus.OK, `fast read ${i}`);
+              assert.deepEqual(r.data, data);
+            }
+            const slowDone = (q0.usedIdx - used0) & 0xffff;
+            assert.ok(
+              slowDone < SLOW_READS,
+              `all ${SLOW_READS} slow reads of the slow disk completed before the other disk's ` +
+                `${FAST_READS} writes and reads did: the shared worker waited for the slow storage`,
+            );
+            for (const p of pending) assert.equal(a.blk.wait(p, 60_000).status, BlkStatus.OK);
+          });
+        },
+      );
     } finally {
       await slow.stop();
     }

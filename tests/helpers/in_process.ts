@@ -14,6 +14,7 @@
 import { planBlk } from "../../daemon/blk.ts";
 import type { BlkIoEngine } from "../../devices/blk/device.ts";
 import { DeviceService } from "../../daemon/service.ts";
+import type { WorkerPool } from "../../daemon/worker_pool.ts";
 import type { PortSnapshot } from "../../daemon/stats.ts";
 import { BlkFrontend, type BlkFrontendOptions } from "../../vhost-user/frontend/mod.ts";
 import { sparseFile } from "./daemon.ts";
@@ -32,6 +33,8 @@ export interface InProcessBlkOptions {
   ioEngine?: BlkIoEngine;
   /** Busy-poll window of the worker's loop in µs; default 0 (kicks only). */
   pollUs?: number;
+  /** Place the device on a worker of this pool (shared with other devices); default its own. */
+  pool?: WorkerPool;
 }
 
 /** A block device served in this process. */
@@ -75,7 +78,7 @@ export async function serveBlkInProcess(options: InProcessBlkOptions = {}): Prom
   plan.blk.ioEngine = options.ioEngine ?? "sync";
   let service: DeviceService;
   try {
-    service = await DeviceService.start(plan.service);
+    service = await DeviceService.start(plan.service, options.pool);
   } catch (e) {
     await Deno.remove(dir, { recursive: true });
     throw e;
