@@ -229,15 +229,15 @@ export class BlkDevice implements VirtioDevice {
    * names the engine that serves and why.
    *
    * Buffered images on other file systems use io_uring: a read of cached pages completes inline as
-   * it is submitted (on ext4, as cheap as a preadv: measured with the back-end bench), while one
-   * that misses the cache, however slow the storage, waits in the kernel instead of in the worker,
-   * where it would stall every queue and every device the worker serves. (Measured with the
-   * back-end bench, 4k random reads from the page cache of an ext4 image: io_uring gave about
-   * twice the IOPS of preadv at half the CPU per I/O, one submission serving a batch.) On tmpfs no
-   * read waits for storage, and io_uring measured slower there: tmpfs offers no non-blocking read
-   * to io_uring (Linux 6.18), which then hands reads to an io-wq thread (one appears at the first
-   * read; none on ext4), and one queue's reads cost twice the CPU per I/O (8-9 µs against 4-5 µs)
-   * at 70% of the IOPS.
+   * it is submitted, while one that misses the cache, however slow the storage, waits in the
+   * kernel instead of in the worker, where it would stall every queue and every device the worker
+   * serves. (Measured with the
+   * back-end bench, 4k random reads from the page cache of an ext4 image, alternated runs: io_uring
+   * gave about twice the IOPS of preadv at half the CPU per I/O, one submission serving a batch.)
+   * On tmpfs no read waits for storage, and io_uring measured slower there: tmpfs offers io_uring
+   * no non-blocking read (Linux 6.18), so reads go through an io-wq thread (one appears at the
+   * first read; none on ext4). One queue's reads took 7-9 µs of CPU each against 4-5 µs, at about
+   * 70% of the IOPS (7 alternated runs); four queues about even in IOPS, still at more CPU.
    */
   #startEngine(options: BlkOptions): UringEngine | null {
     const asked = options.ioEngine ?? "auto";
@@ -248,7 +248,10 @@ export class BlkDevice implements VirtioDevice {
       return null;
     }
     if (asked === "auto" && !direct && MEMORY_FS_MAGIC.includes(fileSystemType(options.fd))) {
-      this.#log.info("I/O engine: synchronous (an image in memory, tmpfs or ramfs, never waits)");
+      this.#log.info(
+        "I/O engine: synchronous (buffered, on tmpfs or ramfs: served from memory, where it " +
+          "measured faster than io_uring)",
+      );
       return null;
     }
     const owner: UringOwner = {

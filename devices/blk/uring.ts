@@ -68,11 +68,17 @@ export interface UringOwner {
 }
 
 /**
- * Most io-wq kernel threads a data-plane worker's rings may use for blocking work on images
- * (buffered I/O a file system cannot do asynchronously, such as FUSE's; fdatasync; discards),
- * whatever the guests send. More requests than that wait in io-wq's queue. 16 keeps that many slow
- * requests in flight (a network file system wants some parallelism); idle io-wq threads exit after
- * a few seconds.
+ * Most io-wq kernel threads a data-plane worker's rings may use for blocking work on images,
+ * whatever the guests send. That work is what a file system cannot do asynchronously: reads on
+ * FUSE or tmpfs, buffered writes (ext4 too, Linux 6.18), fdatasync, discards. Buffered reads on
+ * ext4, xfs or a block device, and O_DIRECT I/O, need no io-wq thread. More requests than the cap
+ * wait in io-wq's queue. 16 keeps that many slow requests in flight (a network file system wants
+ * some parallelism); idle io-wq threads exit after a few seconds.
+ *
+ * The threads are shared by the devices of a worker: a disk whose storage holds all of them (a
+ * guest keeping 16 reads outstanding on a stalled FUSE or NFS file) delays the other disks'
+ * io-wq work, their buffered writes and flushes, until its requests complete; their reads, and
+ * the worker itself, go on. A device with `ownWorker` has io-wq threads of its own.
  */
 export const IOWQ_MAX_WORKERS = 16;
 
