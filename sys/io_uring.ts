@@ -56,7 +56,7 @@ export class IoUring {
   readonly #cqTail: number;
   readonly #cqMask: number;
   readonly #cqes: number;
-  /** Index (in u32s) of `cq_flags` in the completion ring. */
+  /** Index (in u32s) of `cq_flags` in the completion ring; -1 where the kernel has none. */
   readonly #cqFlags: number;
   #tail = 0;
   #pending = 0;
@@ -99,7 +99,9 @@ export class IoUring {
     this.#cqTail = pv.getUint32(cqOff + 4, true) >> 2;
     this.#cqMask = this.#cq[pv.getUint32(cqOff + 8, true) >> 2];
     this.#cqes = pv.getUint32(cqOff + 20, true);
-    this.#cqFlags = pv.getUint32(cqOff + 24, true) >> 2;
+    // Linux 5.8 and later give cq_off.flags; before it the field is 0 and there is nothing to set.
+    const cqFlagsOffset = pv.getUint32(cqOff + 24, true);
+    this.#cqFlags = cqFlagsOffset === 0 ? -1 : cqFlagsOffset >> 2;
     this.#tail = this.#sq[this.#sqTail];
   }
 
@@ -221,8 +223,9 @@ export class IoUring {
     this.#pending = 0;
     let done = 0;
     // Only this thread writes cq_flags; the kernel reads it when it posts a completion.
-    const flags = this.#cq[this.#cqFlags];
-    Atomics.store(this.#cq, this.#cqFlags, flags | IORING_CQ_EVENTFD_DISABLED);
+    const quiet = this.#cqFlags >= 0;
+    const flags = quiet ? this.#cq[this.#cqFlags] : 0;
+    if (quiet) Atomics.store(this.#cq, this.#cqFlags, flags | IORING_CQ_EVENTFD_DISABLED);
     try {
       while (done < n) {
         const rc = Number(
@@ -236,7 +239,7 @@ export class IoUring {
         done += rc;
       }
     } finally {
-      Atomics.store(this.#cq, this.#cqFlags, flags & ~IORING_CQ_EVENTFD_DISABLED);
+      if (quiet) Atomics.store(this.#cq, this.#cqFlags, flags & ~IORING_CQ_EVENTFD_DISABLED);
     }
     return true;
   }
