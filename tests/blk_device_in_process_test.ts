@@ -105,6 +105,24 @@ for (const ioEngine of ["sync", "uring"] as const) {
       assert.equal(errors(blk), 0);
     }));
 
+  Deno.test(`BlkDevice (${ioEngine}): write-zeroes of several ranges, with and without unmap`, () =>
+    withInProcessBlk({ ioEngine, queues: 1 }, async (blk) => {
+      const s = await blk.open();
+      const data = new Uint8Array(4096).fill(0xa5);
+      for (const sector of [0, 64, 128, 192]) assert.equal(s.blk.write(sector, data).status, 0);
+      const ranges = [{ sector: 0, sectors: 8 }, { sector: 128, sectors: 8 }];
+      for (const unmap of [false, true]) {
+        if (unmap) { for (const r of ranges) s.blk.write(r.sector, data); }
+        assert.equal(s.blk.writeZeroes(ranges, unmap).status, BlkStatus.OK, `unmap ${unmap}`);
+        for (const r of ranges) {
+          assert.deepEqual(imageBytes(blk, r.sector * SECTOR, 4096), new Uint8Array(4096));
+        }
+        assert.deepEqual(imageBytes(blk, 64 * SECTOR, 4096), data, "between them: kept");
+        assert.deepEqual(imageBytes(blk, 192 * SECTOR, 4096), data, "after them: kept");
+      }
+      assert.equal(errors(blk), 0);
+    }));
+
   Deno.test(`BlkDevice (${ioEngine}): with the write cache off, writes complete synced`, () =>
     withInProcessBlk({ ioEngine, queues: 1 }, async (blk) => {
       const s = await blk.open();

@@ -15,6 +15,7 @@
 
 import assert from "node:assert/strict";
 import { BlkRequestType, BlkStatus } from "../devices/blk/device.ts";
+import { rangesPayload } from "../vhost-user/frontend/mod.ts";
 import { withInProcessBlk } from "./helpers/in_process.ts";
 import { WorkerPool } from "../daemon/worker_pool.ts";
 import { slowImageUnavailable, startSlowImage } from "./helpers/slow_image.ts";
@@ -70,6 +71,46 @@ Deno.test({
           const r = s.blk.wait(p, 60_000);
           assert.equal(r.status, BlkStatus.OK, "the slow reads complete too");
           assert.ok(r.data.every((b) => b === 0x5a));
+        }
+      });
+    } finally {
+      await slow.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "blk (io_uring, buffered): a write-zeroes waiting on slow storage does not stall " +
+    "another queue of the device",
+  ignore: unavailable !== null,
+  async fn() {
+    const slow = await startSlowImage(16 * MiB, 4, 0x5a);
+    try {
+      await withInProcessBlk({ image: slow.path, ioEngine: "auto", queues: 2 }, async (blk) => {
+        const s = await blk.open();
+        assert.equal(s.blk.read(15 * MiB / SECTOR, 4096, 1).status, BlkStatus.OK, "warm");
+        const q0 = s.queues[0];
+        const used0 = q0.usedIdx;
+        // Two ranges, each a throttled operation at least (fallocate, or writes of zeros).
+        const ranges = [{ sector: 0, sectors: 128 }, { sector: 4 * MiB / SECTOR, sectors: 128 }];
+        const zeroing = s.blk.submit({
+          type: BlkRequestType.WRITE_ZEROES,
+          out: rangesPayload(ranges, false),
+          queue: 0,
+        });
+        for (let i = 0; i < FAST_READS; i++) {
+          assert.equal(s.blk.read(15 * MiB / SECTOR, 4096, 1).status, BlkStatus.OK);
+        }
+        assert.equal(
+          q0.usedIdx,
+          used0,
+          `the write-zeroes completed before the ${FAST_READS} reads of queue 1 did: the worker ` +
+            "waited for the slow storage",
+        );
+        assert.equal(s.blk.wait(zeroing, 60_000).status, BlkStatus.OK, "the zeroing succeeds");
+        for (const r of ranges) {
+          const back = s.blk.read(r.sector, 4096, 1);
+          assert.ok(back.data.every((b) => b === 0), `sector ${r.sector} reads back as zeros`);
         }
       });
     } finally {

@@ -516,9 +516,9 @@ export class BlkDevice implements VirtioDevice {
   }
 
   /**
-   * The io_uring engine: queues a checked read, write, flush or discard; false sends the request to
-   * the synchronous engine instead (other types, buffers with more segments than a slot holds,
-   * discards it refuses).
+   * The io_uring engine: queues a checked read, write, flush, discard or write-zeroes; false sends
+   * the request to the synchronous engine instead (other types, buffers with more segments than a
+   * slot holds, discards and write-zeroes it refuses).
    */
   #submit(chain: DescriptorChain, request: BlkRequest, slot: RequestSlot): boolean {
     const bytes = request.dataBytes;
@@ -547,6 +547,15 @@ export class BlkDevice implements VirtioDevice {
         slot.op = IoUringOp.FALLOCATE;
         break;
       }
+      case BlkRequestType.WRITE_ZEROES: {
+        // Zeroing may mean writing gigabytes of zeros: in the kernel's time, range by range.
+        const ranges = this.#ranges(chain, request, true);
+        if (typeof ranges === "number") return false;
+        slot.ranges = ranges.filter((r) => r.length > 0);
+        if (slot.ranges.length === 0) return false;
+        this.#uring!.startZeroing(slot);
+        return true;
+      }
       default:
         return false;
     }
@@ -561,7 +570,9 @@ export class BlkDevice implements VirtioDevice {
   /** Completes an io_uring request (the engine then interrupts the guest). */
   #finish(slot: RequestSlot, result: number): void {
     let status: number;
-    if (slot.op === IoUringOp.FSYNC) {
+    if (slot.zeroing) {
+      status = this.#status(result, "write zeroes");
+    } else if (slot.op === IoUringOp.FSYNC) {
       const early = this.#uring!.takeSyncError();
       status = this.#status(result < 0 ? result : early, "flush");
     } else if (slot.op === IoUringOp.FALLOCATE) {
@@ -577,7 +588,7 @@ export class BlkDevice implements VirtioDevice {
     }
     const queue = slot.queue!;
     const request = slot.request;
-    if (slot.op === IoUringOp.WRITEV) queue.countBytes?.(slot.expected);
+    if (slot.op === IoUringOp.WRITEV && !slot.zeroing) queue.countBytes?.(slot.expected);
     this.#completeRequest(queue, request, status, null);
   }
 

@@ -4,7 +4,8 @@
  * or buffered. A buffered read of cached pages completes inline while it is submitted (about as
  * cheap as a preadv, and reaped at once); a cache miss waits in the kernel (the file system's
  * asynchronous read, or an io-wq kernel thread for one that has none, such as FUSE), and so do
- * writes that must wait for the page cache, and fdatasync. Meanwhile the worker serves every other
+ * writes that must wait for the page cache, fdatasync, discards and zeroing (fallocate, or writes
+ * of zeros where the file system cannot zero a range). Meanwhile the worker serves every other
  * queue and device.
  *
  * Each request in flight owns a slot: the queue to complete on, the decoded request, and its iovec
@@ -18,7 +19,8 @@ import { createEventFd, drainEventFd } from "../../sys/event.ts";
 import { IoVec } from "../../sys/io.ts";
 import { closeQuietly, Errno } from "../../sys/libc.ts";
 import { IoUring, IoUringOp } from "../../sys/io_uring.ts";
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE } from "../../sys/io.ts";
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from "../../sys/io.ts";
+import type { ZeroRange } from "./zero_jobs.ts";
 import type { DeviceEventLoop, Virtqueue } from "../device.ts";
 import { BlkRequest } from "./request.ts";
 
@@ -36,10 +38,19 @@ export class RequestSlot {
   done = 0;
   /** Times it was resubmitted after EAGAIN or EINTR. */
   retries = 0;
-  /** A discard's ranges, punched one after the other (op FALLOCATE). */
-  ranges: readonly { offset: number; length: number }[] = [];
-  /** The range of {@link ranges} in flight. */
+  /**
+   * A discard's ranges, punched one after the other, or a WRITE_ZEROES request's, zeroed one
+   * after the other (op FALLOCATE; for zeroing, WRITEV of zeros where fallocate cannot).
+   */
+  ranges: readonly ZeroRange[] = [];
+  /** The range of {@link ranges} in hand. */
   range = 0;
+  /** A WRITE_ZEROES request (else a discard, when {@link ranges} is set). */
+  zeroing = false;
+  /** Zeroing: the fallocate mode in flight on the current range. */
+  mode = 0;
+  /** Zeroing by writes: bytes of the current range written so far. */
+  zeroed = 0;
   /** The operation (IoUringOp). */
   op = 0;
   /** Byte offset in the image. */
@@ -96,6 +107,16 @@ export function ioWqWorkerCap(): number {
 /** Resubmissions of one request after EAGAIN or EINTR before it fails. */
 const MAX_RETRIES = 3;
 
+/** fallocate modes that zero a range, in the order tried, when the driver allows unmapping. */
+const UNMAP_MODES = [FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE];
+/** The one that keeps the range allocated, when it does not. */
+const ZERO_MODES = [FALLOC_FL_ZERO_RANGE];
+/** Zeros written by one WRITEV where fallocate cannot zero: a 1 MiB buffer, this many times. */
+const ZERO_WRITE_SEGMENTS = 16;
+const ZERO_CHUNK = 1 << 20;
+/** Memory alignment O_DIRECT asks of buffers (a page covers any logical block size). */
+const PAGE = 4096;
+
 /** The io_uring engine of one block device. */
 export class UringEngine {
   readonly #ring: IoUring;
@@ -113,6 +134,11 @@ export class UringEngine {
   #syncError = 0;
   /** Completions are being reaped: a nested {@link flush} only submits. */
   #reaping = false;
+  /** fallocate modes the file system refused (EOPNOTSUPP): not tried again. */
+  readonly #unsupported = new Set<number>();
+  /** Zeros to write from, allocated at the first zeroing that needs them; page-aligned address. */
+  #zeros: Uint8Array | null = null;
+  #zerosAddress = 0;
   /** The reap callback, made once (no closure per batch). */
   readonly #onCompletion = (tag: number, result: number) => this.#completion(tag, result);
   /**
@@ -183,6 +209,9 @@ export class UringEngine {
     slot.done = 0;
     slot.retries = 0;
     slot.range = 0;
+    slot.zeroing = false;
+    slot.mode = 0;
+    slot.zeroed = 0;
     return slot;
   }
 
@@ -197,8 +226,14 @@ export class UringEngine {
     // Never full: there are exactly as many slots as ring entries.
     if (slot.op === IoUringOp.FALLOCATE) {
       const r = slot.ranges[slot.range];
-      const mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-      this.#ring.prepareFallocate(this.#fd, r.offset, r.length, mode, slot.tag);
+      const mode = slot.zeroing ? slot.mode : FALLOC_FL_PUNCH_HOLE;
+      this.#ring.prepareFallocate(
+        this.#fd,
+        r.offset,
+        r.length,
+        mode | FALLOC_FL_KEEP_SIZE,
+        slot.tag,
+      );
       return;
     }
     const iov = slot.op === IoUringOp.FSYNC ? null : slot.iov;
@@ -277,6 +312,24 @@ export class UringEngine {
   /** One completion: the request goes on (queued again, submitted by the caller) or ends. */
   #completion(tag: number, result: number): void {
     const slot = this.#slots[tag];
+    if ((result === -Errno.EAGAIN || result === -Errno.EINTR) && slot.retries < MAX_RETRIES) {
+      slot.retries++;
+      this.queue(slot);
+      return;
+    }
+    if (slot.zeroing) {
+      if (result < 0) {
+        if (!this.#zeroFailed(slot, result)) return; // zeroing the range another way
+      } else if (slot.op === IoUringOp.WRITEV && result === 0) {
+        result = -Errno.EIO; // no progress: never loop on it
+      } else if (this.#zeroNext(slot, result)) {
+        return;
+      } else {
+        result = 0;
+      }
+      this.#end(slot, result);
+      return;
+    }
     const transfer = slot.op === IoUringOp.READV || slot.op === IoUringOp.WRITEV;
     if (transfer && result > 0 && slot.done + result < slot.expected) {
       // A short read or write (a buffered one may stop where the cached pages end): the rest is
@@ -284,11 +337,6 @@ export class UringEngine {
       slot.done += result;
       slot.offset += result;
       slot.iov.advance(result);
-      this.queue(slot);
-      return;
-    }
-    if ((result === -Errno.EAGAIN || result === -Errno.EINTR) && slot.retries < MAX_RETRIES) {
-      slot.retries++;
       this.queue(slot);
       return;
     }
@@ -309,6 +357,11 @@ export class UringEngine {
       this.queue(slot);
       return;
     }
+    this.#end(slot, total);
+  }
+
+  /** The slot's work is over with `result`: its request completes, or its background sync. */
+  #end(slot: RequestSlot, result: number): void {
     const queue = slot.queue;
     if (queue === null) {
       // A background sync: no request to complete.
@@ -317,9 +370,101 @@ export class UringEngine {
       this.release(slot);
       return;
     }
-    this.#owner.finish(slot, total);
+    this.#owner.finish(slot, result);
     this.#touched.add(queue);
     this.release(slot);
+  }
+
+  /**
+   * Starts zeroing `slot.ranges` (a WRITE_ZEROES request): fallocate per range where the file
+   * system zeroes ranges itself, else writes of zeros, all through the ring, in the kernel's time
+   * rather than the worker's. The caller sets the slot's ranges; this picks the first step.
+   */
+  startZeroing(slot: RequestSlot): void {
+    slot.zeroing = true;
+    slot.range = 0;
+    this.#zeroRange(slot);
+  }
+
+  /**
+   * The fallocate mode to try on range `r` after `after` (a mode tried already, or -1 for the
+   * first), leaving out those refused before; -1 when none is left (zeros are then written).
+   */
+  #zeroMode(r: ZeroRange, after: number): number {
+    const modes = r.unmap ? UNMAP_MODES : ZERO_MODES;
+    for (let i = modes.indexOf(after) + 1; i < modes.length; i++) {
+      if (!this.#unsupported.has(modes[i])) return modes[i];
+    }
+    return -1;
+  }
+
+  /** Queues the first step of the current range: a fallocate, or the first write of zeros. */
+  #zeroRange(slot: RequestSlot): void {
+    slot.zeroed = 0;
+    slot.retries = 0;
+    slot.mode = this.#zeroMode(slot.ranges[slot.range], -1);
+    if (slot.mode >= 0) {
+      slot.op = IoUringOp.FALLOCATE;
+      this.queue(slot);
+    } else this.#zeroWrite(slot);
+  }
+
+  /** Queues a write of zeros over the next part of the current range. */
+  #zeroWrite(slot: RequestSlot): void {
+    if (this.#zeros === null) {
+      this.#zeros = new Uint8Array(ZERO_CHUNK + PAGE);
+      const at = Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(this.#zeros)));
+      this.#zerosAddress = Math.ceil(at / PAGE) * PAGE;
+    }
+    const r = slot.ranges[slot.range];
+    slot.op = IoUringOp.WRITEV;
+    slot.iov.clear();
+    let bytes = Math.min(r.length - slot.zeroed, ZERO_CHUNK * ZERO_WRITE_SEGMENTS);
+    slot.expected = bytes;
+    slot.done = 0;
+    slot.offset = r.offset + slot.zeroed;
+    while (bytes > 0) {
+      const n = Math.min(bytes, ZERO_CHUNK);
+      slot.iov.push(this.#zerosAddress, n);
+      bytes -= n;
+    }
+    this.queue(slot);
+  }
+
+  /**
+   * A zeroing step failed with `result`: whether that is the end of the request (false when
+   * another way to zero the range was queued instead: the next fallocate mode, or writes).
+   */
+  #zeroFailed(slot: RequestSlot, result: number): boolean {
+    if (slot.op !== IoUringOp.FALLOCATE) return true;
+    if (result !== -Errno.EOPNOTSUPP && result !== -Errno.EINVAL) return true;
+    // EOPNOTSUPP: the file system never does it (not tried again); EINVAL: not for this range.
+    if (result === -Errno.EOPNOTSUPP) this.#unsupported.add(slot.mode);
+    slot.mode = this.#zeroMode(slot.ranges[slot.range], slot.mode);
+    slot.retries = 0;
+    if (slot.mode >= 0) this.queue(slot);
+    else this.#zeroWrite(slot);
+    return false;
+  }
+
+  /**
+   * A zeroing step succeeded (`result` bytes written, or 0 from fallocate): queues the next step
+   * and returns true, or returns false when every range is zeroed.
+   */
+  #zeroNext(slot: RequestSlot, result: number): boolean {
+    if (slot.op === IoUringOp.WRITEV) {
+      // A short write just leaves more for the next one.
+      slot.zeroed += result;
+      if (slot.zeroed < slot.ranges[slot.range].length) {
+        this.#zeroWrite(slot);
+        return true;
+      }
+    }
+    if (++slot.range < slot.ranges.length) {
+      this.#zeroRange(slot);
+      return true;
+    }
+    return false;
   }
 
   #notify(): void {
