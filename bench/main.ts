@@ -103,6 +103,7 @@ Options:
   --qsd-tmpfs-aio MODE  qemu-storage-daemon aio on tmpfs: threads or io_uring (default threads)
   --no-vhostd-direct    serve the disk image without O_DIRECT in vhostd (a lever, not a fair run)
   --vhostd-poll-us N    vhostd's busy-poll window in µs (default: vhostd's own default)
+  --vhostd-io-engine E  vhostd's I/O engine on image files: auto, sync or uring (default auto)
   --no-pin              leave guest vCPU and back-end threads where Linux puts them (by default
                         the vCPU gets a CPU of its own, QEMU's other threads and back-ends the rest)
   --results-dir DIR     where JSON and SVG go (default bench/results)
@@ -418,6 +419,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       "qsd-tmpfs-aio": { type: "string" },
       "no-vhostd-direct": { type: "boolean" },
       "vhostd-poll-us": { type: "string" },
+      "vhostd-io-engine": { type: "string" },
       "no-pin": { type: "boolean" },
       "results-dir": { type: "string" },
       markdown: { type: "string" },
@@ -457,6 +459,10 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       throw new Error("--vhostd-poll-us must be a whole number from 0 to 1000");
     }
   }
+  const ioEngine = values["vhostd-io-engine"];
+  if (ioEngine !== undefined && !["auto", "sync", "uring"].includes(ioEngine)) {
+    throw new Error("--vhostd-io-engine must be auto, sync or uring");
+  }
   return {
     quick: values.quick === true,
     only,
@@ -472,6 +478,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       qsdDiskAio: diskAio as BackendLevers["qsdDiskAio"],
       qsdTmpfsAio: tmpfsAio as BackendLevers["qsdTmpfsAio"],
       vhostdPollUs: pollUs,
+      vhostdIoEngine: ioEngine as BackendLevers["vhostdIoEngine"],
     },
     pinGuests: values["no-pin"] !== true,
     command: ["deno task bench", ...args].join(" "),

@@ -395,7 +395,10 @@ export function markdown(
         `driver, one thread per queue), ${c.seconds} s per run, ${c.runs} run(s), ` +
         `every back-end offering ${c.deviceQueues} queues. CPU per I/O is the back-end ` +
         "process's utime+stime (all threads, /proc/PID/stat) during the run divided by the " +
-        "requests completed. Storage: `tmpfs` = image in /dev/shm (page cache, buffered I/O); " +
+        "requests completed. Storage: `tmpfs` = image in /dev/shm (page cache, buffered I/O; " +
+        (c.levers.vhostdIoEngine === undefined || c.levers.vhostdIoEngine === "auto"
+          ? "vhostd's default engine there is the synchronous one, faster than io_uring on tmpfs); "
+          : `vhostd \`--io-engine ${c.levers.vhostdIoEngine}\`); `) +
         `\`disk\` = image on ext4 with O_DIRECT (vhostd \`--direct\`; qsd \`cache.direct=on,` +
         `aio=${c.levers.qsdDiskAio}\`); \`null\` = no I/O (vhostd's null target vs qsd ` +
         "`null-co`), the cost of the protocol and the rings alone.",
