@@ -12,6 +12,7 @@
  */
 
 import { planBlk } from "../../daemon/blk.ts";
+import type { BlkIoEngine } from "../../devices/blk/device.ts";
 import { DeviceService } from "../../daemon/service.ts";
 import type { WorkerPool } from "../../daemon/worker_pool.ts";
 import type { PortSnapshot } from "../../daemon/stats.ts";
@@ -22,15 +23,17 @@ import { sparseFile } from "./daemon.ts";
 export interface InProcessBlkOptions {
   /** Image size in bytes; default 16 MiB. */
   sizeBytes?: number;
+  /** Serve this existing image (left in place) instead of a fresh sparse one. */
+  image?: string;
   /** Queues offered; default 2. */
   queues?: number;
   /** Serve read-only; default false. */
   readOnly?: boolean;
   /** The I/O engine (`BlkOptions.ioEngine`); default `sync`. */
-  ioEngine?: "sync" | "uring";
+  ioEngine?: BlkIoEngine;
   /** Busy-poll window of the worker's loop in µs; default 0 (kicks only). */
   pollUs?: number;
-  /** Workers to place it on (default: a worker of its own). */
+  /** Place the device on a worker of this pool (shared with other devices); default its own. */
   pool?: WorkerPool;
 }
 
@@ -57,9 +60,9 @@ export interface InProcessBlk {
 /** Serves a fresh sparse image of `options.sizeBytes` in a worker of this process. */
 export async function serveBlkInProcess(options: InProcessBlkOptions = {}): Promise<InProcessBlk> {
   const dir = await Deno.makeTempDir({ prefix: "vhostd-inproc-" });
-  const image = `${dir}/disk.img`;
+  const image = options.image ?? `${dir}/disk.img`;
   const socket = `${dir}/blk.sock`;
-  sparseFile(image, options.sizeBytes ?? 16 << 20);
+  if (options.image === undefined) sparseFile(image, options.sizeBytes ?? 16 << 20);
   const plan = planBlk(
     socket,
     image,
