@@ -122,8 +122,13 @@ export class UringEngine {
   readonly #ring: IoUring;
   readonly #eventFd: number;
   readonly #fd: number;
-  readonly #slots: RequestSlot[];
-  readonly #free: RequestSlot[];
+  /**
+   * Every slot made so far, by tag. Slots are made when the requests in flight first need them,
+   * up to the ring's entries: an idle or lightly loaded disk does not hold hundreds of them.
+   */
+  readonly #slots: RequestSlot[] = [];
+  readonly #free: RequestSlot[] = [];
+  readonly #maxSegments: number;
   readonly #owner: UringOwner;
   readonly #touched = new Set<Virtqueue>();
   readonly #throttled = new Set<Virtqueue>();
@@ -154,6 +159,7 @@ export class UringEngine {
   constructor(fd: number, depth: number, maxSegments: number, owner: UringOwner) {
     this.#fd = fd;
     this.#owner = owner;
+    this.#maxSegments = maxSegments;
     this.#ring = new IoUring(depth);
     let limit: number | null = ioWqWorkerCap();
     try {
@@ -175,11 +181,15 @@ export class UringEngine {
       closeQuietly(this.#eventFd);
       throw e;
     }
-    this.#slots = Array.from(
-      { length: this.#ring.entries },
-      (_, i) => new RequestSlot(i, maxSegments),
-    );
-    this.#free = [...this.#slots].reverse();
+  }
+
+  /** A free slot: one put back, else a new one while fewer than the ring's entries exist. */
+  #freeSlot(): RequestSlot | undefined {
+    const slot = this.#free.pop();
+    if (slot !== undefined || this.#slots.length === this.#ring.entries) return slot;
+    const made = new RequestSlot(this.#slots.length, this.#maxSegments);
+    this.#slots.push(made);
+    return made;
   }
 
   /** Requests in flight. */
@@ -198,7 +208,7 @@ export class UringEngine {
 
   /** A free slot, or null (the queue is then throttled until a completion frees one). */
   take(queue: Virtqueue): RequestSlot | null {
-    const slot = this.#free.pop();
+    const slot = this.#freeSlot();
     if (slot === undefined) {
       this.#throttled.add(queue);
       return null;
@@ -248,7 +258,7 @@ export class UringEngine {
    */
   syncInBackground(): boolean {
     if (this.#syncing) return false;
-    const slot = this.#free.pop();
+    const slot = this.#freeSlot();
     if (slot === undefined) return false;
     slot.queue = null;
     slot.op = IoUringOp.FSYNC;
@@ -295,7 +305,7 @@ export class UringEngine {
     try {
       for (;;) {
         const reaped = this.#ring.reap(this.#onCompletion);
-        if (resume && this.#throttled.size > 0 && this.#free.length > 0) {
+        if (resume && this.#throttled.size > 0 && this.inFlight < this.#ring.entries) {
           const queues = [...this.#throttled];
           this.#throttled.clear();
           for (const q of queues) if (this.#loop?.queue(q.index)) this.#owner.resume(q);

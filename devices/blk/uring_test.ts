@@ -3,6 +3,7 @@ import { closeQuietly, Errno, O, openFile } from "../../sys/libc.ts";
 import { createPipe } from "../../tests/helpers/fds.ts";
 import { IOWQ_MAX_WORKERS, ioWqWorkerCap, UringEngine } from "./uring.ts";
 import { IoUringOp } from "../../sys/io_uring.ts";
+import { SplitQueue } from "../../ring/split_queue.ts";
 
 const owner = {
   finish: () => assert.fail("a background sync completes no request"),
@@ -88,6 +89,32 @@ Deno.test("uring: the io-wq threads are capped where the kernel allows it (5.15 
     } else {
       assert.equal(engine.workerLimit, null);
     }
+  } finally {
+    engine.close();
+    closeQuietly(fd);
+    Deno.removeSync(path);
+  }
+});
+
+Deno.test("uring: slots are made as requests in flight need them, up to the ring's entries", () => {
+  const path = Deno.makeTempFileSync();
+  const fd = openFile(path, O.RDWR);
+  // An idle disk must not hold a slot (and its iovec array) per ring entry: those are ArrayBuffers,
+  // counted exactly in `external`.
+  const before = Deno.memoryUsage().external;
+  const engine = new UringEngine(fd, 256, 128, owner);
+  const idle = Deno.memoryUsage().external - before;
+  const queue = new SplitQueue(0, 256);
+  try {
+    assert.ok(idle < 64 * 1024, `an idle engine of 256 entries holds ${idle} bytes`);
+    const slots = Array.from({ length: 256 }, () => engine.take(queue));
+    assert.deepEqual(slots.map((s) => s?.tag), [...Array(256).keys()], "one slot per entry");
+    assert.equal(engine.take(queue), null, "no more slots than entries: the queue waits");
+    assert.equal(engine.inFlight, 256);
+    engine.release(slots[7]!);
+    assert.equal(engine.take(queue), slots[7], "a slot put back is reused, not a new one made");
+    for (const s of slots) engine.release(s!);
+    assert.equal(engine.inFlight, 0);
   } finally {
     engine.close();
     closeQuietly(fd);
