@@ -77,7 +77,7 @@ export { getLogger, type Logger, type LogLevel } from "./log/mod.ts";
 
 // The devices vhostd ships, for a `createDevice` of your own (`export const createDevice =
 // createBlkDevice;`). Only their options are public: the devices' own members are vhostd's.
-export type { BlkOptions } from "./devices/blk/device.ts";
+export type { BlkIoEngine, BlkOptions } from "./devices/blk/device.ts";
 export type { NetTapOptions } from "./devices/net/tap_device.ts";
 export type { ConsoleOptions } from "./devices/console/device.ts";
 export type {

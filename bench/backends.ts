@@ -44,6 +44,8 @@ export interface BackendLevers {
   qsdTmpfsAio: "threads" | "io_uring";
   /** vhostd: busy-poll window in µs (`--poll-us`); undefined runs vhostd's default. */
   vhostdPollUs?: number;
+  /** vhostd: I/O engine of image targets (`--io-engine`); undefined runs vhostd's default. */
+  vhostdIoEngine?: "auto" | "sync" | "uring";
 }
 
 /** Levers as the benchmark uses them unless told otherwise. */
@@ -92,6 +94,7 @@ export function backendCommand(
     ];
     if (t.storage === "disk" && levers.vhostdDirect) argv.push("--direct");
     if (t.shared) argv.push("--no-locking");
+    if (levers.vhostdIoEngine !== undefined) argv.push("--io-engine", levers.vhostdIoEngine);
     argv.push(...pollArgs(levers));
     return argv;
   }

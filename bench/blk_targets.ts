@@ -37,6 +37,8 @@ export interface TargetSpec {
   direct: boolean;
   /** Busy-poll window in µs (default: vhostd blk's). */
   pollUs?: number;
+  /** Shared data-plane workers (default 1); 0 gives every device a worker of its own. */
+  workers?: number;
 }
 
 const log = { level: "warning", format: "text" } as const;
@@ -78,6 +80,7 @@ export function targetPlans(spec: TargetSpec): ServiceOptions[] {
       name,
       log,
       pollUs: spec.pollUs ?? DEFAULT_POLL_US,
+      ownWorker: spec.workers === 0,
     };
   });
 }
@@ -93,6 +96,7 @@ if (import.meta.main) {
       queues: { type: "string" },
       direct: { type: "boolean" },
       "poll-us": { type: "string" },
+      workers: { type: "string" },
     },
   });
   if (positionals.length === 0) {
@@ -107,6 +111,7 @@ if (import.meta.main) {
     queues: Number(values.queues ?? 4),
     direct: values.direct === true,
     pollUs: values["poll-us"] === undefined ? undefined : Number(values["poll-us"]),
+    workers: Number(values.workers ?? 1),
   };
   const what = spec.null ? "null target(s)" : "image(s)";
   Deno.exit(
@@ -114,6 +119,7 @@ if (import.meta.main) {
       targetPlans(spec),
       log,
       `vhostd: serving ${spec.sockets.length} blk ${what} on ${spec.sockets.join(", ")}`,
+      { workers: Math.max(1, spec.workers ?? 1) },
     ),
   );
 }

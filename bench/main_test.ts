@@ -5,13 +5,26 @@ import { guestNics, iperfGuestScript } from "./net.ts";
 Deno.test("parseBenchArgs: defaults are left to runBench, seconds are whole numbers", () => {
   const d = parseBenchArgs([])!;
   assert.equal(d.quick, false);
-  assert.deepEqual(d.only, ["backend", "guest", "net", "memory", "migration"]);
+  assert.deepEqual(d.only, [
+    "backend",
+    "guest",
+    "net",
+    "memory",
+    "scale",
+    "sharing",
+    "migration",
+  ]);
   assert.equal(d.iperfSeconds, undefined);
   assert.equal(d.netSeconds, undefined);
   const o = parseBenchArgs(["--iperf-seconds", "7", "--net-seconds", "4", "--only", "net"])!;
   assert.equal(o.iperfSeconds, 7);
   assert.equal(o.netSeconds, 4);
   assert.deepEqual(o.only, ["net"]);
+  assert.deepEqual(parseBenchArgs(["--only", "memory,scale,sharing"])!.only, [
+    "memory",
+    "scale",
+    "sharing",
+  ]);
   assert.equal(parseBenchArgs(["-h"]), null);
 });
 

@@ -7,9 +7,11 @@
 import type { BackendOnlyResult } from "./backend_only.ts";
 import type { GuestFioResult } from "./guest_fio.ts";
 import type { GuestIdleResult } from "./guest_idle.ts";
-import type { MemoryResult } from "./memory.ts";
+import type { MemoryCaseResult, MemoryResult } from "./memory.ts";
 import type { MigrationResult } from "./migration.ts";
 import type { NetResult } from "./net.ts";
+import type { ScaleResult } from "./scale.ts";
+import type { SharingResult } from "./sharing.ts";
 import type { SystemInfo } from "./system.ts";
 import { sig } from "./lib.ts";
 import { describePlacement } from "./placement.ts";
@@ -40,6 +42,10 @@ export interface BenchResult {
   net?: NetResult;
   /** Comparison 4. */
   memory?: MemoryResult;
+  /** Comparison 4, scale: N idle daemons on one host. */
+  scale?: ScaleResult;
+  /** Comparison 4, sharing: two busy disks on one worker vs a worker each. */
+  sharing?: SharingResult;
   /** Comparison 5. */
   migration?: MigrationResult;
   /** Steps that failed, one line each. */
@@ -226,20 +232,58 @@ export function charts(r: BenchResult, prefix: string): Record<string, string> {
   }
   const m = r.memory;
   if (m) {
-    files[`${prefix}memory.svg`] = barChart("Idle resident memory", "MiB, lower is better", [
-      "vhostd",
-      "qsd",
-      "target",
-    ], [
-      { label: "vhostd blk (CLI), 1 dev", bars: [{ series: "vhostd", value: m.cliOneDeviceMiB }] },
-      { label: "vhostd, 1 device", bars: [{ series: "vhostd", value: m.oneDeviceMiB }] },
-      {
-        label: `vhostd, ${m.config.devices} devices`,
-        bars: [{ series: "vhostd", value: m.manyDevicesMiB }],
-      },
-      { label: "qsd, 1 export", bars: [{ series: "qsd", value: m.qsdOneDeviceMiB }] },
-      { label: "target, 1 device", bars: [{ series: "target", value: m.targetMiB }] },
-    ]);
+    const rss = (id: string) => m.cases.find((c) => c.id === id)?.memory.rssMiB;
+    const bar = (series: string, value: number | undefined): Bar[] =>
+      value === undefined ? [] : [{ series, value }];
+    const t = m.targets;
+    files[`${prefix}memory.svg`] = barChart(
+      "Idle resident memory (RSS)",
+      "MiB, lower is better",
+      ["vhostd", "vhostd, a worker each", "qsd", "target"],
+      [
+        {
+          label: "VM: 2 blk + net + console",
+          bars: [
+            ...bar("vhostd", rss("vm")),
+            ...bar("vhostd, a worker each", rss("vm-own")),
+            ...bar("target", t.vmMiB),
+          ],
+        },
+        {
+          label: "one blk device",
+          bars: [...bar("vhostd", rss("blk-cli")), ...bar("qsd", rss("qsd")), {
+            series: "target",
+            value: t.oneBlkMiB,
+          }],
+        },
+        ...m.config.deviceCounts.map((n) => ({
+          label: `${n} blk device(s)`,
+          bars: [
+            ...bar("vhostd", rss(`run-blk-${n}`)),
+            ...bar("vhostd, a worker each", rss(`run-blk-${n}-own`)),
+          ],
+        })),
+        ...m.config.queueCounts.map((q) => ({
+          label: `1 device, ${q} queue(s)`,
+          bars: bar("vhostd", rss(`run-q-${q}`)),
+        })),
+      ].filter((g) => g.bars.length > 0),
+    );
+  }
+  const sc = r.scale;
+  if (sc) {
+    files[`${prefix}scale.svg`] = barChart(
+      "N idle daemons on one host: total PSS",
+      "MiB, lower is better",
+      ["vhostd", "qsd"],
+      sc.config.counts.map((n) => ({
+        label: `${n} daemon(s)`,
+        bars: (["vhostd", "qsd"] as const).flatMap((be) => {
+          const c = sc.cases.find((x) => x.backend === be && x.daemons === n);
+          return c ? [{ series: be, value: c.totalPssMiB }] : [];
+        }),
+      })).filter((g) => g.bars.length > 0),
+    );
   }
   const mig = r.migration;
   if (mig) {
@@ -354,7 +398,10 @@ export function markdown(
         `driver, one thread per queue), ${c.seconds} s per run, ${c.runs} run(s), ` +
         `every back-end offering ${c.deviceQueues} queues. CPU per I/O is the back-end ` +
         "process's utime+stime (all threads, /proc/PID/stat) during the run divided by the " +
-        "requests completed. Storage: `tmpfs` = image in /dev/shm (page cache, buffered I/O); " +
+        "requests completed. Storage: `tmpfs` = image in /dev/shm (page cache, buffered I/O; " +
+        (c.levers.vhostdIoEngine === undefined || c.levers.vhostdIoEngine === "auto"
+          ? "vhostd's default engine there is the synchronous one, faster than io_uring on tmpfs); "
+          : `vhostd \`--io-engine ${c.levers.vhostdIoEngine}\`); `) +
         `\`disk\` = image on ext4 with O_DIRECT (vhostd \`--direct\`; qsd \`cache.direct=on,` +
         `aio=${c.levers.qsdDiskAio}\`); \`null\` = no I/O (vhostd's null target vs qsd ` +
         "`null-co`), the cost of the protocol and the rings alone.",
@@ -673,33 +720,8 @@ export function markdown(
     out.push(notRun(r, "net"), "");
   }
 
-  const m = r.memory;
   out.push("## 4. Memory", "");
-  if (m) {
-    out.push(
-      `Resident set size (VmRSS) of idle back-ends: listening, no front-end, ` +
-        `${m.config.settleMs} ms after start-up; ${m.config.runs} sample(s), median.`,
-      "",
-      img("memory.svg", "memory chart"),
-      "",
-      table(["what", "RSS MiB"], [
-        [`\`vhostd blk\` (CLI), 1 device (${m.cliThreads} threads)`, fmt(m.cliOneDeviceMiB)],
-        ["vhostd, 1 device in one process (bench/blk_targets.ts)", fmt(m.oneDeviceMiB)],
-        [`vhostd, ${m.config.devices} devices in one process`, fmt(m.manyDevicesMiB)],
-        ["**increment per extra device**", `**${fmt(m.perExtraDeviceMiB)}**`],
-        ["qemu-storage-daemon, 1 export (reference)", fmt(m.qsdOneDeviceMiB)],
-        [
-          "Deno itself: main thread + one idle worker, no vhostd code (bench/deno_floor.ts)",
-          m.denoFloorMiB === undefined ? "–" : fmt(m.denoFloorMiB),
-        ],
-        ["target for one blk device", `≤ ${m.targetMiB}`],
-      ]),
-      "",
-    );
-  } else {
-    out.push(notRun(r, "memory"), "");
-  }
-
+  out.push(...memorySection(r, img));
   const mig = r.migration;
   out.push("## 5. Live migration", "");
   if (mig) {
@@ -777,10 +799,261 @@ export function markdown(
   if (n) {
     for (const [what, cmds] of Object.entries(n.commands)) out.push(`# net, ${what}`, ...cmds);
   }
+  const m = r.memory;
   if (m) out.push("# memory", ...m.commands);
+  if (r.scale) {
+    out.push(
+      "# scale (one daemon of each kind; the others differ in socket and image)",
+      ...r.scale.commands,
+    );
+  }
+  if (r.sharing?.available) {
+    const sh = r.sharing;
+    const backends = new Set(sh.cases.map((c) => c.backendCommand));
+    out.push("# sharing (the two loads run at the same time)", ...backends, ...sh.loadCommands);
+  }
   if (mig) {
     for (const [v, cmds] of Object.entries(mig.commands)) out.push(`# migration, ${v}`, ...cmds);
   }
   out.push("```", "");
   return out.join("\n");
+}
+
+/** `x` against an upper bound: bold and "met" when within it. */
+function withinTarget(x: number | undefined, max: number): string {
+  if (x === undefined || !Number.isFinite(x)) return `≤ ${max}: –`;
+  return x <= max ? `≤ ${max}: **met**` : `≤ ${max}: not met`;
+}
+
+/** The memory section: targets, breakdown, increments, growth, then scale and sharing. */
+function memorySection(r: BenchResult, img: (name: string, alt: string) => string): string[] {
+  const out: string[] = [];
+  const m = r.memory;
+  if (m) {
+    const byId = (id: string): MemoryCaseResult | undefined => m.cases.find((c) => c.id === id);
+    const rss = (id: string) => byId(id)?.memory.rssMiB;
+    const t = m.targets;
+    const d0 = m.config.deviceCounts[0];
+    const dn = m.config.deviceCounts[m.config.deviceCounts.length - 1];
+    const perDevice = m.increments.find((i) =>
+      i.from === `run-blk-${d0}` && i.to === `run-blk-${dn}`
+    );
+    out.push(
+      "Idle processes: listening, no front-end, measured " +
+        `${m.config.settleMs} ms after start-up; ${m.config.runs} sample(s) per case, median. ` +
+        "**RSS** is VmRSS from /proc/PID/status, split into **RssAnon** (private memory: V8 " +
+        "heaps, stacks, buffers; what the process alone costs) and **RssFile** (resident " +
+        "file pages, mostly the deno binary's own code, mapped from the page cache and **shared " +
+        "by every Deno process on the host**: the second daemon does not pay for them again). " +
+        "**PSS** (/proc/PID/smaps_rollup) divides shared pages among the processes mapping " +
+        "them. Each case is a process of its own, started fresh. " +
+        (m.sharedWorkers
+          ? "This build has shared workers: `vhostd run` places devices on its default pool, " +
+            'and the "a worker each" cases give every device `"ownWorker": true`.'
+          : "**This build has no shared workers**: every device runs on a worker of its own " +
+            '(the "a worker each" cases are therefore not measured separately).'),
+      "",
+      img("memory.svg", "memory chart"),
+      "",
+      "**Against issue 21's targets:**",
+      "",
+      table(["what", "RSS MiB", "threads", "target MiB"], [
+        [
+          "`vhostd run`, one VM: 2 blk + net (TAP) + console",
+          fmt(rss("vm") ?? NaN),
+          fmt(byId("vm")?.memory.threads ?? NaN),
+          withinTarget(rss("vm"), t.vmMiB),
+        ],
+        [
+          "`vhostd blk`, 1 device",
+          fmt(rss("blk-cli") ?? NaN),
+          fmt(byId("blk-cli")?.memory.threads ?? NaN),
+          withinTarget(rss("blk-cli"), t.oneBlkMiB),
+        ],
+        [
+          `each extra blk device, default placement (${d0} → ${dn} in one process)`,
+          fmt(perDevice?.memory.rssMiB ?? NaN),
+          fmt(perDevice?.memory.threads ?? NaN),
+          withinTarget(perDevice?.memory.rssMiB, t.perDeviceMiB),
+        ],
+        [
+          "qemu-storage-daemon, 1 export (reference)",
+          fmt(rss("qsd") ?? NaN),
+          fmt(byId("qsd")?.memory.threads ?? NaN),
+          "–",
+        ],
+      ]),
+      "",
+      "**Breakdown, every case** (MiB):",
+      "",
+      table(
+        ["process", "RSS", "RssAnon", "RssFile", "RssShmem", "PSS", "threads"],
+        m.cases.map((c) => [
+          c.label,
+          fmt(c.memory.rssMiB) + spread(c.samples.map((x) => x.rssMiB)),
+          fmt(c.memory.anonMiB),
+          fmt(c.memory.fileMiB),
+          fmt(c.memory.shmemMiB),
+          fmt(c.pssMiB),
+          fmt(c.memory.threads),
+        ]),
+      ),
+      "",
+      "**Increments** (MiB, per step; differences of the medians above):",
+      "",
+      table(
+        ["what it adds", "RSS", "RssAnon", "RssFile", "threads"],
+        m.increments.map((i) => [
+          i.label,
+          fmt(i.memory.rssMiB),
+          fmt(i.memory.anonMiB),
+          fmt(i.memory.fileMiB),
+          fmt(i.memory.threads),
+        ]),
+      ),
+      "",
+      `**Growth with devices** (\`vhostd run\`, blk devices of ${m.config.queues} queues each; ` +
+        "RSS MiB, threads in parentheses):",
+      "",
+      table(
+        ["blk devices", "default placement", ...(m.sharedWorkers ? ["a worker each"] : [])],
+        m.config.deviceCounts.map((n) => {
+          const cell = (id: string) => {
+            const c = byId(id);
+            return c ? `${fmt(c.memory.rssMiB)} (${fmt(c.memory.threads)})` : "–";
+          };
+          return [
+            String(n),
+            cell(`run-blk-${n}`),
+            ...(m.sharedWorkers ? [cell(`run-blk-${n}-own`)] : []),
+          ];
+        }),
+      ),
+      "",
+      "**Growth with queues** (`vhostd run`, one blk device):",
+      "",
+      table(
+        ["queues", "RSS MiB", "RssAnon MiB", "threads"],
+        m.config.queueCounts.map((q) => {
+          const c = byId(`run-q-${q}`);
+          return [
+            String(q),
+            c ? fmt(c.memory.rssMiB) : "–",
+            c ? fmt(c.memory.anonMiB) : "–",
+            c ? fmt(c.memory.threads) : "–",
+          ];
+        }),
+      ),
+      "",
+      "The VM's config (the growth cases use the same form with N blk devices and no net or " +
+        "console; `vhostd run` runs it inside a network namespace of its own, where it makes " +
+        "its TAP):",
+      "",
+      "```json",
+      JSON.stringify(m.vmConfig, null, 2),
+      "```",
+      "",
+    );
+  } else {
+    out.push(notRun(r, "memory"), "");
+  }
+
+  out.push("### Scale: N idle daemons on one host", "");
+  const sc = r.scale;
+  if (sc) {
+    const c = sc.config;
+    out.push(
+      `N daemons at once, each serving its own image on its own socket (${c.queues} queues), ` +
+        "idle with no front-end: N `vhostd blk` against N qemu-storage-daemon processes with " +
+        `one export each. Started ${c.parallel} at a time, each waited for until it listens; ` +
+        `then ${c.settleMs} ms of settling and an idle window of ${c.idleSeconds} s, whose ` +
+        "CPU time (utime+stime, all threads) is summed over the N. Total PSS is what the N " +
+        "cost the host together (the deno binary's pages counted once, divided among them); " +
+        "total RSS counts those shared pages N times. One pass.",
+      "",
+      img("scale.svg", "scale chart"),
+      "",
+    );
+    const rows = c.counts.map((n) => {
+      const v = sc.cases.find((x) => x.backend === "vhostd" && x.daemons === n);
+      const q = sc.cases.find((x) => x.backend === "qsd" && x.daemons === n);
+      const rt = sc.ratios.find((x) => x.daemons === n);
+      return [
+        String(n),
+        v ? fmt(v.totalRssMiB) : "–",
+        q ? fmt(q.totalRssMiB) : "–",
+        rt ? `${fmt(rt.rssRatio)}×` : "–",
+        v ? fmt(v.totalPssMiB) : "–",
+        q ? fmt(q.totalPssMiB) : "–",
+        rt ? `${fmt(rt.pssRatio)}×` : "–",
+        v && q ? `${fmt(v.totalPssMiB / n)} / ${fmt(q.totalPssMiB / n)}` : "–",
+        v && q ? `${fmt(v.cpuSeconds)} / ${fmt(q.cpuSeconds)}` : "–",
+        v && q ? `${fmt(v.threads)} / ${fmt(q.threads)}` : "–",
+      ];
+    });
+    out.push(
+      table([
+        "daemons",
+        "vhostd RSS MiB",
+        "qsd RSS MiB",
+        "vhostd / qsd RSS",
+        "vhostd PSS MiB",
+        "qsd PSS MiB",
+        "vhostd / qsd PSS",
+        "PSS per daemon, vhostd / qsd",
+        `CPU s in ${c.idleSeconds} s idle, vhostd / qsd`,
+        "threads, vhostd / qsd",
+      ], rows),
+      "",
+    );
+  } else {
+    out.push(notRun(r, "scale"), "");
+  }
+
+  out.push("### Sharing a worker: two busy disks", "");
+  const sh = r.sharing;
+  if (sh && !sh.available) {
+    out.push(
+      'Not measured: this build has no shared workers (`vhostd run` refuses `"ownWorker"`), ' +
+        "so there is nothing to compare a worker each against.",
+      "",
+    );
+  } else if (sh) {
+    const c = sh.config;
+    out.push(
+      `${sh.description[0].toUpperCase()}${sh.description.slice(1)}; ` +
+        `${c.runs} run(s) per case, the two placements alternating, median of the runs. ` +
+        "`null` targets do no I/O (what the worker itself costs); `tmpfs` reads a page-cached " +
+        "image with buffered I/O. On this machine the two generators share the CPUs with the " +
+        "back-end, so a worker each cannot use more CPUs than are left over.",
+      "",
+      table(
+        [
+          "storage",
+          "shared: total IOPS",
+          "a worker each: total IOPS",
+          "shared / a worker each",
+          "CPU µs/IO shared",
+          "CPU µs/IO a worker each",
+        ],
+        c.storages.map((st) => {
+          const a = sh.cases.find((x) => x.storage === st && x.variant === "shared");
+          const b = sh.cases.find((x) => x.storage === st && x.variant === "own");
+          const rt = sh.ratios.find((x) => x.storage === st);
+          return [
+            st,
+            a ? fmt(a.totalIops) + spread(a.samples.map((x) => x.totalIops)) : "–",
+            b ? fmt(b.totalIops) + spread(b.samples.map((x) => x.totalIops)) : "–",
+            rt ? `${fmt(rt.iopsRatio)}×` : "–",
+            a ? fmt(a.cpuUsPerIo) : "–",
+            b ? fmt(b.cpuUsPerIo) : "–",
+          ];
+        }),
+      ),
+      "",
+    );
+  } else {
+    out.push(notRun(r, "sharing"), "");
+  }
+  return out;
 }

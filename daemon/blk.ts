@@ -7,7 +7,7 @@
 import { parseArgs } from "node:util";
 import { openImage, sizeText } from "../devices/blk/image.ts";
 import { UsageError } from "../sys/errors.ts";
-import type { BlkOptions } from "../devices/blk/device.ts";
+import { BLK_IO_ENGINES, type BlkIoEngine, type BlkOptions } from "../devices/blk/device.ts";
 import type { LogSettings } from "../log/setup.ts";
 import type { ServiceOptions } from "./service.ts";
 import { runServices } from "./serve.ts";
@@ -62,6 +62,9 @@ Options:
   --queues N          queues offered, 1-64 (default ${DEFAULT_BLK_QUEUES}; QEMU uses one per vCPU by
                       default and refuses a device with fewer: give it num-queues=N)
   --direct            open the image with O_DIRECT (bypass the host page cache)
+  --io-engine E       auto (default): io_uring where the kernel allows it, so that a slow read
+                      holds no other queue or device, else sync; sync: preadv/pwritev in the
+                      data-plane worker; uring: io_uring or fail to start
   --poll-us N         after the last request, keep polling the queues and the disk for N µs
                       before sleeping (0-${MAX_POLL_US}, default ${DEFAULT_POLL_US}; 0: sleep at once)
   --serial ID         serial number the guest sees (default: vhostd-<image name>)
@@ -111,6 +114,8 @@ export interface BlkFlags {
   readOnly: boolean;
   /** Open with O_DIRECT. */
   direct: boolean;
+  /** I/O engine (default `auto`: io_uring where available). */
+  ioEngine?: BlkIoEngine;
   /** Queues offered. */
   queues: number;
   /** Busy-poll window in µs (default {@link DEFAULT_POLL_US}). */
@@ -143,6 +148,7 @@ export function planBlk(
     serial: flags.serial ?? `vhostd-${base}`.slice(0, 20),
     name,
     locking: flags.locking ?? true,
+    ioEngine: flags.ioEngine ?? "auto",
     faultKillAfter: Number(Deno.env.get("VHOSTD_FAULT_KILL_AFTER") ?? 0) || undefined,
   };
   const service: ServiceOptions = {
@@ -211,6 +217,7 @@ export async function cmdBlk(args: string[]): Promise<number> {
         "read-only": { type: "boolean" },
         queues: { type: "string" },
         direct: { type: "boolean" },
+        "io-engine": { type: "string" },
         serial: { type: "string" },
         "no-locking": { type: "boolean" },
       },
@@ -233,6 +240,7 @@ export async function cmdBlk(args: string[]): Promise<number> {
     {
       readOnly: values["read-only"] ?? false,
       direct: values.direct ?? false,
+      ioEngine: parseIoEngine(values["io-engine"]),
       queues: parseIntOption("queues", values.queues, DEFAULT_BLK_QUEUES, 1, 64),
       pollUs: parsePollUs(values, DEFAULT_POLL_US),
       serial: values.serial,
@@ -242,6 +250,15 @@ export async function cmdBlk(args: string[]): Promise<number> {
     parseAccess(values),
   );
   return await runServices([plan.service], log, describe(plan), extras);
+}
+
+/** `--io-engine`: one of {@link BLK_IO_ENGINES}, `auto` when absent. */
+function parseIoEngine(s: string | undefined): BlkIoEngine {
+  if (s === undefined) return "auto";
+  if (!(BLK_IO_ENGINES as readonly string[]).includes(s)) {
+    throw new UsageError(`--io-engine must be one of ${BLK_IO_ENGINES.join(", ")}, not "${s}"`);
+  }
+  return s as BlkIoEngine;
 }
 
 /** `vhostd start`. */
@@ -277,7 +294,8 @@ export async function cmdStart(args: string[]): Promise<number> {
 
 /**
  * The `blk` planner of config files. Fields: `image` (required), `socket`, `readOnly`,
- * `direct`, `queues` (1-64, default {@link DEFAULT_BLK_QUEUES}), `pollUs` (0-1000), `serial`, `locking` (default true).
+ * `direct`, `ioEngine` (`auto`, `sync` or `uring`; default `auto`), `queues` (1-64, default
+ * {@link DEFAULT_BLK_QUEUES}), `pollUs` (0-1000), `serial`, `locking` (default true).
  */
 export function planBlkDevice(ctx: PlanContext): DevicePlan {
   const f = ctx.fields;
@@ -297,6 +315,7 @@ export function planBlkDevice(ctx: PlanContext): DevicePlan {
   const flags: BlkFlags = {
     readOnly: f.boolean("readOnly", false),
     direct: f.boolean("direct", false),
+    ioEngine: f.choice("ioEngine", BLK_IO_ENGINES, "auto"),
     queues: f.integer("queues", DEFAULT_BLK_QUEUES, 1, 64),
     pollUs: f.integer("pollUs", DEFAULT_POLL_US, 0, MAX_POLL_US),
     serial: f.string("serial"),

@@ -129,6 +129,11 @@ export interface ServeExtras {
    * size). Without it, SIGHUP only makes every device refresh.
    */
   reload?: () => ServiceReload;
+  /**
+   * Shared data-plane workers the devices are spread over (default 1: every device on one
+   * worker, except those that ask for their own: `ServiceOptions.ownWorker`).
+   */
+  workers?: number;
 }
 
 /** Values of {@link serveOptions} as `parseArgs` returns them. */

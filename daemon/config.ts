@@ -15,6 +15,7 @@ import { type ServiceOptions, socketPaths } from "./service.ts";
 import { type Access, parseGroup, parseMode } from "./cli.ts";
 import { checkMetricsExposure, type MetricsAddress, parseMetricsAddress } from "./metrics.ts";
 import { LOG_LEVELS } from "../log/mod.ts";
+import { DEFAULT_WORKERS, MAX_WORKERS } from "./worker_pool.ts";
 
 /** A config mistake; its message starts with the field's path. */
 export class ConfigError extends UsageError {
@@ -249,12 +250,16 @@ export interface VmPlan {
   metrics?: MetricsAddress;
   /** Control socket path (`status` talks to it). */
   control: string;
+  /** Shared data-plane workers for the devices (see `ServeExtras.workers`). */
+  workers: number;
 }
 
 /** Overrides from the command line, applied over the file. */
 export interface ConfigOverrides {
   /** `--socket-dir`. */
   socketDir?: string;
+  /** `--workers`. */
+  workers?: number;
   /** `--log-level`/`--log-format`, when given. */
   log?: Partial<LogSettings>;
   /** `--metrics`. */
@@ -371,6 +376,8 @@ export function planVm(
   const controlField = top.string("control");
   const controlName = overrides.control ?? controlField ?? CONTROL_SOCKET;
   const control = controlName.startsWith("/") ? controlName : `${socketDir}/${controlName}`;
+  const workersField = top.integer("workers", DEFAULT_WORKERS, 1, MAX_WORKERS);
+  const workers = overrides.workers ?? workersField;
   const list = top.array("devices");
   if (list.length === 0) throw new ConfigError("devices", "must list at least one device");
   top.done();
@@ -437,7 +444,9 @@ export function planVm(
           return path;
         },
       };
+      const ownWorker = fields.boolean("ownWorker", false);
       const plan = planner(ctx);
+      if (ownWorker) { for (const s of plan.services) s.ownWorker = true; }
       devices.push({ ...plan, id, type, fingerprint });
       try {
         fields.done();
@@ -451,7 +460,7 @@ export function planVm(
     for (const d of devices) if (!kept.has(d)) d.release();
     throw e;
   }
-  return { name, socketDir, devices, log, metrics, control };
+  return { name, socketDir, devices, log, metrics, control, workers };
 }
 
 /** JSON with object keys sorted and comment keys (`_...`) left out: equal for equal meaning. */

@@ -56,6 +56,8 @@ export interface DeviceStatus {
   socket: string;
   /** Worker still serving. */
   running: boolean;
+  /** The number of the data-plane worker serving it (devices sharing a worker show the same). */
+  worker: number;
   /** Connected front-end, or null. */
   frontEnd: { pid: number; uid: number; gid: number } | null;
   /** Front-end connections since start. */
@@ -104,6 +106,7 @@ export function statusReport(
         type: d.type,
         socket: d.socket,
         running: d.running,
+        worker: d.worker,
         frontEnd: s.connected ? s.peer : null,
         connects: s.connects,
         status: s.status,

@@ -75,6 +75,8 @@ export interface ObservedDevice {
   socket: string;
   /** Whether its worker is still serving. */
   running: boolean;
+  /** The number of the data-plane worker serving it. */
+  worker: number;
   /** The latest state and counters. */
   snapshot: PortSnapshot;
   /** The series of the device's own counters (values in `snapshot.device`). */

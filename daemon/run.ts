@@ -9,7 +9,8 @@ import { parseArgs } from "node:util";
 import { UsageError } from "../sys/errors.ts";
 import type { LogSettings } from "../log/setup.ts";
 import { runServices, type ServiceReload } from "./serve.ts";
-import { logSettings, SERVE_OPTIONS_HELP, serveOptions, usage } from "./cli.ts";
+import { logSettings, parseIntOption, SERVE_OPTIONS_HELP, serveOptions, usage } from "./cli.ts";
+import { DEFAULT_WORKERS, MAX_WORKERS } from "./worker_pool.ts";
 import {
   ConfigError,
   type ConfigOverrides,
@@ -40,7 +41,7 @@ Under systemd (Type=notify) it sends READY=1 once every socket listens.
 SIGHUP reloads FILE: it is checked again as a whole (a mistake is logged and the running
 devices stay as they are); devices whose entry is unchanged keep running and connected,
 new ones start, removed ones stop, and changed ones restart (QEMU reconnects). name,
-socketDir, control, metrics and log cannot change without a restart.
+socketDir, control, metrics, log and workers cannot change without a restart.
 Sockets passed by systemd (socket activation, LISTEN_FDS) are served instead of binding
 new ones; they are matched by path (or by FileDescriptorName= equal to a device id).
 
@@ -49,6 +50,9 @@ Options:
   --socket-dir DIR    folder of the sockets, overriding the file's socketDir
                       (default: socketDir, else $RUNTIME_DIRECTORY set by systemd)
   --check             check the file, print what would be served, and exit
+  --workers N         data-plane workers (threads) the devices share, overriding the
+                      file's workers (default 1); a device with "ownWorker": true gets
+                      one of its own
 ${SERVE_OPTIONS_HELP}
   (--metrics, --control and the log options override the file's settings;
    --metrics-any-address also allows the file's metrics address)
@@ -83,6 +87,7 @@ function runArgs(args: string[]): RunArgs | "help" {
         config: { type: "string" },
         "socket-dir": { type: "string" },
         check: { type: "boolean" },
+        workers: { type: "string" },
       },
     })
   );
@@ -100,6 +105,9 @@ function runArgs(args: string[]): RunArgs | "help" {
   if (values.metrics !== undefined) overrides.metrics = parseMetricsAddress(values.metrics);
   if (values["metrics-any-address"]) overrides.metricsAnyAddress = true;
   if (values.control !== undefined) overrides.control = values.control;
+  if (values.workers !== undefined) {
+    overrides.workers = parseIntOption("workers", values.workers, DEFAULT_WORKERS, 1, MAX_WORKERS);
+  }
   return { config: values.config, overrides, check: values.check ?? false };
 }
 
@@ -124,6 +132,7 @@ export function configReloader(
       ["control", current.control, next.control],
       ["metrics", current.metrics, next.metrics],
       ["log", current.log, next.log],
+      ["workers", current.workers, next.workers],
     ];
     for (const [field, was, now] of fixed) {
       if (JSON.stringify(was) !== JSON.stringify(now)) {
@@ -186,6 +195,7 @@ export async function cmdRun(args: string[]): Promise<number> {
       metrics: plan.metrics,
       control: plan.control,
       name: plan.name,
+      workers: plan.workers,
       reload: configReloader(parsed.config, parsed.overrides, plan),
     },
   );

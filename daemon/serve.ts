@@ -14,6 +14,7 @@ import {
   type ServiceOptions,
   socketPaths,
 } from "./service.ts";
+import { WorkerPool } from "./worker_pool.ts";
 import type { ServeExtras } from "./cli.ts";
 import {
   isLoopbackHost,
@@ -38,6 +39,7 @@ export function observe(services: readonly DeviceService[]): ObservedDevice[] {
         service: s.options.name,
         socket: paths[port],
         running: s.running,
+        worker: s.worker,
         snapshot: s.stats.read(port),
         metrics: s.metrics[port] ?? [],
       });
@@ -122,6 +124,7 @@ export async function runServices(
   // Replaced as a whole (never changed in place) by a reload: whoever iterates it meanwhile
   // (a scrape, the watchdog, a stop) sees one consistent set.
   let services: DeviceService[] = [];
+  const pool = new WorkerPool({ workers: extras.workers ?? 1 });
   let metrics: MetricsServer | null = null;
   let control: ControlServer | null = null;
   const closeEndpoints = async () => {
@@ -208,7 +211,7 @@ export async function runServices(
       for (const o of fresh) {
         if (stopRequested !== null) break;
         try {
-          startedNow.set(o, await DeviceService.start(o));
+          startedNow.set(o, await DeviceService.start(o, pool));
           logger.info("{device}: started", { device: o.name });
         } catch (e) {
           logger.error("{device}: did not start: {error}", {
@@ -279,7 +282,7 @@ export async function runServices(
         (device) => refreshDevices(services, device),
       );
     }
-    for (const p of plans) services.push(await DeviceService.start(p));
+    for (const p of plans) services.push(await DeviceService.start(p, pool));
     for (const s of passed) {
       if (!s.inUse) {
         logger.warn("socket activation: {socket} matches no device; it stays unused", {
@@ -304,11 +307,12 @@ export async function runServices(
       });
     }
   }
-  const notifyError = notifier.ready(summary());
+  // STATUS= follows front-ends coming and going (read from shared memory, like everything else),
+  // starting from what READY=1 said: a front-end connecting right after it is news.
+  let lastStatus = summary();
+  const notifyError = notifier.ready(lastStatus);
   if (notifyError) logger.warn("sd_notify failed: {error}", { error: notifyError.message });
   notifier.startWatchdog(() => services.every((s) => s.running));
-  // STATUS= follows front-ends coming and going (read from shared memory, like everything else).
-  let lastStatus = summary();
   const statusTimer = notifier.socket === null ? undefined : setInterval(() => {
     const now = summary();
     if (now !== lastStatus) notifier.status(lastStatus = now);

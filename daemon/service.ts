@@ -1,6 +1,7 @@
 /**
  * A device served from a data-plane worker, seen from the main thread: it owns the listening
- * socket (checked before anything starts), the worker, and the shutdown and refresh eventfds.
+ * socket (checked before anything starts) and the shutdown and refresh eventfds; the worker is its
+ * own or one it shares with other devices of the daemon (daemon/worker_pool.ts).
  *
  * @module
  */
@@ -10,7 +11,8 @@ import { closeQuietly } from "../sys/libc.ts";
 import { listenUnix, probeSocketPath } from "../sys/socket.ts";
 import { UsageError } from "../sys/errors.ts";
 import type { LogSettings } from "../log/setup.ts";
-import type { RefreshResult, WorkerInit, WorkerReport } from "./worker.ts";
+import type { RefreshResult } from "./worker.ts";
+import { DataPlaneWorker, type WorkerPool } from "./worker_pool.ts";
 import type { MetricSeries } from "../devices/device.ts";
 import { allocateStats, ServiceStats } from "./stats.ts";
 import { takePassedSocket } from "./activation.ts";
@@ -37,6 +39,11 @@ export interface ServiceOptions {
   allowUids?: number[];
   /** Busy-poll window of the worker's event loop in µs (see EventLoopOptions); default 0. */
   pollUs?: number;
+  /**
+   * Give this device a data-plane worker of its own instead of a shared one (a hot device that
+   * should not share a thread). Without a pool every device has its own.
+   */
+  ownWorker?: boolean;
 }
 
 /**
@@ -95,12 +102,18 @@ export class DeviceService {
   readonly stats: ServiceStats;
   /** Whether the worker is still serving (false once it stopped or died). */
   running = true;
+  /** The number of the data-plane worker it runs on (devices that share one show the same). */
+  get worker(): number {
+    return this.#worker.number;
+  }
   /**
    * The series of each port's device's own counters (its `metrics`), as the worker reported them
    * when it was ready; their values are in {@link stats}.
    */
   metrics: MetricSeries[][] = [];
-  readonly #worker: Worker;
+  readonly #worker: DataPlaneWorker;
+  /** Its id in {@link #worker}. */
+  #id = 0;
   readonly #listenFds: number[];
   readonly #shutdownFd: number;
   readonly #refreshFd: number;
@@ -112,7 +125,7 @@ export class DeviceService {
 
   private constructor(
     options: ServiceOptions,
-    worker: Worker,
+    worker: DataPlaneWorker,
     listenFds: number[],
     shutdownFd: number,
     refreshFd: number,
@@ -132,9 +145,10 @@ export class DeviceService {
 
   /**
    * Binds the socket (or takes the one systemd passed for its path: see daemon/activation.ts),
-   * starts the worker and waits until the device is built.
+   * places the device on a worker of `pool` (a worker of its own without one, or when
+   * {@link ServiceOptions.ownWorker}) and waits until the device is built.
    */
-  static async start(options: ServiceOptions): Promise<DeviceService> {
+  static async start(options: ServiceOptions, pool?: WorkerPool): Promise<DeviceService> {
     const listenFds: number[] = [];
     const passed = new Map<string, () => void>();
     const unbind = () => {
@@ -159,45 +173,15 @@ export class DeviceService {
     }
     const shutdownFd = createEventFd();
     const refreshFd = createEventFd();
-    const worker = new Worker(new URL("./worker.ts", import.meta.url).href, { type: "module" });
-    let onRefreshed: (r: WorkerReport & { type: "refreshed" }) => void = () => {};
+    const worker = pool === undefined || options.ownWorker
+      ? new DataPlaneWorker(options.log, false)
+      : pool.place(options.log, false);
     let onReady!: () => void, onFail!: (e: Error) => void;
     const ready = new Promise<void>((res, rej) => [onReady, onFail] = [res, rej]);
     let onDone!: () => void, onDead!: (e: Error) => void;
     const done = new Promise<void>((res, rej) => [onDone, onDead] = [res, rej]);
     done.catch(() => {});
-    worker.onmessage = (e: MessageEvent<WorkerReport>) => {
-      const r = e.data;
-      if (r.type === "ready") {
-        service.metrics = r.metrics;
-        onReady();
-      } else if (r.type === "refreshed") onRefreshed(r);
-      else if (r.type === "failed") {
-        const err = new Error(`${options.name}: ${r.message}`);
-        onFail(err);
-        onDead(err);
-      } else onDone();
-    };
-    worker.onerror = (e) => {
-      e.preventDefault();
-      const err = new Error(`${options.name}: worker crashed: ${e.message}`);
-      onFail(err);
-      onDead(err);
-    };
     const sab = allocateStats(listenFds.length);
-    const init: WorkerInit = {
-      moduleUrl: new URL(options.module).href,
-      options: options.options,
-      listenFds,
-      shutdownFd,
-      refreshFd,
-      log: options.log,
-      name: options.name,
-      allowUids: options.allowUids,
-      stats: sab,
-      pollUs: options.pollUs ?? 0,
-    };
-    worker.postMessage(init);
     const stats = new ServiceStats(sab, listenFds.length);
     const service = new DeviceService(
       options,
@@ -209,11 +193,34 @@ export class DeviceService {
       stats,
       passed,
     );
-    onRefreshed = (r) => {
-      for (const w of service.#refreshWaiters.splice(0, r.requests)) w.resolve(r.results);
-    };
+    service.#id = worker.host({
+      moduleUrl: new URL(options.module).href,
+      options: options.options,
+      listenFds,
+      shutdownFd,
+      refreshFd,
+      name: options.name,
+      allowUids: options.allowUids,
+      stats: sab,
+      pollUs: options.pollUs ?? 0,
+    }, {
+      ready(metrics) {
+        service.metrics = metrics;
+        onReady();
+      },
+      refreshed(requests, results) {
+        for (const w of service.#refreshWaiters.splice(0, requests)) w.resolve(results);
+      },
+      stopped: () => onDone(),
+      failed(message) {
+        const err = new Error(`${options.name}: ${message}`);
+        onFail(err);
+        onDead(err);
+      },
+    });
     const gone = () => {
       service.running = false;
+      worker.release(service.#id, listenFds.length);
       for (const w of service.#refreshWaiters.splice(0)) w.resolve(null);
     };
     done.then(gone, gone);
@@ -282,7 +289,9 @@ export class DeviceService {
   }
 
   #cleanup(): void {
-    this.#worker.terminate();
+    // Its worker forgets it (and finishes if it hosts nothing else); a service that did not stop
+    // in time is given up on, its eventfds closed: the worker no longer hears from them.
+    this.#worker.release(this.#id, this.#listenFds.length);
     this.removeSocket();
     for (const fd of this.#listenFds) closeQuietly(fd);
     closeQuietly(this.#shutdownFd);

@@ -72,6 +72,7 @@ export function formatStatus(r: StatusReport, allQueues = false): string {
     "DEVICE",
     "TYPE",
     "SOCKET",
+    "WORKER",
     "FRONT-END",
     "STATUS",
     "FEATURES (acked/offered)",
@@ -82,6 +83,7 @@ export function formatStatus(r: StatusReport, allQueues = false): string {
       d.name,
       d.type,
       d.socket,
+      String(d.worker),
       !d.running
         ? "(stopped)"
         : d.frontEnd

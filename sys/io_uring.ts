@@ -19,10 +19,13 @@ const IORING_OFF_SQES = 0x10000000;
 const IORING_FEAT_SINGLE_MMAP = 1;
 const IORING_ENTER_GETEVENTS = 1;
 const IORING_REGISTER_EVENTFD = 4;
+const IORING_REGISTER_IOWQ_MAX_WORKERS = 19;
+/** `cq_flags` bit: completions posted while it is set do not signal the registered eventfd. */
+const IORING_CQ_EVENTFD_DISABLED = 1;
 const IORING_FSYNC_DATASYNC = 1;
 
 /** io_uring operation codes used here. */
-export const IoUringOp = { READV: 1, WRITEV: 2, FSYNC: 3 } as const;
+export const IoUringOp = { READV: 1, WRITEV: 2, FSYNC: 3, FALLOCATE: 17 } as const;
 
 /** One completion. */
 export interface Completion {
@@ -53,6 +56,8 @@ export class IoUring {
   readonly #cqTail: number;
   readonly #cqMask: number;
   readonly #cqes: number;
+  /** Index (in u32s) of `cq_flags` in the completion ring; -1 where the kernel has none. */
+  readonly #cqFlags: number;
   #tail = 0;
   #pending = 0;
 
@@ -94,6 +99,9 @@ export class IoUring {
     this.#cqTail = pv.getUint32(cqOff + 4, true) >> 2;
     this.#cqMask = this.#cq[pv.getUint32(cqOff + 8, true) >> 2];
     this.#cqes = pv.getUint32(cqOff + 20, true);
+    // Linux 5.8 and later give cq_off.flags; before it the field is 0 and there is nothing to set.
+    const cqFlagsOffset = pv.getUint32(cqOff + 24, true);
+    this.#cqFlags = cqFlagsOffset === 0 ? -1 : cqFlagsOffset >> 2;
     this.#tail = this.#sq[this.#sqTail];
   }
 
@@ -109,6 +117,39 @@ export class IoUring {
       ),
     );
     if (rc < 0) throw new SysError("io_uring_register(EVENTFD)", errno());
+  }
+
+  /**
+   * Sets the most io-wq kernel threads of the calling thread (shared by every ring that thread
+   * submits on): `bounded` for work on regular files and block devices, `unbounded` for other fds;
+   * 0 leaves a value as it is (IORING_REGISTER_IOWQ_MAX_WORKERS, Linux 5.15). Returns the values
+   * in force before. Those threads run what cannot complete without blocking: buffered reads and
+   * writes a file system cannot do asynchronously, fdatasync, fallocate. Throws SysError (EINVAL
+   * on older kernels).
+   */
+  ioWqMaxWorkers(bounded: number, unbounded: number): [number, number] {
+    const counts = new Uint32Array([bounded, unbounded]);
+    const rc = Number(
+      libc.io_uring_register(
+        SYS_IO_URING_REGISTER,
+        this.fd,
+        IORING_REGISTER_IOWQ_MAX_WORKERS,
+        new Uint8Array(counts.buffer),
+        2,
+      ),
+    );
+    if (rc < 0) throw new SysError("io_uring_register(IOWQ_MAX_WORKERS)", errno());
+    return [counts[0], counts[1]];
+  }
+
+  /** Prepared submissions not yet handed to the kernel. */
+  get pending(): number {
+    return this.#pending;
+  }
+
+  /** Whether completions are waiting to be reaped. */
+  get hasCompletions(): boolean {
+    return this.#cq[this.#cqHead] !== Atomics.load(this.#cq, this.#cqTail);
   }
 
   /** Free submission slots. */
@@ -144,23 +185,63 @@ export class IoUring {
     return true;
   }
 
-  /** Hands the prepared submissions to the kernel. */
-  submit(): void {
-    if (this.#pending === 0) return;
+  /**
+   * Queues an fallocate(2) of `length` bytes at `offset` with `mode` (IORING_OP_FALLOCATE, Linux
+   * 5.6; always run by an io-wq thread). False when the ring is full.
+   */
+  prepareFallocate(fd: number, offset: number, length: number, mode: number, tag: number): boolean {
+    if (this.space <= 0) return false;
+    const index = (this.#tail + this.#pending) & this.#sqMask;
+    const o = index * 64;
+    const v = this.#sqeView;
+    for (let i = 0; i < 64; i += 8) v.setBigUint64(o + i, 0n, true);
+    v.setUint8(o, IoUringOp.FALLOCATE);
+    v.setInt32(o + 4, fd, true);
+    v.setUint32(o + 8, offset >>> 0, true);
+    v.setUint32(o + 12, Math.floor(offset / 4294967296), true);
+    // The length goes where a transfer's buffer address would, the mode in the length field.
+    v.setUint32(o + 16, length >>> 0, true);
+    v.setUint32(o + 20, Math.floor(length / 4294967296), true);
+    v.setUint32(o + 24, mode, true);
+    v.setUint32(o + 32, tag, true);
+    this.#sq[this.#sqArray + index] = index;
+    this.#pending++;
+    return true;
+  }
+
+  /**
+   * Hands the prepared submissions to the kernel. What completes during the call (a buffered read
+   * from the page cache completes inline) does not signal the eventfd: the caller reaps right
+   * after, which saves the loop a wake-up and an eventfd read per batch. Returns whether anything
+   * was submitted.
+   */
+  submit(): boolean {
+    if (this.#pending === 0) return false;
     this.#tail += this.#pending;
     Atomics.store(this.#sq, this.#sqTail, this.#tail >>> 0);
     const n = this.#pending;
     this.#pending = 0;
     let done = 0;
-    while (done < n) {
-      const rc = Number(libc.io_uring_enter(SYS_IO_URING_ENTER, this.fd, n - done, 0, 0, null, 0n));
-      if (rc < 0) {
-        const err = errno();
-        if (err === 4 || err === 11 || err === 16) continue; // EINTR, EAGAIN, EBUSY
-        throw new SysError("io_uring_enter", err);
+    // Only this thread writes cq_flags; the kernel reads it when it posts a completion.
+    const quiet = this.#cqFlags >= 0;
+    const flags = quiet ? this.#cq[this.#cqFlags] : 0;
+    if (quiet) Atomics.store(this.#cq, this.#cqFlags, flags | IORING_CQ_EVENTFD_DISABLED);
+    try {
+      while (done < n) {
+        const rc = Number(
+          libc.io_uring_enter(SYS_IO_URING_ENTER, this.fd, n - done, 0, 0, null, 0n),
+        );
+        if (rc < 0) {
+          const err = errno();
+          if (err === 4 || err === 11 || err === 16) continue; // EINTR, EAGAIN, EBUSY
+          throw new SysError("io_uring_enter", err);
+        }
+        done += rc;
       }
-      done += rc;
+    } finally {
+      if (quiet) Atomics.store(this.#cq, this.#cqFlags, flags & ~IORING_CQ_EVENTFD_DISABLED);
     }
+    return true;
   }
 
   /** Blocks until at least `min` completions are waiting. */

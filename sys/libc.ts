@@ -41,6 +41,7 @@ const symbols = {
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  fstatfs: { parameters: ["i32", "buffer"], result: "i32" },
   fstat: { parameters: ["i32", "buffer"], result: "i32" },
   fcntl_lock: { name: "fcntl", parameters: ["i32", "i32", "buffer"], result: "i32" },
   ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
@@ -232,6 +233,16 @@ export function fdSize(fd: number): number {
 /** The file status flags of an fd (fcntl F_GETFL): {@link O} bits such as `O.DIRECT`. */
 export function statusFlags(fd: number): number {
   return check(libc.fcntl(fd, F.GETFL, 0), "fcntl(F_GETFL)");
+}
+
+/** `statfs.f_type` of file systems whose files live in memory (tmpfs, ramfs). */
+export const MEMORY_FS_MAGIC: readonly number[] = [0x01021994, 0x858458f6];
+
+/** The file system type of an fd (`fstatfs` `f_type`, e.g. one of {@link MEMORY_FS_MAGIC}). */
+export function fileSystemType(fd: number): number {
+  const buf = new BigInt64Array(15); // struct statfs is 120 bytes on 64-bit Linux
+  check(libc.fstatfs(fd, new Uint8Array(buf.buffer)), "fstatfs");
+  return Number(buf[0]);
 }
 
 /** Sets O_NONBLOCK on an fd. */

@@ -79,6 +79,14 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
       }
     }
 
+    const idle = r.guestIdle;
+    assert.ok(idle, "guestIdle missing");
+    assert.deepEqual(idle.cases.map((c) => c.variant), ["qsd", "vhostd", "vhostd-nopoll"]);
+    for (const c of idle.cases) {
+      assert.ok(c.cpuSeconds >= 0 && c.samples.length === 1, `idle ${c.variant} CPU seconds`);
+      assert.ok(idle.commands[c.variant].backend, `idle ${c.variant} command`);
+    }
+
     const n = r.net;
     assert.ok(n, "net missing");
     assert.ok(n.testpmd, "net testpmd half missing");
@@ -98,11 +106,19 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
 
     const m = r.memory;
     assert.ok(m, "memory missing");
-    positive(m.cliOneDeviceMiB, "RSS of vhostd blk");
-    positive(m.oneDeviceMiB, "RSS of 1 device");
-    positive(m.manyDevicesMiB, "RSS of 4 devices");
-    positive(m.qsdOneDeviceMiB, "RSS of qsd");
-    assert.ok(Number.isFinite(m.perExtraDeviceMiB), "increment per device");
+    assert.ok(m.sharedWorkers, "this build has shared workers");
+    for (const id of ["vm", "vm-own", "blk-cli", "qsd", "floor-0", "floor-1"]) {
+      const c = m.cases.find((x) => x.id === id);
+      assert.ok(c, `memory case ${id} missing: ${m.cases.map((x) => x.id).join(", ")}`);
+      positive(c.memory.rssMiB, `RSS of ${id}`);
+    }
+    assert.ok(m.increments.length > 0, "memory increments");
+    const scale = r.scale;
+    assert.ok(scale, "scale missing");
+    for (const c of scale.cases) positive(c.totalRssMiB, `scale ${c.backend} x${c.daemons}`);
+    const sharing = r.sharing;
+    assert.ok(sharing?.available, "sharing missing");
+    for (const x of sharing.ratios) positive(x.iopsRatio, `sharing ${x.storage}`);
 
     const mig = r.migration;
     assert.ok(mig, "migration missing");

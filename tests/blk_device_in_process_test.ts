@@ -92,6 +92,49 @@ for (const ioEngine of ["sync", "uring"] as const) {
       assert.equal(errors(blk, 0) + errors(blk, 1), 0, "no request failed");
     }));
 
+  Deno.test(`BlkDevice (${ioEngine}): a discard of several ranges punches every one`, () =>
+    withInProcessBlk({ ioEngine, queues: 1 }, async (blk) => {
+      const s = await blk.open();
+      const data = new Uint8Array(4096).fill(0xa5);
+      for (const sector of [0, 64, 128]) assert.equal(s.blk.write(sector, data).status, 0);
+      const d = s.blk.discard([{ sector: 0, sectors: 8 }, { sector: 128, sectors: 8 }]);
+      assert.equal(d.status, BlkStatus.OK);
+      assert.deepEqual(imageBytes(blk, 0, 4096), new Uint8Array(4096), "first range punched");
+      assert.deepEqual(imageBytes(blk, 64 * SECTOR, 4096), data, "between them: kept");
+      assert.deepEqual(imageBytes(blk, 128 * SECTOR, 4096), new Uint8Array(4096), "second");
+      assert.equal(errors(blk), 0);
+    }));
+
+  Deno.test(`BlkDevice (${ioEngine}): write-zeroes of several ranges, with and without unmap`, () =>
+    withInProcessBlk({ ioEngine, queues: 1 }, async (blk) => {
+      const s = await blk.open();
+      const data = new Uint8Array(4096).fill(0xa5);
+      for (const sector of [0, 64, 128, 192]) assert.equal(s.blk.write(sector, data).status, 0);
+      const ranges = [{ sector: 0, sectors: 8 }, { sector: 128, sectors: 8 }];
+      for (const unmap of [false, true]) {
+        if (unmap) { for (const r of ranges) s.blk.write(r.sector, data); }
+        assert.equal(s.blk.writeZeroes(ranges, unmap).status, BlkStatus.OK, `unmap ${unmap}`);
+        for (const r of ranges) {
+          assert.deepEqual(imageBytes(blk, r.sector * SECTOR, 4096), new Uint8Array(4096));
+        }
+        assert.deepEqual(imageBytes(blk, 64 * SECTOR, 4096), data, "between them: kept");
+        assert.deepEqual(imageBytes(blk, 192 * SECTOR, 4096), data, "after them: kept");
+      }
+      assert.equal(errors(blk), 0);
+    }));
+
+  Deno.test(`BlkDevice (${ioEngine}): with the write cache off, writes complete synced`, () =>
+    withInProcessBlk({ ioEngine, queues: 1 }, async (blk) => {
+      const s = await blk.open();
+      s.conn.setConfig(32, new Uint8Array([0]));
+      assert.equal(s.conn.getConfig(32, 1)[0], 0, "write-through");
+      const data = new Uint8Array(8192).fill(0x3d);
+      for (let i = 0; i < 8; i++) assert.equal(s.blk.write(i * 16, data).status, BlkStatus.OK);
+      assert.deepEqual(imageBytes(blk, 7 * 16 * SECTOR, data.length), data);
+      assert.equal(s.blk.flush().status, BlkStatus.OK);
+      assert.equal(errors(blk), 0);
+    }));
+
   Deno.test(`BlkDevice (${ioEngine}): malformed requests get their status and are counted`, () =>
     withInProcessBlk({ ioEngine, queues: 1, sizeBytes: 1 << 20 }, async (blk) => {
       const s = await blk.open();

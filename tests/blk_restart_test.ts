@@ -21,6 +21,9 @@ for (const engine of ["sync", "io_uring"] as const) {
     const args = ["blk", "--socket", sock, "--image", img];
     // With --direct the device uses io_uring, and many requests are in flight at each kill.
     if (engine === "io_uring") args.push("--direct");
+    // A buffered image is served through io_uring too by default: the synchronous engine (the
+    // fallback where io_uring cannot be set up) is asked for by name.
+    else args.push("--io-engine", "sync");
     // The first daemon dies mid-request (SIGKILL after taking its 3000th request, before completing
     // it), so the restart must resubmit it; the later ones are killed at arbitrary moments.
     let daemon = await DaemonProcess.start(args, { VHOSTD_FAULT_KILL_AFTER: "3000" });

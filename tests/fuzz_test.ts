@@ -1,8 +1,8 @@
 /**
  * A bounded fuzzing run in CI (longer runs: `deno task fuzz --cases N`): hostile front-end and
  * guest input never crashes or hangs the daemon, each bad connection is dropped with one log
- * line, no fd leaks, and the devices nobody attacks (another VM's disk in its own worker, and the
- * switch ports sharing a worker with the attacked one) keep doing verified I/O throughout.
+ * line, no fd leaks, and the devices nobody attacks (a second disk and two switch ports, sharing
+ * the attacked devices' one worker) keep doing verified I/O throughout.
  */
 
 import assert from "node:assert/strict";
@@ -11,7 +11,7 @@ import { fuzzRun } from "./fuzz/harness.ts";
 const CASES = 400;
 const SEED = 20261121;
 
-Deno.test(`hostile front-end: ${CASES} fuzz cases, the daemon and the other VM carry on`, async () => {
+Deno.test(`hostile front-end: ${CASES} fuzz cases, the daemon and the devices sharing its worker carry on`, async () => {
   const r = await fuzzRun(CASES, SEED);
   console.log(
     `${r.cases} cases: ${r.dropped} dropped, ${r.broken} with a queue stopped, ${r.survived} ` +

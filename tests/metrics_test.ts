@@ -201,7 +201,7 @@ for (const engine of ["sync", "io_uring"]) {
           "vm-disk",
           "--control",
           control,
-          ...(engine === "io_uring" ? ["--direct"] : []),
+          ...(engine === "io_uring" ? ["--direct"] : ["--io-engine", "sync"]),
         ]);
         try {
           const s = await BlkFrontend.open({ socket, queues: 2 });

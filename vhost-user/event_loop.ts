@@ -46,13 +46,21 @@ export interface EventLoopOptions {
 export class EventLoop {
   /** The epoll instance. */
   readonly epoll: Epoll = new Epoll(128);
-  /** Busy-poll window in microseconds (0: none). */
-  readonly pollUs: number;
+  /**
+   * Busy-poll window in microseconds (0: none). A loop shared by several devices polls with the
+   * largest window any of them asked for ({@link raisePollUs}).
+   */
+  get pollUs(): number {
+    return this.#pollUs;
+  }
+  #pollUs: number;
   readonly #handlers = new Map<number, () => void>();
   readonly #tokens = new Map<number, number>();
   readonly #ticks: LoopTick[] = [];
   readonly #pollers: LoopPoller[] = [];
   #nextToken = 1;
+  /** Set by the stop fd's handler: {@link run} returns. */
+  #stopped = false;
   #busyTicks = false;
   /** Current busy-poll window in ms (adapts between 0 and {@link pollUs}). */
   #windowMs = 0;
@@ -61,7 +69,13 @@ export class EventLoop {
   constructor(options: EventLoopOptions = {}) {
     const us = options.pollUs ?? 0;
     if (!Number.isInteger(us) || us < 0) throw new RangeError(`bad poll window ${us} µs`);
-    this.pollUs = us;
+    this.#pollUs = us;
+  }
+
+  /** Widens the busy-poll window to `us` if it is narrower (a device that polls joined). */
+  raisePollUs(us: number): void {
+    if (!Number.isInteger(us) || us < 0) throw new RangeError(`bad poll window ${us} µs`);
+    if (us > this.#pollUs) this.#pollUs = us;
   }
 
   /** Calls `handler` whenever `fd` is readable or hung up, until {@link unwatch}. */
@@ -87,9 +101,15 @@ export class EventLoop {
     this.#busyTicks = true;
   }
 
-  /** Adds work to look for while busy-polling (ignored when {@link pollUs} is 0). */
+  /** Removes a tick added with {@link addTick} (its device left a shared loop). */
+  removeTick(tick: LoopTick): void {
+    const i = this.#ticks.indexOf(tick);
+    if (i >= 0) this.#ticks.splice(i, 1);
+  }
+
+  /** Adds work to look for while busy-polling (only looked at while {@link pollUs} is above 0). */
   addPoller(poller: LoopPoller): void {
-    if (this.pollUs > 0) this.#pollers.push(poller);
+    this.#pollers.push(poller);
   }
 
   /** Removes a poller added with {@link addPoller}. */
@@ -104,21 +124,33 @@ export class EventLoop {
   }
 
   /**
-   * Runs until `stopFd` (an eventfd) is signalled. A handler that throws is logged and the loop
-   * goes on: one misbehaving peer must not stop the others sharing this thread.
+   * Runs until `stopFd` (an eventfd) is signalled, and returns the count it read from it (how
+   * many times it was signalled). A handler that throws is logged and the loop goes on: one
+   * misbehaving peer must not stop the others sharing this thread. It may run again afterwards.
    */
-  run(stopFd: number): void {
-    let stop = false;
+  run(stopFd: number): number {
+    let signals = 0;
+    this.#stopped = false;
     this.watch(stopFd, () => {
-      drainEventFd(stopFd);
-      stop = true;
+      signals = drainEventFd(stopFd);
+      this.#stopped = true;
     });
+    try {
+      this.#serve();
+    } finally {
+      this.unwatch(stopFd);
+    }
+    return signals;
+  }
+
+  /** Dispatches events until the stop fd's handler sets {@link #stopped}. */
+  #serve(): void {
     const ep = this.epoll;
     const interval = this.#ticks.length ? Math.min(...this.#ticks.map((t) => t.intervalMs)) : -1;
-    while (!stop) {
+    while (!this.#stopped) {
       const timeout = this.#busyTicks ? interval : -1;
       const n = this.pollUs > 0 ? this.#pollThenWait(timeout) : ep.wait(timeout);
-      for (let i = 0; i < n && !stop; i++) {
+      for (let i = 0; i < n && !this.#stopped; i++) {
         const handler = this.#handlers.get(ep.readyTokens[i]);
         if (handler === undefined) continue;
         try {

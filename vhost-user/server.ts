@@ -40,6 +40,11 @@ export interface ServerOptions extends BackendOptions {
    * control message was handled, a queue broke. Never called per request.
    */
   onStateChange?: (server: VhostUserServer) => void;
+  /**
+   * This device's busy-poll window in µs (default: the loop's). A device that asks for 0 is never
+   * polled, even on a loop that polls for another device sharing it.
+   */
+  pollUs?: number;
 }
 
 /** Messages handled per wake-up before the loop gives other fds a turn. */
@@ -78,7 +83,8 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     this.#options = options;
     this.#log = getLogger(["vhostd", device.name]);
     this.backend = new VhostUserBackend(device, this, options);
-    this.#polling = loop.pollUs > 0 && this.backend.polled.includes(true);
+    this.#polling = (options.pollUs ?? loop.pollUs) > 0 && this.backend.polled.includes(true);
+    if (this.#polling) loop.raisePollUs(options.pollUs ?? loop.pollUs);
   }
 
   /** Registers a queue's kick eventfd. */
@@ -165,6 +171,7 @@ export class VhostUserServer implements KickWatcher, DeviceEventLoop {
     this.#acceptPausedAt = 0;
     this.#loop.unwatch(this.#listenFd);
     this.#loop.removePoller(this.#poller);
+    this.#loop.removeTick(this.#timers);
   }
   #accept(): void {
     let fd: number;

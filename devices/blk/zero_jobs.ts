@@ -1,5 +1,6 @@
 /**
- * WRITE_ZEROES in bounded steps, so that one request cannot hold the data-plane worker.
+ * WRITE_ZEROES in bounded steps, so that one request cannot hold the data-plane worker: the
+ * synchronous engine's way (the io_uring engine zeroes through its ring: devices/blk/uring.ts).
  *
  * Where the file system cannot zero a range itself (no `FALLOC_FL_ZERO_RANGE`, as on ext2, vfat
  * or tmpfs), zeroing means writing zeros, and one request may name 32 ranges of 2 GiB: done in

@@ -1,8 +1,8 @@
 /**
  * Runs the fuzzer against a real daemon process (tests/fuzz/target.ts) and checks, throughout,
  * that the daemon is alive, still accepts front-ends, leaks no fds, and that the devices nobody
- * attacks keep serving: a second block device in its own worker, and the two switch ports that
- * share their worker with the port under attack.
+ * attacks keep serving: a second block device and the two switch ports, all on the one data-plane
+ * worker the attacked devices use (the default shape of a VM's devices, daemon/worker_pool.ts).
  *
  * @module
  */

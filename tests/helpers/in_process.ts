@@ -12,7 +12,9 @@
  */
 
 import { planBlk } from "../../daemon/blk.ts";
+import type { BlkIoEngine } from "../../devices/blk/device.ts";
 import { DeviceService } from "../../daemon/service.ts";
+import type { WorkerPool } from "../../daemon/worker_pool.ts";
 import type { PortSnapshot } from "../../daemon/stats.ts";
 import { BlkFrontend, type BlkFrontendOptions } from "../../vhost-user/frontend/mod.ts";
 import { sparseFile } from "./daemon.ts";
@@ -21,14 +23,18 @@ import { sparseFile } from "./daemon.ts";
 export interface InProcessBlkOptions {
   /** Image size in bytes; default 16 MiB. */
   sizeBytes?: number;
+  /** Serve this existing image (left in place) instead of a fresh sparse one. */
+  image?: string;
   /** Queues offered; default 2. */
   queues?: number;
   /** Serve read-only; default false. */
   readOnly?: boolean;
   /** The I/O engine (`BlkOptions.ioEngine`); default `sync`. */
-  ioEngine?: "sync" | "uring";
+  ioEngine?: BlkIoEngine;
   /** Busy-poll window of the worker's loop in µs; default 0 (kicks only). */
   pollUs?: number;
+  /** Place the device on a worker of this pool (shared with other devices); default its own. */
+  pool?: WorkerPool;
 }
 
 /** A block device served in this process. */
@@ -54,9 +60,9 @@ export interface InProcessBlk {
 /** Serves a fresh sparse image of `options.sizeBytes` in a worker of this process. */
 export async function serveBlkInProcess(options: InProcessBlkOptions = {}): Promise<InProcessBlk> {
   const dir = await Deno.makeTempDir({ prefix: "vhostd-inproc-" });
-  const image = `${dir}/disk.img`;
+  const image = options.image ?? `${dir}/disk.img`;
   const socket = `${dir}/blk.sock`;
-  sparseFile(image, options.sizeBytes ?? 16 << 20);
+  if (options.image === undefined) sparseFile(image, options.sizeBytes ?? 16 << 20);
   const plan = planBlk(
     socket,
     image,
@@ -72,7 +78,7 @@ export async function serveBlkInProcess(options: InProcessBlkOptions = {}): Prom
   plan.blk.ioEngine = options.ioEngine ?? "sync";
   let service: DeviceService;
   try {
-    service = await DeviceService.start(plan.service);
+    service = await DeviceService.start(plan.service, options.pool);
   } catch (e) {
     await Deno.remove(dir, { recursive: true });
     throw e;
