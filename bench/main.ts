@@ -17,6 +17,7 @@ import { ensureKit } from "../tests/guest/qemu.ts";
 import { backendOnly, type BackendOnlyConfig } from "./backend_only.ts";
 import { type BackendLevers, DEFAULT_LEVERS, type Storage } from "./backends.ts";
 import { type FioJob, guestFio, type GuestFioConfig, type GuestVariant } from "./guest_fio.ts";
+import { guestIdle } from "./guest_idle.ts";
 import { killAllStarted, progress, REPO_ROOT, StepError, writeRandomImage } from "./lib.ts";
 import { cleanupMemorySync, memory, type MemoryConfig } from "./memory.ts";
 import { migrationBench, type MigrationConfig } from "./migration.ts";
@@ -56,6 +57,8 @@ export interface BenchOptions {
   loadSeconds?: number;
   /** Seconds per guest fio job (default 5 full, 3 quick). */
   guestSeconds?: number;
+  /** Seconds an idle guest is measured for, after the guest fio (default 60 full, 10 quick). */
+  idleSeconds?: number;
   /** Seconds of each testpmd window (default 10 full, 3 quick). */
   netSeconds?: number;
   /** Seconds of each guest iperf3 run (default 5 full, 3 quick). */
@@ -97,6 +100,7 @@ Options:
   --runs N              repetitions per case; medians are reported (default 3; quick 1)
   --seconds S           seconds per load-generator run (default 10; quick 1)
   --guest-seconds S     seconds per guest fio run; two rounds per boot (default 5; quick 3, one round)
+  --idle-seconds S      seconds an idle guest's back-ends are measured for (default 60; quick 10)
   --net-seconds S       seconds per testpmd window (default 10; quick 3)
   --iperf-seconds S     seconds per guest iperf3 run; four rounds per boot (default 5; quick 3, one round)
   --qsd-disk-aio MODE   qemu-storage-daemon aio on disk: native, io_uring or threads (default native)
@@ -267,6 +271,21 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
         };
         result.guestFio = await guestFio(cfg);
       });
+      // The same guest setup, asleep: what each back-end costs when there is nothing to do.
+      await step("guest idle", async () => {
+        result.guestIdle = await guestIdle({
+          variants: ["qsd", "vhostd", "vhostd-nopoll"],
+          seconds: opts.idleSeconds ?? (quick ? 10 : 60),
+          runs: 1,
+          diskImage,
+          socketDir: shmDir,
+          smp: 1,
+          memoryMiB: 512,
+          deviceQueues: 1,
+          levers: opts.levers,
+          placement: guestPlacementFor(1),
+        });
+      });
     }
     if (prepared && opts.only.includes("net")) {
       const cfg: NetConfig = {
@@ -413,6 +432,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
       runs: { type: "string" },
       seconds: { type: "string" },
       "guest-seconds": { type: "string" },
+      "idle-seconds": { type: "string" },
       "net-seconds": { type: "string" },
       "iperf-seconds": { type: "string" },
       "qsd-disk-aio": { type: "string" },
@@ -469,6 +489,7 @@ export function parseBenchArgs(args: string[]): BenchOptions | null {
     runs: count("runs", values.runs),
     loadSeconds: count("seconds", values.seconds),
     guestSeconds: count("guest-seconds", values["guest-seconds"]),
+    idleSeconds: count("idle-seconds", values["idle-seconds"]),
     netSeconds: count("net-seconds", values["net-seconds"]),
     iperfSeconds: count("iperf-seconds", values["iperf-seconds"]),
     resultsDir: values["results-dir"] ?? `${REPO_ROOT}/bench/results`,

@@ -6,6 +6,7 @@
 
 import type { BackendOnlyResult } from "./backend_only.ts";
 import type { GuestFioResult } from "./guest_fio.ts";
+import type { GuestIdleResult } from "./guest_idle.ts";
 import type { MemoryCaseResult, MemoryResult } from "./memory.ts";
 import type { MigrationResult } from "./migration.ts";
 import type { NetResult } from "./net.ts";
@@ -35,6 +36,8 @@ export interface BenchResult {
   backendOnly?: BackendOnlyResult;
   /** Comparison 2. */
   guestFio?: GuestFioResult;
+  /** Comparison 2's idle guest: each back-end's CPU while the guest sleeps. */
+  guestIdle?: GuestIdleResult;
   /** Comparison 3 (absent if not selected; a failed half is absent inside it). */
   net?: NetResult;
   /** Comparison 4. */
@@ -570,6 +573,30 @@ export function markdown(
   } else {
     out.push(notRun(r, "guest"), "");
   }
+  const idle = r.guestIdle;
+  if (idle) {
+    const c = idle.config;
+    out.push(
+      "### Idle guest",
+      "",
+      `The same kind of guest with a vhost-user disk per back-end reads 1 MiB from each, then ` +
+        `sleeps ${c.seconds} s; each back-end process's CPU time (user + system) over the sleep, ` +
+        `median of ${c.runs} boot(s), read from /proc to its 0.01 s resolution. A back-end that polls ` +
+        "or wakes on timers while nothing happens shows it here.",
+      "",
+      table(
+        ["back-end", `CPU seconds over ${c.seconds} s`, "share of one CPU"],
+        idle.cases.map((x) => [
+          x.variant,
+          fmt(x.cpuSeconds) + spread(x.samples),
+          `${fmt(x.cpuPercent)} %`,
+        ]),
+      ),
+      "",
+    );
+  } else if (r.only.includes("guest")) {
+    out.push("### Idle guest", "", notRun(r, "guest"), "");
+  }
 
   out.push("## 3. Net", "");
   const n = r.net;
@@ -762,6 +789,11 @@ export function markdown(
       out.push(`# guest fio, ${v}`);
       if (cmd.backend) out.push(cmd.backend);
       out.push(cmd.qemu);
+    }
+  }
+  if (idle) {
+    for (const [v, cmd] of Object.entries(idle.commands)) {
+      out.push(`# guest idle, ${v}`, cmd.backend, cmd.qemu);
     }
   }
   if (n) {

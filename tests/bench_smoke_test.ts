@@ -79,6 +79,14 @@ Deno.test("deno task bench --quick runs every comparison and writes its results"
       }
     }
 
+    const idle = r.guestIdle;
+    assert.ok(idle, "guestIdle missing");
+    assert.deepEqual(idle.cases.map((c) => c.variant), ["qsd", "vhostd", "vhostd-nopoll"]);
+    for (const c of idle.cases) {
+      assert.ok(c.cpuSeconds >= 0 && c.samples.length === 1, `idle ${c.variant} CPU seconds`);
+      assert.ok(idle.commands[c.variant].backend, `idle ${c.variant} command`);
+    }
+
     const n = r.net;
     assert.ok(n, "net missing");
     assert.ok(n.testpmd, "net testpmd half missing");

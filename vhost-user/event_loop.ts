@@ -173,15 +173,19 @@ export class EventLoop {
    * Polls the fds and the pollers until something is ready or the window passes with nothing to
    * do; then arms the pollers and sleeps. Returns the number of ready fds (0: poll again).
    *
-   * The window adapts, as QEMU's AioContext polling does: a sleep that ended within the longest
-   * window means polling would have caught the event, so the window doubles (from 4 µs); a longer
-   * sleep means events come too slowly to be worth polling for, and the window drops to 0. An
-   * idle or slow device therefore costs no polling CPU.
+   * The window adapts to the gap between the last work and the next event, measured from when the
+   * loop went idle (its polling included), as QEMU's AioContext polling does: a gap the window
+   * covered is what polling is for, and the window stays; a gap longer than {@link pollUs} means
+   * events come too slowly for polling to catch them, and the window closes (polling would only
+   * burn CPU before the same sleep); a gap in between, which a longer window would have caught,
+   * grows it (doubling from 4 µs). Judging by the sleep alone, as this loop once did, keeps a
+   * full window open while every event comes just after it, polling and catching nothing.
    */
   #pollThenWait(timeoutMs: number): number {
     const ep = this.epoll;
+    let idleSince = performance.now();
     if (this.#windowMs > 0) {
-      let deadline = performance.now() + this.#windowMs;
+      let deadline = idleSince + this.#windowMs;
       for (;;) {
         const n = ep.wait(0);
         // Polled even when fds are ready: the polled queues' kicks are off, and an fd ready at
@@ -190,8 +194,10 @@ export class EventLoop {
         for (const p of this.#pollers) worked = p.poll() || worked;
         if (n > 0) return n;
         const now = performance.now();
-        if (worked) deadline = now + this.#windowMs;
-        else if (now >= deadline) break;
+        if (worked) {
+          idleSince = now;
+          deadline = now + this.#windowMs;
+        } else if (now >= deadline) break;
       }
     }
     if (this.#arm()) {
@@ -203,12 +209,13 @@ export class EventLoop {
       // when a request completes): kicks back on, and sleep rather than spin.
       this.#arm();
     }
-    const before = performance.now();
     const n = ep.wait(timeoutMs);
-    const slept = performance.now() - before;
+    const gap = performance.now() - idleSince;
     const max = this.pollUs / 1000;
-    if (n > 0 && slept <= max) this.#windowMs = Math.min(max, Math.max(0.004, this.#windowMs * 2));
-    else if (slept > max) this.#windowMs = 0;
+    if (n === 0 || gap > max) this.#windowMs = 0;
+    else if (gap > this.#windowMs) {
+      this.#windowMs = Math.min(max, Math.max(0.004, this.#windowMs * 2));
+    }
     return n;
   }
 

@@ -130,3 +130,44 @@ Deno.test("EventLoop: work nobody can take now does not make the loop spin", () 
     assert.ok(polls < 20, `${polls} polls, ${arms} arms in 100 ms`);
     assert.ok(arms >= 2, "armed again before sleeping");
   }));
+
+Deno.test("EventLoop: events that come just after the window close it instead of keeping it open", () =>
+  withLoop(1000, (loop, stop, work) => {
+    // Another thread signals `work` 20 times 0.2 ms apart, which opens the 1 ms window, then about
+    // every 1.1 ms: longer than the window, shorter than twice it. Polling catches none of the
+    // later events, so it must stop. (Judged by the sleep alone, short after a full window, the
+    // window stayed open and polled a full millisecond before every event.)
+    const quick = 20, slow = 60;
+    let polls = 0, seen = 0, pollsBeforeSlow = -1;
+    loop.addPoller({ poll: () => (polls++, false), arm: () => false });
+    loop.watch(work, () => {
+      // Counted by handler calls: two signals between drains make one.
+      drainEventFd(work);
+      if (++seen === quick) pollsBeforeSlow = polls;
+    });
+    const event = new URL("../sys/event.ts", import.meta.url).href;
+    const worker = new Worker(
+      `data:text/javascript,${
+        encodeURIComponent(`
+          import { signalEventFd } from "${event}";
+          self.onmessage = (e) => {
+            const pause = new Int32Array(new SharedArrayBuffer(4));
+            for (let i = 0; i < ${quick + slow}; i++) {
+              Atomics.wait(pause, 0, 0, i < ${quick} ? 0.2 : 1.1);
+              signalEventFd(e.data.work);
+            }
+            Atomics.wait(pause, 0, 0, 1.5);
+            signalEventFd(e.data.stop);
+          };
+        `)
+      }`,
+      { type: "module" },
+    );
+    worker.postMessage({ work, stop });
+    loop.run(stop);
+    worker.terminate();
+    assert.ok(pollsBeforeSlow >= 0, `only ${seen} wake-ups for ${quick} quick events`);
+    // Polling a full window before each slow event would be hundreds of polls per event.
+    const slowPolls = polls - pollsBeforeSlow;
+    assert.ok(slowPolls < slow * 20, `${slowPolls} polls for ${slow} events 1.1 ms apart`);
+  }));
