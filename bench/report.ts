@@ -500,7 +500,12 @@ export function markdown(
     if (g.hangs?.length) {
       out.push(
         `**${g.hangs.length} boot(s) hung and were made again** (the figures are from the ` +
-          `boot that finished): ${g.hangs.join("; ")}`,
+          "boots that finished); what each hung boot's console showed last:",
+        "",
+        // Quoted as it was: console text is not Markdown (a `|` would start a table).
+        "```",
+        ...g.hangs.map((h) => h.trim()),
+        "```",
         "",
       );
     }
