@@ -117,7 +117,9 @@ sleep 6
       assert.ok(q0.requests > 0 && q0.kicks > 0 && q0.interrupts > 0, JSON.stringify(q0));
     }
     assert.equal(status.devices[0].frontEnd!.pid, status.devices[1].frontEnd!.pid, "one QEMU");
-    assert.match(table, /^a\s+blk\s+\S+a\.sock\s+pid \d+ uid \d+\s+0xf \(driver-ok\)/m, table);
+    // Both disks on the daemon's one shared worker (the WORKER column).
+    assert.match(table, /^a\s+blk\s+\S+a\.sock\s+1\s+pid \d+ uid \d+\s+0xf \(driver-ok\)/m, table);
+    assert.match(table, /^b\s+blk\s+\S+b\.sock\s+1\s+pid \d+ uid \d+/m, table);
     assert.match(table, /^b\s+0\s+\d+\s+started,enabled\s+[1-9]\d*\s/m, table);
 
     assert.equal(await daemon.stop(), 0, daemon.stderr);
