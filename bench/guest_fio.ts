@@ -260,6 +260,36 @@ function backendOutput(backends: Map<GuestVariant, RunningBackend>): string {
 }
 
 /** One guest with a disk per variant, all on the same image; every job on every disk in turn. */
+/**
+ * Starts the vhost-user back-end of `variant` (qsd, vhostd, or vhostd with `--poll-us 0`) on the
+ * shared disk image, for a guest that has a disk on each back-end.
+ */
+export async function startGuestDiskBackend(
+  cfg: Pick<GuestFioConfig, "diskImage" | "deviceQueues" | "levers" | "placement">,
+  variant: "qsd" | "vhostd" | "vhostd-nopoll",
+  socket: string,
+  step: string,
+): Promise<RunningBackend> {
+  const levers = variant === "vhostd-nopoll" ? { ...cfg.levers, vhostdPollUs: 0 } : cfg.levers;
+  try {
+    return await startBackend(
+      variant === "qsd" ? "qsd" : "vhostd",
+      {
+        image: cfg.diskImage,
+        storage: "disk",
+        nullSizeBytes: 0,
+        queues: cfg.deviceQueues,
+        socket,
+        shared: true,
+      },
+      levers,
+      cfg.placement?.housekeeping,
+    );
+  } catch (e) {
+    throw new StepError(step, `could not start ${variant}: ${(e as Error).message}`);
+  }
+}
+
 async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
   const step = `guest fio: boot ${run + 1}`;
   const rounds = cfg.rounds;
@@ -286,27 +316,7 @@ async function bootOnce(cfg: GuestFioConfig, run: number): Promise<BootResult> {
       }
       const socket = `${cfg.socketDir}/guest-${variant}.sock`;
       opts.vhostUserBlk!.push({ socket, numQueues: cfg.deviceQueues });
-      const levers = variant === "vhostd-nopoll" ? { ...cfg.levers, vhostdPollUs: 0 } : cfg.levers;
-      try {
-        backends.set(
-          variant,
-          await startBackend(
-            variant === "qsd" ? "qsd" : "vhostd",
-            {
-              image: cfg.diskImage,
-              storage: "disk",
-              nullSizeBytes: 0,
-              queues: cfg.deviceQueues,
-              socket,
-              shared: true,
-            },
-            levers,
-            cfg.placement?.housekeeping,
-          ),
-        );
-      } catch (e) {
-        throw new StepError(step, `could not start ${variant}: ${(e as Error).message}`);
-      }
+      backends.set(variant, await startGuestDiskBackend(cfg, variant, socket, step));
     }
     const begins = new Map<string, CpuPoint>();
     const ends = new Map<string, CpuPoint>();

@@ -9,8 +9,7 @@
  */
 
 import { accelerator, describeGuestRun, type GuestOptions, runGuest } from "../tests/guest/qemu.ts";
-import { startBackend } from "./backends.ts";
-import type { GuestFioConfig } from "./guest_fio.ts";
+import { type GuestFioConfig, startGuestDiskBackend } from "./guest_fio.ts";
 import { VcpuPinning } from "./placement.ts";
 import {
   commandLine,
@@ -105,27 +104,7 @@ async function bootOnce(
     for (const variant of cfg.variants) {
       const socket = `${cfg.socketDir}/idle-${variant}.sock`;
       opts.vhostUserBlk!.push({ socket, numQueues: cfg.deviceQueues });
-      const levers = variant === "vhostd-nopoll" ? { ...cfg.levers, vhostdPollUs: 0 } : cfg.levers;
-      try {
-        backends.set(
-          variant,
-          await startBackend(
-            variant === "qsd" ? "qsd" : "vhostd",
-            {
-              image: cfg.diskImage,
-              storage: "disk",
-              nullSizeBytes: 0,
-              queues: cfg.deviceQueues,
-              socket,
-              shared: true,
-            },
-            levers,
-            cfg.placement?.housekeeping,
-          ),
-        );
-      } catch (e) {
-        throw new StepError(step, `could not start ${variant}: ${(e as Error).message}`);
-      }
+      backends.set(variant, await startGuestDiskBackend(cfg, variant, socket, step));
     }
     const sample = () => new Map([...backends].map(([v, be]) => [v, processCpuSeconds(be.pid)]));
     let begin: Map<IdleVariant, number> | null = null;

@@ -249,6 +249,16 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
       });
     }
     if (prepared && opts.only.includes("guest")) {
+      // One TCG guest shape for the fio and the idle measurements.
+      const guestSetup = {
+        diskImage,
+        socketDir: shmDir,
+        smp: 1,
+        memoryMiB: 512,
+        deviceQueues: 1,
+        levers: opts.levers,
+        placement: guestPlacementFor(1),
+      };
       await step("guest", async () => {
         const jobs: FioJob[] = [
           { name: "randread-4k-qd32", rw: "randread", bs: 4096, depth: 32 },
@@ -261,13 +271,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
           runs,
           rounds: guestRounds,
           seconds: guestSeconds,
-          diskImage,
-          socketDir: shmDir,
-          smp: 1,
-          memoryMiB: 512,
-          deviceQueues: 1,
-          levers: opts.levers,
-          placement: guestPlacementFor(1),
+          ...guestSetup,
         };
         result.guestFio = await guestFio(cfg);
       });
@@ -277,13 +281,7 @@ export async function runBench(opts: BenchOptions): Promise<BenchOutput> {
           variants: ["qsd", "vhostd", "vhostd-nopoll"],
           seconds: opts.idleSeconds ?? (quick ? 10 : 60),
           runs: 1,
-          diskImage,
-          socketDir: shmDir,
-          smp: 1,
-          memoryMiB: 512,
-          deviceQueues: 1,
-          levers: opts.levers,
-          placement: guestPlacementFor(1),
+          ...guestSetup,
         });
       });
     }

@@ -220,7 +220,7 @@ export class DeviceService {
     });
     const gone = () => {
       service.running = false;
-      worker.release(service.#id, listenFds.length);
+      worker.release(service.#id);
       for (const w of service.#refreshWaiters.splice(0)) w.resolve(null);
     };
     done.then(gone, gone);
@@ -291,7 +291,7 @@ export class DeviceService {
   #cleanup(): void {
     // Its worker forgets it (and finishes if it hosts nothing else); a service that did not stop
     // in time is given up on, its eventfds closed: the worker no longer hears from them.
-    this.#worker.release(this.#id, this.#listenFds.length);
+    this.#worker.release(this.#id);
     this.removeSocket();
     for (const fd of this.#listenFds) closeQuietly(fd);
     closeQuietly(this.#shutdownFd);

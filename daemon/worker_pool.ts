@@ -45,7 +45,8 @@ export class DataPlaneWorker {
   readonly number: number = nextWorkerNumber++;
   readonly #worker: Worker;
   readonly #wakeFd: number;
-  readonly #services = new Map<number, HostedServiceEvents>();
+  /** The services hosted, by id, with their ports (what {@link load} counts). */
+  readonly #services = new Map<number, { events: HostedServiceEvents; ports: number }>();
   /** The ports of the services placed here: what the pool balances. */
   #load = 0;
   #exiting = false;
@@ -86,7 +87,7 @@ export class DataPlaneWorker {
   host(service: Omit<ServiceInit, "id">, events: HostedServiceEvents): number {
     if (this.#exiting) throw new Error("internal: placing a service on a finished worker");
     const id = nextServiceId++;
-    this.#services.set(id, events);
+    this.#services.set(id, { events, ports: service.listenFds.length });
     this.#load += service.listenFds.length;
     this.#send({ type: "add", service: { ...service, id } });
     return id;
@@ -96,9 +97,11 @@ export class DataPlaneWorker {
    * Forgets service `id` (it stopped, failed or was given up on). The worker finishes when no
    * service is left; one that does not is terminated after a while.
    */
-  release(id: number, ports: number): void {
-    if (!this.#services.delete(id)) return;
-    this.#load -= ports;
+  release(id: number): void {
+    const service = this.#services.get(id);
+    if (service === undefined) return;
+    this.#services.delete(id);
+    this.#load -= service.ports;
     if (this.#services.size > 0 || this.#exiting) return;
     this.#retire();
     this.#send({ type: "exit" });
@@ -118,7 +121,7 @@ export class DataPlaneWorker {
       this.#end();
       return;
     }
-    const events = this.#services.get(r.id);
+    const events = this.#services.get(r.id)?.events;
     if (events === undefined) return;
     if (r.type === "ready") events.ready(r.metrics);
     else if (r.type === "refreshed") events.refreshed(r.requests, r.results);
@@ -128,7 +131,7 @@ export class DataPlaneWorker {
 
   #die(message: string): void {
     this.#retire();
-    const services = [...this.#services.values()];
+    const services = [...this.#services.values()].map((s) => s.events);
     this.#services.clear();
     for (const events of services) events.failed(message);
     this.#end();

@@ -15,7 +15,7 @@
 
 import assert from "node:assert/strict";
 import { BlkRequestType, BlkStatus } from "../devices/blk/device.ts";
-import { rangesPayload } from "../vhost-user/frontend/mod.ts";
+import { type BlkFrontend, rangesPayload } from "../vhost-user/frontend/mod.ts";
 import { withInProcessBlk } from "./helpers/in_process.ts";
 import { WorkerPool } from "../daemon/worker_pool.ts";
 import { slowImageUnavailable, startSlowImage } from "./helpers/slow_image.ts";
@@ -28,6 +28,20 @@ const SLOW_READS = 8;
 /** Reads the other queue must complete meanwhile. */
 const FAST_READS = 32;
 const unavailable = slowImageUnavailable();
+
+/** Submits {@link SLOW_READS} reads 1 MiB apart on queue 0 of `s` (each misses the page cache). */
+function submitSlowReads(s: BlkFrontend) {
+  return Array.from(
+    { length: SLOW_READS },
+    (_, i) =>
+      s.blk.submit({
+        type: BlkRequestType.IN,
+        sector: (i * MiB) / SECTOR,
+        inBytes: 4096,
+        queue: 0,
+      }),
+  );
+}
 
 /** These tests need a FUSE export; a machine without one fails them, saying why (no silent skip). */
 function assertSlowImageAvailable(): void {
@@ -51,16 +65,7 @@ Deno.test({
         assert.equal(warm.status, BlkStatus.OK);
         const q0 = s.queues[0];
         const used0 = q0.usedIdx;
-        const pending = Array.from(
-          { length: SLOW_READS },
-          (_, i) =>
-            s.blk.submit({
-              type: BlkRequestType.IN,
-              sector: (i * MiB) / SECTOR,
-              inBytes: 4096,
-              queue: 0,
-            }),
-        );
+        const pending = submitSlowReads(s);
         for (let i = 0; i < FAST_READS; i++) {
           const r = s.blk.read(15 * MiB / SECTOR, 4096, 1);
           assert.equal(r.status, BlkStatus.OK, `fast read ${i}`);
@@ -150,16 +155,7 @@ Deno.test({
             const b = await fastBlk.open();
             const q0 = a.queues[0];
             const used0 = q0.usedIdx;
-            const pending = Array.from(
-              { length: SLOW_READS },
-              (_, i) =>
-                a.blk.submit({
-                  type: BlkRequestType.IN,
-                  sector: (i * MiB) / SECTOR,
-                  inBytes: 4096,
-                  queue: 0,
-                }),
-            );
+            const pending = submitSlowReads(a);
             for (let i = 0; i < FAST_READS; i++) {
               const at = (i % 16) * 4096;
               const r = b.blk.read(at / SECTOR, 4096);
