@@ -8,7 +8,9 @@
  * - **Two hosts over TCP**: two network namespaces stand in for two hosts. Each runs its own
  *   daemons (a disk on an image path both see, as shared storage would be, and a NIC on its own
  *   TAP, bridged to a LAN where a peer lives) and its own QEMU; the migration stream goes over TCP
- *   between the namespaces. Nothing may depend on the two sides sharing a daemon.
+ *   between the namespaces. Nothing may depend on the two sides sharing a daemon. Both sides run
+ *   QEMU 11.1, so that guest RAM must arrive equal page for page (QEMU 7.2 under TCG loses some
+ *   guest CPU writes by itself).
  *
  * In both, the guest runs the migration workload on its disk (nothing lost, checked) and a peer
  * must reach its NIC after the move.
@@ -260,7 +262,8 @@ async function twoHosts(
 }
 
 Deno.test({
-  name: "migration between two hosts (namespaces) over TCP, each with its own daemons and TAP",
+  name: "migration between two hosts (namespaces, QEMU 11.1) over TCP, each with its own daemons " +
+    "and TAP",
   ...slow,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "vhostd-mighost-" });
@@ -289,11 +292,15 @@ Deno.test({
                     );
                     await run("ip", "-n", ns, "link", "set", "vmtap", "master", "br0", "up");
                   }
+                  // QEMU 11.1: QEMU 7.2 under TCG loses some guest CPU writes in a migration
+                  // by itself (tests/helpers/migration.ts), and this run must lose nothing.
+                  const qemu = { qemuBinary: await ensureQemu11(), qemuMajor: 11 };
                   const place = (ns: string, sock: string): VmPlacement => ({
+                    ...qemu,
                     commandPrefix: inNs(ns),
                     extraArgs: netDeviceArgs("n0", `${dir}/${sock}.sock`, MAC),
                   });
-                  const { console: guest, results, infos } = await migrationRun({
+                  const { console: guest, results, infos, stale } = await migrationRun({
                     first: { name: "a", wrap: inNs(hostA) },
                     vm: place(hostA, "netA"),
                     hops: [{
@@ -308,7 +315,7 @@ Deno.test({
                       describeMigrations(infos)
                     }; ${results.checked} MiB checked`,
                   );
-                  assertNothingLost(guest, results);
+                  assertNothingLost(guest, results, stale);
                   // Each side's daemon served its own side only.
                   assert.match(guest, /daemon [^\n]*a\.sock[^]*front-end connected/);
                   assert.match(guest, /daemon [^\n]*b\.sock[^]*front-end connected/);

@@ -267,6 +267,19 @@ export class Vm {
     }
   }
 
+  /**
+   * Where guest RAM can be read while QEMU runs: its memory-backend-memfd, through /proc (the
+   * fd QEMU holds). Throws when QEMU holds no such fd.
+   */
+  async guestRamPath(): Promise<string> {
+    const dir = `/proc/${this.pid}/fd`;
+    for await (const e of Deno.readDir(dir)) {
+      const target = await Deno.readLink(`${dir}/${e.name}`).catch(() => "");
+      if (target.startsWith("/memfd:memory-backend-memfd")) return `${dir}/${e.name}`;
+    }
+    throw new Error(`QEMU ${this.pid} holds no memory-backend-memfd`);
+  }
+
   /** `query-migrate`, reduced to {@link MigrationInfo}. */
   async migrationInfo(): Promise<MigrationInfo> {
     const r = await this.qmp.execute("query-migrate") as Record<string, unknown>;

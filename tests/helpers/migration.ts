@@ -10,6 +10,15 @@
  * at boot. A page the device filled after QEMU copied it, and that the back-end did not log, is
  * never copied again: on the destination the check reads what the page held before.
  *
+ * And after each migration, before the destination runs, its guest RAM is compared with the
+ * source's page by page (the destination starts paused, with -S): a page that differs is one
+ * somebody wrote without telling QEMU. QEMU 7.2 under TCG fails that on its own, without any
+ * vhost-user device: about one migration in ten leaves a few pages of the guest CPU's own writes
+ * stale (shown with QEMU's own virtio-blk, 2026-12-07). So on QEMU 7.2 the tests run the workload
+ * without fio (whose heap those lost writes corrupt) and report the stale pages instead of failing
+ * on them ({@link assertDeviceWritesArrived}); on QEMU 11.1, which loses none, every page must
+ * match ({@link assertNothingLost}).
+ *
  * The host steers the guest by typing commands into its serial console, one a line (the guest
  * waits for one for a second each round): `READ<n>` asks for read number n, `STOP` ends the
  * workload. After a migration the host types into the destination QEMU's console.
@@ -36,7 +45,15 @@ export const WORKLOAD_DISK_BYTES = 64 * 1024 * 1024;
  * back wrong, `FIO-FAILED` if fio found an error, and `RESULT key=value` lines at the end; it exits
  * non-zero if anything was wrong. `dev` is the disk (`/dev/vda`).
  */
-export function migrationWorkload(dev = "/dev/vda"): string {
+export function migrationWorkload(dev = "/dev/vda", fio = true): string {
+  const writer = `
+  while [ ! -f /tmp/stop ]; do
+    # invalidate=0: by default fio drops the whole disk's page cache (BLKFLSBUF) as it starts.
+    fio --name=rw --filename=$dev --offset=${FIO_OFFSET_MIB}M --size=${FIO_SIZE_MIB}M \\
+      --rw=randwrite --bs=4k --direct=1 --ioengine=psync --verify=crc32c --verify_backlog=64 \\
+      --invalidate=0 --output=/tmp/fio.out </dev/null >/tmp/fio.err 2>&1 ||
+      { echo "FIO-FAILED $?"; tail -n 3 /tmp/fio.err; grep -i -m3 'verify\\|err' /tmp/fio.out; }
+  done`;
   return `
 set -u
 dev=${dev}
@@ -51,14 +68,7 @@ while [ $i -lt $N ]; do
   dd if=$dev bs=1M skip=$i count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1 >> /tmp/sums
   i=$((i + 1))
 done
-(
-  while [ ! -f /tmp/stop ]; do
-    # invalidate=0: by default fio drops the whole disk's page cache (BLKFLSBUF) as it starts.
-    fio --name=rw --filename=$dev --offset=${FIO_OFFSET_MIB}M --size=${FIO_SIZE_MIB}M \
-      --rw=randwrite --bs=4k --direct=1 --ioengine=psync --verify=crc32c --verify_backlog=64 \
-      --invalidate=0 --output=/tmp/fio.out </dev/null >/tmp/fio.err 2>&1 ||
-      { echo "FIO-FAILED $?"; tail -n 3 /tmp/fio.err; grep -i -m3 'verify\|err' /tmp/fio.out; }
-  done
+(${fio ? writer : ""}
   touch /tmp/fio.done
 ) &
 echo WORKLOAD-STARTED
@@ -181,6 +191,8 @@ export interface MigrationRunResult {
   results: Record<string, string>;
   /** Each migration's final state. */
   infos: MigrationInfo[];
+  /** Per migration, the guest pages that reached the destination stale (none, if all went well). */
+  stale: string[][];
 }
 
 /** Options of a {@link migrationRun}. */
@@ -195,6 +207,8 @@ export interface MigrationRunOptions {
   afterHop?: (vm: Vm, index: number) => Promise<void>;
   /** Shell commands the guest runs before the workload (e.g. to address a NIC). */
   guestSetup?: string;
+  /** Whether fio writes and verifies alongside the region check (default true). */
+  fio?: boolean;
 }
 
 function vmOptions(
@@ -203,6 +217,7 @@ function vmOptions(
   socket: string,
   place: VmPlacement = {},
   setup = "",
+  fio = true,
 ) {
   return {
     dir,
@@ -212,7 +227,7 @@ function vmOptions(
     machine: place.machine,
     extraArgs: place.extraArgs,
     commandPrefix: place.commandPrefix,
-    script: setup + migrationWorkload(),
+    script: setup + migrationWorkload("/dev/vda", fio),
     vhostUserBlk: [{ socket, numQueues: 1 }],
     chardevReconnect: 1,
     memoryMiB: 384,
@@ -241,7 +256,7 @@ async function migrate(
   dst: { name: string; host: BlkHost; place?: VmPlacement },
   hop: number,
   restartDuring: boolean,
-): Promise<{ dst: Vm; info: MigrationInfo }> {
+): Promise<Moved> {
   // QEMU switches over as soon as what is left fits its downtime limit, which a guest that is
   // quiet for a moment (its disk gone during a restart, say) can reach even at a 1 ms limit. The
   // test needs the switch-over after its steps: QEMU pauses before it (pause-before-switchover),
@@ -256,6 +271,14 @@ async function migrate(
   }
 }
 
+/** A finished migration: the destination, QEMU's account, the stale pages it found. */
+interface Moved {
+  dst: Vm;
+  info: MigrationInfo;
+  /** Guest-physical addresses of pages the destination got stale (see staleGuestPages). */
+  stale: string[];
+}
+
 /** Thrown inside {@link migrateOnce} when QEMU reached the switch-over before the test's steps. */
 class EarlySwitchover extends Error {}
 
@@ -265,10 +288,13 @@ async function migrateOnce(
   dst: { name: string; host: BlkHost; place?: VmPlacement },
   read: number,
   restartDuring: boolean,
-): Promise<{ dst: Vm; info: MigrationInfo } | null> {
+): Promise<Moved | null> {
   const uri = dst.place?.incoming ?? `unix:${ctx.dir}/${dst.name}.mig`;
+  const options = vmOptions(ctx.dir, dst.name, dst.host.socket, dst.place);
   const vm = await Vm.start({
-    ...vmOptions(ctx.dir, dst.name, dst.host.socket, dst.place),
+    ...options,
+    // Held after the migration until its RAM is compared with the source's.
+    extraArgs: [...(options.extraArgs ?? []), "-S"],
     incoming: uri,
     initrdPath: src.vm.initrd,
   });
@@ -314,10 +340,118 @@ async function migrateOnce(
   const paused = await src.vm.waitMigration(early);
   if (early(paused)) await src.vm.qmp.execute("migrate-continue", { state: "pre-switchover" });
   const info = await src.vm.waitMigration();
+  let stale: string[] = [];
   if (info.status === "completed") {
     assert.ok((info.dirtySyncCount ?? 0) >= 3, "QEMU passed over guest RAM several times");
+    stale = await staleGuestPages(src.vm, vm);
+    await vm.qmp.execute("cont");
   }
-  return { dst: vm, info };
+  return { dst: vm, info, stale };
+}
+
+/**
+ * Compares guest RAM of a migration's source (stopped for good) and destination (started with
+ * -S, so that nothing has run there yet), page by page, and returns the guest-physical addresses
+ * of the pages that differ (at most 64). Each reached the destination stale: something wrote it
+ * on the source and nobody told QEMU. This catches a missed dirty-log mark whatever the page
+ * held, not only when the guest happens to look at it. (An offset in the memfd is the
+ * guest-physical address: these guests' RAM all lies below the PCI hole.)
+ */
+async function staleGuestPages(src: Vm, dst: Vm): Promise<string[]> {
+  // The destination has loaded everything once it leaves the "inmigrate" state.
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const s = await dst.qmp.execute("query-status") as { status: string };
+    if (s.status !== "inmigrate") break;
+    if (Date.now() > deadline) throw new Error("the destination stayed in inmigrate for 60 s");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const [a, b] = [await src.guestRamPath(), await dst.guestRamPath()];
+  const pages = await differingPages(a, b);
+  const described: string[] = [];
+  for (const [i, p] of pages.entries()) {
+    const at = `0x${(p * PAGE).toString(16)}`;
+    // The first few with the bytes that differ: which structure a page held says who wrote it.
+    described.push(i < 8 ? `${at}: ${await describePageDiff(a, b, p)}` : at);
+  }
+  // Where the rings are, to tell a ring page from a buffer.
+  if (pages.length > 0) described.push(`source QEMU:\n${await src.diagnose()}`);
+  return described;
+}
+
+/** The byte runs in which page `page` of two guest RAM files differs, source then destination. */
+async function describePageDiff(a: string, b: string, page: number): Promise<string> {
+  const read = async (path: string) => {
+    const f = await Deno.open(path);
+    try {
+      await f.seek(page * PAGE, Deno.SeekMode.Start);
+      const buf = new Uint8Array(PAGE);
+      await readFull(f, buf);
+      return buf;
+    } finally {
+      f.close();
+    }
+  };
+  const [x, y] = [await read(a), await read(b)];
+  const hex = (v: Uint8Array) => [...v].map((c) => c.toString(16).padStart(2, "0")).join("");
+  const runs: string[] = [];
+  for (let i = 0; i < PAGE && runs.length < 6;) {
+    if (x[i] === y[i]) {
+      i++;
+      continue;
+    }
+    let end = i;
+    while (end < PAGE && end - i < 16 && x[end] !== y[end]) end++;
+    runs.push(`+0x${i.toString(16)} src ${hex(x.subarray(i, end))} dst ${hex(y.subarray(i, end))}`);
+    i = end;
+  }
+  let count = 0;
+  for (let i = 0; i < PAGE; i++) if (x[i] !== y[i]) count++;
+  return `${count} bytes differ: ${runs.join(", ")}`;
+}
+
+const PAGE = 4096;
+
+/** The 4 KiB pages (numbers) at which two files of guest RAM differ, at most 64 of them. */
+export async function differingPages(a: string, b: string): Promise<number[]> {
+  const chunk = 4 << 20;
+  const fa = await Deno.open(a);
+  const fb = await Deno.open(b);
+  const found: number[] = [];
+  try {
+    const ba = new Uint8Array(chunk);
+    const bb = new Uint8Array(chunk);
+    const wa = new Int32Array(ba.buffer);
+    const wb = new Int32Array(bb.buffer);
+    for (let base = 0;; base += chunk) {
+      const na = await readFull(fa, ba);
+      const nb = await readFull(fb, bb);
+      if (na !== nb) throw new Error(`guest RAM sizes differ near ${base + Math.min(na, nb)}`);
+      if (na === 0) return found;
+      const words = na >> 2;
+      for (let w = 0; w < words; w++) {
+        if (wa[w] !== wb[w]) {
+          found.push((base >> 12) + (w >> 10));
+          if (found.length === 64) return found;
+          w = (((w >> 10) + 1) << 10) - 1; // on to the next page
+        }
+      }
+      if (na < chunk) return found;
+    }
+  } finally {
+    fa.close();
+    fb.close();
+  }
+}
+
+async function readFull(f: Deno.FsFile, buf: Uint8Array): Promise<number> {
+  let n = 0;
+  while (n < buf.length) {
+    const r = await f.read(buf.subarray(n));
+    if (r === null) break;
+    n += r;
+  }
+  return n;
 }
 
 /** Fills the first MiBs of `image` (the region the guest checks) with random data. */
@@ -345,6 +479,7 @@ function fillRegion(image: string): void {
 export async function migrationRun(opts: MigrationRunOptions): Promise<MigrationRunResult> {
   let text = "";
   const infos: MigrationInfo[] = [];
+  const stale: string[][] = [];
   await withDir("vhostd-mig-", async (dir) => {
     // World-readable: daemons and QEMUs in other namespaces open files here too.
     await Deno.chmod(dir, 0o755);
@@ -357,7 +492,9 @@ export async function migrationRun(opts: MigrationRunOptions): Promise<Migration
     try {
       let host = await startBlkDaemon(dir, opts.first, image);
       hosts.set(opts.first.name, host);
-      let vm = await Vm.start(vmOptions(dir, "vm0", host.socket, opts.vm, opts.guestSetup));
+      let vm = await Vm.start(
+        vmOptions(dir, "vm0", host.socket, opts.vm, opts.guestSetup, opts.fio),
+      );
       vms.push(vm);
       await vm.waitConsole(/^ROUND 1 /m, 240_000);
       for (const [i, hop] of opts.hops.entries()) {
@@ -380,6 +517,7 @@ export async function migrationRun(opts: MigrationRunOptions): Promise<Migration
           hop.restartDuring ?? false,
         );
         infos.push(moved.info);
+        stale.push(moved.stale);
         assert.equal(
           moved.info.status,
           "completed",
@@ -418,7 +556,7 @@ export async function migrationRun(opts: MigrationRunOptions): Promise<Migration
       }
     }
   });
-  return { console: text, results: parseResults(text, "RESULT "), infos };
+  return { console: text, results: parseResults(text, "RESULT "), infos, stale };
 }
 
 /** One line per migration: status, total time, downtime, passes. */
@@ -428,8 +566,37 @@ export function describeMigrations(infos: MigrationInfo[]): string {
   ).join("; ");
 }
 
+/**
+ * The checks of a run on QEMU 7.2, whose TCG loses some of the guest CPU's own writes in a
+ * migration (see the module doc): every page the device filled (the region) arrived intact and
+ * the guest finished well; the stale pages QEMU left are printed, not failed on.
+ */
+export function assertDeviceWritesArrived(
+  guest: string,
+  results: Record<string, string>,
+  stale: string[][],
+): void {
+  stale.forEach((pages, i) => {
+    if (pages.length > 0) {
+      console.log(`migration ${i + 1}: QEMU 7.2 left guest pages stale:\n${pages.join("\n")}`);
+    }
+  });
+  assert.doesNotMatch(guest, /VERIFY-ERROR|FIO-FAILED/);
+  assert.equal(results.verify_errors, "0");
+  assert.ok(Number(results.checked) > 0);
+  assert.match(guest, /VHOSTD-GUEST-EXIT 0/);
+}
+
 /** The checks every run that must lose nothing passes. */
-export function assertNothingLost(guest: string, results: Record<string, string>): void {
+export function assertNothingLost(
+  guest: string,
+  results: Record<string, string>,
+  stale: string[][],
+): void {
+  // First the page-exact check: a stale page shows there whether or not the guest looked at it.
+  stale.forEach((pages, i) =>
+    assert.deepEqual(pages, [], `migration ${i + 1}: guest pages the destination got stale`)
+  );
   assert.doesNotMatch(guest, /VERIFY-ERROR|FIO-FAILED/);
   assert.equal(results.verify_errors, "0");
   assert.ok(Number(results.checked) > 0);
