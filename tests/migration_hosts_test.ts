@@ -300,7 +300,7 @@ Deno.test({
                     commandPrefix: inNs(ns),
                     extraArgs: netDeviceArgs("n0", `${dir}/${sock}.sock`, MAC),
                   });
-                  const { console: guest, results, infos, stale } = await migrationRun({
+                  const moved = await migrationRun({
                     first: { name: "a", wrap: inNs(hostA) },
                     vm: place(hostA, "netA"),
                     hops: [{
@@ -312,13 +312,13 @@ Deno.test({
                   });
                   console.log(
                     `two hosts over TCP: ${
-                      describeMigrations(infos)
-                    }; ${results.checked} MiB checked`,
+                      describeMigrations(moved.infos)
+                    }; ${moved.results.checked} MiB checked`,
                   );
-                  assertNothingLost(guest, results, stale);
+                  assertNothingLost(moved);
                   // Each side's daemon served its own side only.
-                  assert.match(guest, /daemon [^\n]*a\.sock[^]*front-end connected/);
-                  assert.match(guest, /daemon [^\n]*b\.sock[^]*front-end connected/);
+                  assert.match(moved.console, /daemon [^\n]*a\.sock[^]*front-end connected/);
+                  assert.match(moved.console, /daemon [^\n]*b\.sock[^]*front-end connected/);
                 })),
           ),
       );
