@@ -29,11 +29,15 @@ for (const engine of ["sync", "io_uring"] as const) {
     let daemon = await DaemonProcess.start(args, { VHOSTD_FAULT_KILL_AFTER: "3000" });
     const logs: string[] = [];
     let started = false;
+    let guestDone = false;
+    let guestPid = 0;
+    let lastExit = -1;
     try {
       const guest = runGuest({
         vhostUserBlk: [{ socket: sock }],
         chardevReconnect: 1,
         timeoutMs: 300_000,
+        onSpawn: (pid) => guestPid = pid,
         onConsole: (text) => {
           if (text.includes("FIO-START")) started = true;
         },
@@ -47,6 +51,7 @@ cat /tmp/fio.out
 echo "RESULT kernel_errors=$(dmesg | grep -ciE 'I/O error|blk_update_request|timeout')"
 `,
       });
+      const guestRun = guest.finally(() => guestDone = true);
       const killer = (async () => {
         while (!started) await new Promise((r) => setTimeout(r, 100));
         for (let i = 0; i < KILLS; i++) {
@@ -58,18 +63,40 @@ echo "RESULT kernel_errors=$(dmesg | grep -ciE 'I/O error|blk_update_request|tim
           logs.push(daemon.stderr);
           daemon = await DaemonProcess.start(args);
         }
+        // The last daemon serves the rest of the run. One that dies on its own fails the test at
+        // once, saying when and how (137: SIGKILL), rather than leaving the guest to time out.
+        const last = daemon;
+        const code = await last.exit();
+        if (!guestDone) {
+          throw new Error(
+            `the last daemon (pid ${last.child.pid}) exited on its own at ${
+              new Date().toISOString()
+            } with code ${code} while the guest still ran:\n${last.stderr}`,
+          );
+        }
       })();
-      const [r] = await Promise.all([guest, killer]);
+      const r = await Promise.race([guestRun, killer.then(() => guestRun)]);
       assertGuestSuccess(r);
       const res = parseResults(r.console, "RESULT ");
       assert.equal(res.fio, "ok", describeGuestRun(r));
       assert.equal(res.kernel_errors, "0", describeGuestRun(r));
       assert.match(r.console, /write: IOPS=/, "fio really ran");
     } finally {
-      assert.equal(await daemon.stop(), 0, daemon.stderr);
+      // A guest still running here is one the test gave up on: it must not run on beside the
+      // next tests until its own timeout.
+      if (guestPid > 0 && !guestDone) {
+        try {
+          Deno.kill(guestPid, "SIGKILL");
+        } catch {
+          // gone
+        }
+      }
+      lastExit = await daemon.stop();
       logs.push(daemon.stderr);
       await Deno.remove(dir, { recursive: true });
     }
+    // Checked after the cleanup, so that it does not hide an error the run threw.
+    assert.equal(lastExit, 0, daemon.stderr);
     const all = logs.join("\n");
     assert.equal(logs.length, KILLS + 1);
     const resubmitted = [...all.matchAll(/resubmitting (\d+) requests/g)].map((m) => Number(m[1]));
