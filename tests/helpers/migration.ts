@@ -361,10 +361,11 @@ export interface StalePages {
 
 /**
  * Compares guest RAM of a migration's source (stopped for good) and destination (started with
- * -S, so that nothing has run there yet), page by page, and returns the pages that differ. Each reached the destination stale: something wrote it
- * on the source and nobody told QEMU. This catches a missed dirty-log mark whatever the page
- * held, not only when the guest happens to look at it. (An offset in the memfd is the
- * guest-physical address: these guests' RAM all lies below the PCI hole.)
+ * -S, so that nothing has run there yet), page by page, and returns the pages that differ. Each
+ * reached the destination stale: something wrote it on the source and nobody told QEMU. This
+ * catches a missed dirty-log mark whatever the page held, not only when the guest happens to
+ * look at it. (An offset in the memfd is the guest-physical address: these guests' RAM all lies
+ * below the PCI hole.)
  */
 async function staleGuestPages(src: Vm, dst: Vm): Promise<StalePages> {
   // The destination has loaded everything once it leaves the "inmigrate" state.
@@ -424,7 +425,7 @@ async function describePageDiff(a: string, b: string, page: number): Promise<str
 const PAGE = 4096;
 
 /** The 4 KiB pages (numbers) at which two files of guest RAM differ, at most 64 of them. */
-export async function differingPages(a: string, b: string): Promise<number[]> {
+async function differingPages(a: string, b: string): Promise<number[]> {
   const chunk = 4 << 20;
   const fa = await Deno.open(a);
   const fb = await Deno.open(b);
@@ -530,9 +531,7 @@ async function migrationRunOnce(opts: MigrationRunOptions): Promise<MigrationRun
     try {
       let host = await startBlkDaemon(dir, opts.first, image);
       hosts.set(opts.first.name, host);
-      let vm = await Vm.start(
-        vmOptions(dir, "vm0", host.socket, opts.vm, opts.guestSetup),
-      );
+      let vm = await Vm.start(vmOptions(dir, "vm0", host.socket, opts.vm, opts.guestSetup));
       vms.push(vm);
       await vm.waitConsole(/^ROUND 1 /m, 240_000);
       for (const [i, hop] of opts.hops.entries()) {
